@@ -1,0 +1,1 @@
+"""ONNX export and TensorRT engine building for ViLex (installed as `vilex.export`)."""

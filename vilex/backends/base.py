@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import torch
+
+from ..stages import STAGE_NAMES, stage_modules
+
+
+class StageBackend:
+    """Runs the stages `vilex_encoder`, `text_encoder`, `unet` and `vae_decoder`."""
+
+    name = "base"
+
+    def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not implement run()")
+
+    def __call__(self, stage: str, **inputs: torch.Tensor) -> torch.Tensor:
+        if stage not in STAGE_NAMES:
+            raise KeyError(f"unknown stage {stage!r}; stages are {STAGE_NAMES}")
+        return self.run(stage, inputs)
+
+
+class TorchBackend(StageBackend):
+    """The reference: the checkpoint's own PyTorch modules through the stage wrappers."""
+
+    name = "torch"
+
+    def __init__(self, pipeline):
+        self.modules = stage_modules(pipeline)
+
+    def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        module = self.modules[stage]
+        parameter = next(module.parameters())
+        inputs = {
+            name: value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
+            for name, value in inputs.items()
+        }
+        return module(**inputs)
+
+
+class TimedBackend(StageBackend):
+    """Wraps a backend and adds up wall time and calls per stage (for the demo and benchmarks)."""
+
+    def __init__(self, inner: StageBackend):
+        import collections
+
+        self.inner = inner
+        self.name = inner.name
+        self.seconds = collections.defaultdict(float)
+        self.calls = collections.defaultdict(int)
+
+    def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        import time
+
+        start = time.perf_counter()
+        output = self.inner.run(stage, inputs)
+        self.seconds[stage] += time.perf_counter() - start
+        self.calls[stage] += 1
+        return output

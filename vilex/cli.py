@@ -1,0 +1,205 @@
+"""The `vilex` command line. Usage errors print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import ViLexUsageError
+
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 7.5
+
+
+# ---- shared helpers -------------------------------------------------------------------------------
+def load_pipeline(ckpt: str):
+    from .pipeline import ViLexPipeline
+
+    pipeline = ViLexPipeline.from_pretrained(ckpt)
+    pipeline.set_progress_bar_config(leave=False)
+    return pipeline
+
+
+def make_backend(args, pipeline):
+    """The stage backend named by --backend (PyTorch unless asked otherwise)."""
+    from .backends import TorchBackend
+
+    if args.backend == "torch":
+        return TorchBackend(pipeline)
+    raise ViLexUsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
+
+
+BACKENDS = ("torch",)
+
+
+def load_images(paths: list[str]):
+    from .images import load_image
+
+    return [load_image(p) for p in paths]
+
+
+def output_names(paths: list[str]) -> list[str]:
+    """`name.png` per input image; repeated stems get `-2`, `-3`."""
+    names, seen = [], {}
+    for p in paths:
+        stem = Path(p).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(f"{stem}.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}.png")
+    return names
+
+
+def check_generation_args(args, pipeline) -> None:
+    from .errors import check_range
+
+    check_range("--steps", args.steps, 1, 1000)
+    check_range("--guidance", args.guidance, 0.0, 100.0)
+
+
+def generation_kwargs(args) -> dict:
+    return dict(num_inference_steps=args.steps, guidance_scale=args.guidance, text_guidance_scale=args.text_guidance,
+                order=args.order, height=args.height, width=args.width, seed=args.seed)
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", default=None, help="text mixed with the ViLex tokens")
+    parser.add_argument("--order", default="vilex_first", choices=("vilex_first", "text_first"))
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps, >= 1 (default {DEFAULT_STEPS})")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale (<= 1: off)")
+    parser.add_argument("--text-guidance", type=float, default=None, help="text-free guidance weight when --prompt is given")
+    parser.add_argument("--height", type=int, default=None, help="output height in pixels (default: the UNet's size)")
+    parser.add_argument("--width", type=int, default=None, help="output width in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="torch", help=f"how stages run: {', '.join(BACKENDS)}")
+
+
+# ---- commands ---------------------------------------------------------------------------------------
+def cmd_init(args) -> None:
+    from .outputs import atomic_folder
+    from .presets import build_preset, from_local
+
+    if args.preset and args.base:
+        raise ViLexUsageError("give either --preset or --base/--vision, not both")
+    if args.base or args.vision:
+        if not (args.base and args.vision):
+            raise ViLexUsageError("--base SD_DIR needs --vision VISION_DIR (and the other way round)")
+        pipeline = from_local(args.base, args.vision, num_queries=args.num_queries, seed=args.seed)
+    else:
+        pipeline = build_preset(args.preset or "tiny", seed=args.seed)
+    with atomic_folder(args.out, must_be_new=True) as staging:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    print(f"wrote ViLex checkpoint {args.out} ({size / 1e6:.1f} MB, {pipeline.num_queries} queries)")
+
+
+def cmd_tokenize(args) -> None:
+    from .errors import check_range
+    from .outputs import save_tokens
+
+    pipeline = load_pipeline(args.ckpt)
+    k = args.tokens or pipeline.num_queries
+    check_range("--tokens", k, 1, pipeline.num_queries)
+    images = load_images(args.images)
+    pipeline.set_backend(make_backend(args, pipeline))
+    vilex_tokens = pipeline.tokenize(images, num_tokens=k)
+    save_tokens(args.out, vilex_tokens, {"images": [str(p) for p in args.images], "num_tokens": k,
+                                         "checkpoint": str(args.ckpt)})
+    print(f"wrote {tuple(vilex_tokens.shape)} ViLex tokens to {args.out}")
+
+
+def cmd_generate(args) -> None:
+    from .outputs import atomic_folder, load_tokens
+
+    pipeline = load_pipeline(args.ckpt)
+    check_generation_args(args, pipeline)
+    vilex_tokens = load_tokens(args.tokens)
+    pipeline.set_backend(make_backend(args, pipeline))
+    images = pipeline.generate(vilex_tokens, prompt=args.prompt, **generation_kwargs(args)).images
+    with atomic_folder(args.out) as staging:
+        for i, image in enumerate(images):
+            image.save(staging / f"{i:03d}.png")
+    print(f"wrote {len(images)} images ({images[0].width}x{images[0].height}) to {args.out}")
+
+
+def cmd_reconstruct(args) -> None:
+    from .errors import check_range
+    from .outputs import atomic_folder
+
+    pipeline = load_pipeline(args.ckpt)
+    check_generation_args(args, pipeline)
+    k = args.tokens or pipeline.num_queries
+    check_range("--tokens", k, 1, pipeline.num_queries)
+    images = load_images(args.images)
+    pipeline.set_backend(make_backend(args, pipeline))
+    result = pipeline(images, num_tokens=k, prompt=args.prompt, **generation_kwargs(args)).images
+    with atomic_folder(args.out) as staging:
+        for name, image in zip(output_names(args.images), result):
+            image.save(staging / name)
+    print(f"wrote {len(result)} reconstructions ({result[0].width}x{result[0].height}, {k} tokens) to {args.out}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(out=Path(args.out), cache=Path(args.cache), steps=args.steps)
+
+
+# ---- parser -------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vilex", description="ViLex: images as visual words for a frozen text-to-image model")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="make a new, untrained ViLex checkpoint")
+    p.add_argument("out")
+    p.add_argument("--preset", choices=("tiny", "small", "sd15"), default=None, help="built-in preset (default tiny)")
+    p.add_argument("--base", default=None, help="local Stable Diffusion 1.x/2.x folder (diffusers layout)")
+    p.add_argument("--vision", default=None, help="local transformers vision model folder (SigLIP, CLIP)")
+    p.add_argument("--num-queries", type=int, default=75, help="maximum token count N, 1..75")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("tokenize", help="images -> ViLex tokens (.safetensors)")
+    p.add_argument("ckpt")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokens", type=int, default=None, help="keep the first K tokens, 1..N (default N)")
+    p.add_argument("--backend", default="torch", help=f"how stages run: {', '.join(BACKENDS)}")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("generate", help="ViLex tokens (+ text) -> images")
+    p.add_argument("ckpt")
+    p.add_argument("--tokens", required=True, help="a .safetensors file from `vilex tokenize`")
+    p.add_argument("--out", required=True)
+    add_generation_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("reconstruct", help="images -> tokens -> images")
+    p.add_argument("ckpt")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokens", type=int, default=None, help="use the first K tokens, 1..N (default N)")
+    add_generation_args(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("demo", help="the main job on the built-in tiny checkpoint")
+    p.add_argument("--out", default="vilex-demo")
+    p.add_argument("--cache", default=os.environ.get("VILEX_CACHE", str(Path.home() / ".cache" / "vilex")))
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ViLexUsageError as error:
+        print(f"vilex {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

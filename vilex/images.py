@@ -1,0 +1,86 @@
+"""Reading user images into RGB PIL images, and writing results.
+
+Every mode Pillow can open is converted explicitly rather than through `Image.convert("RGB")`, which
+clips 16-bit images to white and drops alpha onto black.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageInputError
+
+# Reject decompression bombs with our own error instead of PIL's warning/exception.
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB. Transparent pixels are composited onto white."""
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise ImageInputError(
+            f"{name}: {image.width}x{image.height} pixels is above the limit of {MAX_IMAGE_PIXELS} pixels"
+        )
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit (or 32-bit int) grayscale: scale the full range to 8 bits instead of clipping at 255.
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0
+        gray = np.clip(np.round(values / peak * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        gray = np.clip(np.round(values * 255.0 if values.max() <= 1.0 else values), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as RGB, with an ImageInputError naming the file on any failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageInputError(f"IMAGE '{path}': no such file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image, name=f"IMAGE '{path}'")
+    except ImageInputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageInputError(
+            f"IMAGE '{path}': not a readable image (PNG, JPEG, WebP, BMP, TIFF, GIF ...): {error}"
+        ) from None
+
+
+def decode_image(data: bytes, name: str = "IMAGE") -> Image.Image:
+    """Decode encoded image bytes (PNG/JPEG/...) to RGB, with an ImageInputError naming `name`."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return to_rgb(image, name=name)
+    except ImageInputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageInputError(f"{name}: bytes are not a readable image (PNG, JPEG, WebP ...): {error}") from None
+
+
+def make_grid(rows: list[list[Image.Image]], pad: int = 2) -> Image.Image:
+    """Paste rows of equally sized images into one grid image on a white background."""
+    width, height = rows[0][0].size
+    columns = max(len(row) for row in rows)
+    grid = Image.new("RGB", (columns * (width + pad) + pad, len(rows) * (height + pad) + pad), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image.resize((width, height)), (pad + c * (width + pad), pad + r * (height + pad)))
+    return grid

@@ -1,0 +1,179 @@
+"""ViLexModel: image -> visual words.
+
+    pixel_values (B, 3, H, W)
+      -> vision encoder (any transformers vision model)       patch features (B, P, Dv)
+      -> attention pooler: N learnable queries cross-attend to the patch features, L layers
+      -> projection into the text encoder's token-embedding space, at the scale of real word embeddings
+      -> vilex_tokens (B, N, D)
+
+The tokens are fed to the frozen text encoder in place of word embeddings (see `bridge.py`).
+TailDrop (training only) drops the last k tokens per sample so that the first tokens carry the most
+meaning and any prefix 1..N can be used at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+from transformers import AutoConfig, AutoModel
+
+from .errors import check_range
+
+TAILDROP_DISTRIBUTIONS = ("uniform", "linear")
+
+
+@dataclass
+class ViLexOutput(BaseOutput):
+    vilex_tokens: torch.Tensor  # (B, k, D); positions at or past `lengths` are zero
+    lengths: torch.Tensor  # (B,) int64: how many leading tokens each sample keeps
+    token_mask: torch.Tensor  # (B, k) bool: True where a token is kept
+
+
+class PoolerLayer(nn.Module):
+    """Pre-norm block: queries cross-attend to the patch features, then an MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.heads = heads
+        self.norm_q = nn.LayerNorm(width)
+        self.norm_kv = nn.LayerNorm(width)
+        self.to_q = nn.Linear(width, width)
+        self.to_kv = nn.Linear(width, 2 * width)
+        self.to_out = nn.Linear(width, width)
+        self.norm_mlp = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, queries: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        B, N, W = queries.shape
+        P = features.shape[1]
+        q = self.to_q(self.norm_q(queries)).view(B, N, self.heads, W // self.heads).transpose(1, 2)  # (B, h, N, W/h)
+        k, v = self.to_kv(self.norm_kv(features)).chunk(2, dim=-1)
+        k = k.view(B, P, self.heads, W // self.heads).transpose(1, 2)  # (B, h, P, W/h)
+        v = v.view(B, P, self.heads, W // self.heads).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, W/h)
+        queries = queries + self.to_out(attended.transpose(1, 2).reshape(B, N, W))
+        return queries + self.mlp(self.norm_mlp(queries))
+
+
+class AttentionPooler(nn.Module):
+    def __init__(self, feature_dim: int, num_queries: int, width: int, depth: int, heads: int, output_dim: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_queries, width) * width**-0.5)
+        self.feature_proj = nn.Linear(feature_dim, width)
+        self.layers = nn.ModuleList([PoolerLayer(width, heads) for _ in range(depth)])
+        self.norm_out = nn.LayerNorm(width)
+        self.proj_out = nn.Linear(width, output_dim)
+        # Unit-variance outputs; the model multiplies by the word-embedding scale afterwards.
+        self.norm_tokens = nn.LayerNorm(output_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = self.feature_proj(features)  # (B, P, W)
+        queries = self.queries.unsqueeze(0).expand(features.shape[0], -1, -1)  # (B, N, W)
+        for layer in self.layers:
+            queries = layer(queries, features)
+        return self.norm_tokens(self.proj_out(self.norm_out(queries)))  # (B, N, D)
+
+
+class ViLexModel(ModelMixin, ConfigMixin):
+    """Vision encoder + attention pooler producing `num_queries` visual words of width `output_dim`.
+
+    Args:
+        vision_config: a transformers vision config as a dict (must contain `model_type`, e.g.
+            "siglip_vision_model" or "clip_vision_model").
+        num_queries: N, the maximum number of ViLex tokens (at most 75 for a 77-position CLIP encoder).
+        pooler_depth / pooler_heads / pooler_width: size of the attention pooler.
+        output_dim: D, the text encoder's hidden size (its token-embedding width).
+        token_scale: per-dimension standard deviation of the produced tokens; set to the text
+            encoder's word-embedding std so the tokens start at the scale of real word embeddings.
+        taildrop_prob: probability that a training sample is shortened.
+        taildrop_distribution: "uniform" (kept length uniform in min..N) or "linear" (short prefixes
+            sampled more often, weight proportional to N - k + 1).
+        taildrop_min_tokens: the shortest prefix TailDrop keeps.
+        freeze_vision: whether the vision encoder is frozen during training.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        vision_config: dict,
+        num_queries: int = 75,
+        pooler_depth: int = 2,
+        pooler_heads: int = 8,
+        pooler_width: int = 768,
+        output_dim: int = 768,
+        token_scale: float = 0.014,
+        taildrop_prob: float = 0.5,
+        taildrop_distribution: str = "uniform",
+        taildrop_min_tokens: int = 1,
+        freeze_vision: bool = True,
+    ):
+        super().__init__()
+        if taildrop_distribution not in TAILDROP_DISTRIBUTIONS:
+            raise ValueError(f"taildrop_distribution must be one of {TAILDROP_DISTRIBUTIONS}, got {taildrop_distribution!r}")
+        check_range("num_queries", num_queries, 1, 75)
+        check_range("taildrop_min_tokens", taildrop_min_tokens, 1, num_queries)
+        if pooler_width % pooler_heads:
+            raise ValueError(f"pooler_width ({pooler_width}) must be divisible by pooler_heads ({pooler_heads})")
+        vision_config = dict(vision_config)
+        model_type = vision_config.pop("model_type")
+        self.vision_model = AutoModel.from_config(AutoConfig.for_model(model_type, **vision_config))
+        self.pooler = AttentionPooler(
+            self.vision_model.config.hidden_size, num_queries, pooler_width, pooler_depth, pooler_heads, output_dim
+        )
+        self.vision_model.requires_grad_(not freeze_vision)
+
+    @property
+    def num_queries(self) -> int:
+        return self.config.num_queries
+
+    def trainable_parameters(self):
+        """The pooler always; the vision encoder only when `freeze_vision` is False."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def sample_taildrop_lengths(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-sample number of kept tokens, (B,) int64 in taildrop_min_tokens..N."""
+        N, low = self.config.num_queries, self.config.taildrop_min_tokens
+        device = self.pooler.queries.device
+        candidates = torch.arange(low, N + 1)
+        if self.config.taildrop_distribution == "uniform":
+            weights = torch.ones(len(candidates))
+        else:  # "linear": short prefixes more often
+            weights = (N - candidates + 1).float()
+        drawn = candidates[torch.multinomial(weights, batch_size, replacement=True, generator=generator)]
+        dropped = torch.rand(batch_size, generator=generator) < self.config.taildrop_prob
+        return torch.where(dropped, drawn, torch.full_like(drawn, N)).to(device)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        num_tokens: int | None = None,
+        taildrop: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ViLexOutput:
+        """pixel_values (B, 3, H, W) -> ViLexOutput with tokens (B, k, D).
+
+        num_tokens keeps the first k tokens (1..N; default N). TailDrop runs when `taildrop` is True,
+        or by default in training mode.
+        """
+        N = self.config.num_queries
+        k = N if num_tokens is None else int(num_tokens)
+        check_range("num_tokens", k, 1, N)
+        features = self.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, P, Dv)
+        tokens = self.pooler(features)[:, :k] * self.config.token_scale  # (B, k, D)
+        B = tokens.shape[0]
+        if taildrop if taildrop is not None else self.training:
+            lengths = self.sample_taildrop_lengths(B, generator).clamp(max=k)
+        else:
+            lengths = torch.full((B,), k, dtype=torch.long, device=tokens.device)
+        token_mask = torch.arange(k, device=tokens.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, k)
+        tokens = tokens * token_mask.unsqueeze(-1).to(tokens.dtype)
+        return ViLexOutput(vilex_tokens=tokens, lengths=lengths, token_mask=token_mask)

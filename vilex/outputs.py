@@ -1,0 +1,76 @@
+"""Writing results so that a failure never leaves partial output: write to a temporary sibling, then rename."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import ViLexUsageError
+
+TOKENS_KEY = "vilex_tokens"
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike, must_be_new: bool = False):
+    """Yield a temporary folder next to `out`; on success its files move into `out` (created if needed).
+
+    With must_be_new the whole folder is renamed into place and `out` must not exist yet.
+    On an exception the temporary folder is removed and `out` is untouched.
+    """
+    out = Path(out)
+    if must_be_new and out.exists():
+        raise ViLexUsageError(f"OUT '{out}' already exists; choose a new folder")
+    if out.exists() and not out.is_dir():
+        raise ViLexUsageError(f"--out '{out}' exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield staging
+        if must_be_new:
+            os.rename(staging, out)
+        else:
+            out.mkdir(exist_ok=True)
+            for item in sorted(staging.iterdir()):
+                os.replace(item, out / item.name)
+            staging.rmdir()
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_tokens(path: str | os.PathLike, vilex_tokens: torch.Tensor, metadata: dict) -> Path:
+    """Save tokens (B, k, D) to a safetensors file, atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ViLexUsageError(f"--out '{path}' must end in .safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial")
+    try:
+        save_file({TOKENS_KEY: vilex_tokens.detach().float().contiguous().cpu()}, str(staging),
+                  metadata={k: json.dumps(v) for k, v in metadata.items()})
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return path
+
+
+def load_tokens(path: str | os.PathLike) -> torch.Tensor:
+    path = Path(path)
+    if not path.is_file():
+        raise ViLexUsageError(f"--tokens '{path}': no such file")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ViLexUsageError(f"--tokens '{path}' is not a safetensors file: {error}") from None
+    if TOKENS_KEY not in tensors or tensors[TOKENS_KEY].ndim != 3:
+        raise ViLexUsageError(f"--tokens '{path}' holds no '{TOKENS_KEY}' tensor of shape (B, k, D); "
+                              f"make one with `vilex tokenize`")
+    return tensors[TOKENS_KEY]

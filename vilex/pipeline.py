@@ -1,0 +1,244 @@
+"""ViLexPipeline: images -> ViLex tokens -> text-encoder states -> denoising loop -> images.
+
+The two halves work on their own: `tokenize(images)` and `generate(vilex_tokens, prompt=...)`;
+`__call__` is both. Every stage runs through `self.backend` (PyTorch by default; ONNX Runtime,
+TensorRT and Triton elsewhere), so the loop below is the only denoising loop in the project.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .backends import StageBackend, TorchBackend
+from .bridge import PromptBuilder
+from .errors import CheckpointError, ViLexUsageError, check_range
+from .model import ViLexModel
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+COMPONENTS = ("vilex", "image_processor", "text_encoder", "tokenizer", "unet", "vae", "scheduler")
+
+
+@dataclass
+class ViLexPipelineOutput(BaseOutput):
+    images: list[PIL.Image.Image]
+    vilex_tokens: torch.Tensor | None = None
+
+
+def check_checkpoint(path: str | os.PathLike) -> Path:
+    """Raise a CheckpointError unless `path` is a ViLex pipeline folder with safetensors weights only."""
+    path = Path(path)
+    index = path / "model_index.json"
+    if not path.is_dir() or not index.is_file():
+        raise CheckpointError(
+            f"CKPT '{path}' is not a ViLex checkpoint: expected a folder with model_index.json "
+            f"(make one with `vilex init OUT --preset tiny`)"
+        )
+    import json
+
+    try:
+        config = json.loads(index.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"CKPT '{path}': model_index.json is not valid JSON: {error}") from None
+    missing = [name for name in COMPONENTS if name not in config or not (path / name).is_dir()]
+    if config.get("_class_name") != "ViLexPipeline" or missing:
+        raise CheckpointError(
+            f"CKPT '{path}' is not a ViLex checkpoint: _class_name={config.get('_class_name')!r}, "
+            f"missing components {missing} (needs {', '.join(COMPONENTS)})"
+        )
+    pickles = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"CKPT '{path}' contains pickle weights {pickles}; only safetensors are loaded "
+            f"(pickle files can run code). Convert them with safetensors and remove them."
+        )
+    for name in ("vilex", "text_encoder", "unet", "vae"):
+        if not any((path / name).glob("*.safetensors")):
+            raise CheckpointError(f"CKPT '{path}': component '{name}' has no .safetensors weights")
+    return path
+
+
+class ViLexPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "vilex->text_encoder->unet->vae"
+
+    def __init__(self, vilex: ViLexModel, image_processor, text_encoder, tokenizer, unet: UNet2DConditionModel,
+                 vae: AutoencoderKL, scheduler):
+        super().__init__()
+        self.register_modules(vilex=vilex, image_processor=image_processor, text_encoder=text_encoder,
+                              tokenizer=tokenizer, unet=unet, vae=vae, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.prompt_builder = PromptBuilder(tokenizer, text_encoder.get_input_embeddings())
+        self.backend: StageBackend = TorchBackend(self)
+
+    # ---- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a local ViLex checkpoint folder (safetensors only)."""
+        path = check_checkpoint(pretrained_model_name_or_path)
+        # ViLexModel is not a diffusers/transformers class, so diffusers cannot resolve its library;
+        # load it here and hand it over. low_cpu_mem_usage=False keeps non-persistent buffers of the
+        # transformers vision model (position ids) off the meta device.
+        torch_dtype = kwargs.get("torch_dtype")
+        vilex = ViLexModel.from_pretrained(path / "vilex", use_safetensors=True, low_cpu_mem_usage=False,
+                                           torch_dtype=torch_dtype)
+        return super().from_pretrained(path, vilex=vilex, use_safetensors=True, **kwargs)
+
+    def set_backend(self, backend: StageBackend) -> "ViLexPipeline":
+        self.backend = backend
+        return self
+
+    @property
+    def num_queries(self) -> int:
+        return self.vilex.config.num_queries
+
+    @property
+    def default_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    # ---- 1. images -> tokens ---------------------------------------------------------------------
+    def preprocess(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
+        """RGB PIL images -> pixel_values (B, 3, H, W) with the vision encoder's own preprocessing."""
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def tokenize(self, images: Sequence[PIL.Image.Image] | PIL.Image.Image, num_tokens: int | None = None) -> torch.Tensor:
+        """Images -> ViLex tokens (B, k, D), float32, k = num_tokens (1..N, default N)."""
+        if isinstance(images, PIL.Image.Image):
+            images = [images]
+        k = self.num_queries if num_tokens is None else int(num_tokens)
+        check_range("num_tokens", k, 1, self.num_queries)
+        vilex_tokens = self.backend("vilex_encoder", pixel_values=self.preprocess(images))  # (B, N, D)
+        return vilex_tokens[:, :k].float()
+
+    # ---- 2. tokens (+ text) -> text-encoder states ----------------------------------------------
+    def encode_prompt(self, vilex_tokens: torch.Tensor | None, prompts: Sequence[str | None] | None,
+                      order: str = "vilex_first") -> torch.Tensor:
+        inputs_embeds = self.prompt_builder(vilex_tokens, prompts, order=order)  # (B, 77, D)
+        return self.backend("text_encoder", inputs_embeds=inputs_embeds)
+
+    # ---- 3. the denoising loop ---------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        vilex_tokens: torch.Tensor,
+        prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        text_guidance_scale: float | None = None,
+        order: str = "vilex_first",
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+    ) -> ViLexPipelineOutput:
+        """ViLex tokens (B, k, D) [+ prompt] -> images.
+
+        guidance_scale: classifier-free guidance against the empty prompt (<= 1 turns it off).
+        text_guidance_scale: with a prompt, eps = eps_u + g * (eps_v - eps_u) + w * (eps_vc - eps_v),
+            where eps_v is ViLex only and eps_vc ViLex + text; with g <= 1 this is the paper's
+            text-free guidance eps_v + w * (eps_vc - eps_v).
+        """
+        # 1. Check inputs
+        if vilex_tokens.ndim != 3 or vilex_tokens.shape[-1] != self.text_encoder.config.hidden_size:
+            raise ViLexUsageError(
+                f"vilex_tokens must have shape (B, k, {self.text_encoder.config.hidden_size}), got {tuple(vilex_tokens.shape)}"
+            )
+        check_range("number of ViLex tokens", vilex_tokens.shape[1], 1, self.num_queries)
+        check_range("num_inference_steps", num_inference_steps, 1, 1000)
+        check_range("guidance_scale", guidance_scale, 0.0, 100.0)
+        check_range("num_images_per_prompt", num_images_per_prompt, 1, 64)
+        height = height or self.default_size
+        width = width or self.default_size
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        for name, value in (("height", height), ("width", width)):
+            if value % multiple or not 0 < value <= 4096:
+                raise ViLexUsageError(f"{name} must be a positive multiple of {multiple} up to 4096, got {value}")
+        if text_guidance_scale is not None and not prompt:
+            raise ViLexUsageError("text_guidance_scale needs a prompt")
+        if output_type not in ("pil", "np", "pt"):
+            raise ViLexUsageError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        B = vilex_tokens.shape[0]
+        prompts = [prompt] * B if isinstance(prompt, str) or prompt is None else list(prompt)
+        if len(prompts) != B:
+            raise ViLexUsageError(f"got {len(prompts)} prompts for {B} images")
+        for p in prompts:
+            self.prompt_builder.check_fits(p, vilex_tokens.shape[1])
+        if seed is not None:
+            generator = torch.Generator().manual_seed(int(seed))
+
+        # 2. Encode the conditions; branches are stacked as [uncond?, vilex-only?, cond]
+        vilex_tokens = vilex_tokens.repeat_interleave(num_images_per_prompt, dim=0)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        has_text = any(prompts)
+        use_cfg = guidance_scale > 1.0
+        use_text_free = has_text and text_guidance_scale is not None
+        n = len(prompts)
+        branches = []
+        if use_cfg:
+            branches.append(self.encode_prompt(None, [""] * n))
+        if use_text_free:
+            branches.append(self.encode_prompt(vilex_tokens, None, order=order))
+        branches.append(self.encode_prompt(vilex_tokens, prompts if has_text else None, order=order))
+        prompt_embeds = torch.cat(branches).float()  # (n_branches * n, 77, D)
+
+        # 3. Timesteps and initial noise
+        self.scheduler.set_timesteps(num_inference_steps)
+        shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = randn_tensor(shape, generator=generator, dtype=torch.float32) * self.scheduler.init_noise_sigma
+        extra_step_kwargs = {"generator": generator} if "generator" in _step_parameters(self.scheduler) else {}
+
+        # 4. Denoise
+        for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
+            latent_input = self.scheduler.scale_model_input(torch.cat([latents] * len(branches)), t)
+            timestep = torch.full((latent_input.shape[0],), float(t), dtype=torch.float32)
+            noise_pred = self.backend("unet", sample=latent_input, timestep=timestep,
+                                      encoder_hidden_states=prompt_embeds).float()
+            chunks = noise_pred.chunk(len(branches))
+            if use_cfg and use_text_free:
+                eps_u, eps_v, eps_vc = chunks
+                noise_pred = eps_u + guidance_scale * (eps_v - eps_u) + text_guidance_scale * (eps_vc - eps_v)
+            elif use_cfg:
+                eps_u, eps_c = chunks
+                noise_pred = eps_u + guidance_scale * (eps_c - eps_u)
+            elif use_text_free:
+                eps_v, eps_vc = chunks
+                noise_pred = eps_v + text_guidance_scale * (eps_vc - eps_v)
+            else:
+                noise_pred = chunks[0]
+            latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+        # 5. Decode
+        image = self.backend("vae_decoder", latents=latents).float()  # (n, 3, H, W) in [-1, 1]
+        image = (image / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return ViLexPipelineOutput(images=image, vilex_tokens=vilex_tokens)
+        array = image.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return ViLexPipelineOutput(images=array, vilex_tokens=vilex_tokens)
+        pil = [PIL.Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in array]
+        return ViLexPipelineOutput(images=pil, vilex_tokens=vilex_tokens)
+
+    def __call__(self, images, num_tokens: int | None = None, prompt=None, **generate_kwargs) -> ViLexPipelineOutput:
+        """Reconstruct: images -> tokens -> images (optionally mixed with `prompt`)."""
+        if isinstance(images, PIL.Image.Image):
+            images = [images]
+        vilex_tokens = self.tokenize(images, num_tokens=num_tokens)
+        return self.generate(vilex_tokens, prompt=prompt, **generate_kwargs)
+
+
+def _step_parameters(scheduler) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(scheduler.step).parameters)

@@ -1,0 +1,48 @@
+"""A small CLIP BPE tokenizer built locally, for the preset checkpoints (no download).
+
+It is a real `CLIPTokenizer` (byte-level BPE, `</w>` word ends, the CLIP special tokens): every byte
+is in the vocabulary, so any text tokenizes, and a few hundred common words are single tokens. The
+real SD tokenizer has 49,408 entries; ids from this one are a subset of a text encoder's table.
+"""
+
+from __future__ import annotations
+
+from transformers import CLIPTokenizer
+
+# Words that become single tokens; everything else falls back to sub-words and bytes.
+COMMON_WORDS = """a an the of in on at to and with for by from is are this that it as
+photo picture image painting drawing sketch render style watercolor oil pencil cartoon anime
+cat dog bird horse car house tree flower mountain river sea sky sun moon city street man woman
+child person face portrait landscape red green blue yellow black white orange purple pink brown
+gray grey bright dark light small large big little old new beautiful detailed high quality""".split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The byte -> printable-character table of GPT-2/CLIP BPE (the same table CLIP's tokenizer uses).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def build_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges: list[tuple[str, str]] = []
+    for word in COMMON_WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = parts[0]
+        for part in parts[1:]:
+            merge = (merged, part)
+            merged = merged + part
+            if merge not in merges:
+                merges.append(merge)
+                vocab_list.append(merged)
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
