@@ -146,6 +146,11 @@ def cmd_demo(args) -> None:
     run_demo(out=Path(args.out), cache=Path(args.cache), steps=args.steps)
 
 
+# Commands that live with their own part of the project: each module has `add_parser(subparsers)`,
+# which registers the subcommand and sets `func`.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 # ---- parser -------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vilex", description="ViLex: images as visual words for a frozen text-to-image model")
@@ -188,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=os.environ.get("VILEX_CACHE", str(Path.home() / ".cache" / "vilex")))
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.set_defaults(func=cmd_demo)
+
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
