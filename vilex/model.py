@@ -125,11 +125,21 @@ class ViLexModel(ModelMixin, ConfigMixin):
             raise ValueError(f"pooler_width ({pooler_width}) must be divisible by pooler_heads ({pooler_heads})")
         vision_config = dict(vision_config)
         model_type = vision_config.pop("model_type")
+        if model_type == "siglip_vision_model":
+            # ViLex pools the patch features itself; SigLIP's own attention-pooling head would be dead weight
+            # (and unused parameters that require grad break DistributedDataParallel).
+            vision_config["vision_use_head"] = False
         self.vision_model = AutoModel.from_config(AutoConfig.for_model(model_type, **vision_config))
         self.pooler = AttentionPooler(
             self.vision_model.config.hidden_size, num_queries, pooler_width, pooler_depth, pooler_heads, output_dim
         )
         self.vision_model.requires_grad_(not freeze_vision)
+        if model_type == "clip_vision_model":
+            # CLIP's post_layernorm only feeds its pooled output, which ViLex does not use (SigLIP's is
+            # part of last_hidden_state): never trainable, so every trainable parameter gets a gradient.
+            for name, parameter in self.vision_model.named_parameters():
+                if "post_layernorm" in name:
+                    parameter.requires_grad_(False)
 
     @property
     def num_queries(self) -> int:

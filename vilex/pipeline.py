@@ -90,6 +90,9 @@ class ViLexPipeline(DiffusionPipeline):
         torch_dtype = kwargs.get("torch_dtype")
         vilex = ViLexModel.from_pretrained(path / "vilex", use_safetensors=True, low_cpu_mem_usage=False,
                                            torch_dtype=torch_dtype)
+        # The scheduler is the class its own scheduler_config.json names (model_index.json may disagree
+        # after a user swapped schedulers by editing that file).
+        kwargs.setdefault("scheduler", load_scheduler(path / "scheduler"))
         return super().from_pretrained(path, vilex=vilex, use_safetensors=True, **kwargs)
 
     def set_backend(self, backend: StageBackend) -> "ViLexPipeline":
@@ -236,6 +239,20 @@ class ViLexPipeline(DiffusionPipeline):
             images = [images]
         vilex_tokens = self.tokenize(images, num_tokens=num_tokens)
         return self.generate(vilex_tokens, prompt=prompt, **generate_kwargs)
+
+
+def load_scheduler(folder: Path):
+    import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    if not (folder / "scheduler_config.json").is_file():
+        raise CheckpointError(f"'{folder}' has no scheduler_config.json")
+    config = diffusers.DDIMScheduler.load_config(folder)  # any ConfigMixin reads the JSON the same way
+    name = config.get("_class_name")
+    scheduler_class = getattr(diffusers, str(name), None)
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+        raise CheckpointError(f"'{folder}/scheduler_config.json' names {name!r}, which is not a diffusers scheduler")
+    return scheduler_class.from_config(config)
 
 
 def _step_parameters(scheduler) -> set[str]:

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPTextConf
 
 from .errors import ViLexUsageError
 from .model import ViLexModel
-from .pipeline import ViLexPipeline
+from .pipeline import ViLexPipeline, load_scheduler
 from .tokenizer import build_clip_tokenizer
 
 PRESETS = ("tiny", "small", "sd15")
@@ -113,23 +113,17 @@ def from_local(sd_dir: str | os.PathLike, vision_dir: str | os.PathLike, num_que
                seed: int = 0) -> ViLexPipeline:
     """A new, untrained ViLex pipeline on a local Stable Diffusion 1.x/2.x folder (diffusers layout) and a
     local transformers vision model folder (SigLIP, CLIP, or their full image-text models)."""
-    from diffusers import SchedulerMixin  # noqa: F401  (schedulers load through their config's class name)
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin as _Scheduler
-
     sd_dir, vision_dir = Path(sd_dir), Path(vision_dir)
     for sub in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
         if not (sd_dir / sub).is_dir():
             raise ViLexUsageError(f"--base '{sd_dir}' is not a Stable Diffusion folder in diffusers layout: no '{sub}/'")
     if not (vision_dir / "config.json").is_file():
         raise ViLexUsageError(f"--vision '{vision_dir}' has no config.json (expected a transformers model folder)")
-    import diffusers
-
     text_encoder = CLIPTextModel.from_pretrained(sd_dir / "text_encoder", use_safetensors=True)
     tokenizer = CLIPTokenizer.from_pretrained(sd_dir / "tokenizer")
     unet = UNet2DConditionModel.from_pretrained(sd_dir / "unet", use_safetensors=True)
     vae = AutoencoderKL.from_pretrained(sd_dir / "vae", use_safetensors=True)
-    scheduler_config = _Scheduler.load_config(sd_dir / "scheduler")
-    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    scheduler = load_scheduler(sd_dir / "scheduler")
 
     vision_full = AutoModel.from_pretrained(vision_dir, use_safetensors=True)
     vision_model = getattr(vision_full, "vision_model", vision_full)  # SiglipModel/CLIPModel -> their vision tower
@@ -141,13 +135,8 @@ def from_local(sd_dir: str | os.PathLike, vision_dir: str | os.PathLike, num_que
     vilex = ViLexModel(vision_config=vision_config, num_queries=num_queries, output_dim=hidden,
                        token_scale=_word_embedding_std(text_encoder), pooler_width=hidden, pooler_depth=3,
                        pooler_heads=8 if hidden % 8 == 0 else 1)
-    state = vision_model.state_dict()
-    # CLIPVisionModel wraps its transformer in `.vision_model`; match whichever layout ours has.
-    target = vilex.vision_model
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        prefixed = {f"vision_model.{k}": v for k, v in state.items()}
-        missing, unexpected = target.load_state_dict(prefixed, strict=False)
+    # The vision tower's weights; parts ViLex does not build (SigLIP's pooling head) are left out.
+    missing, _ = vilex.vision_model.load_state_dict(vision_model.state_dict(), strict=False)
     if missing:
         raise ViLexUsageError(f"--vision '{vision_dir}': weights do not match its config (missing {missing[:3]} ...)")
     return ViLexPipeline(vilex=vilex, image_processor=image_processor, text_encoder=text_encoder, tokenizer=tokenizer,

@@ -1,0 +1,80 @@
+"""The soft-prompt bridge: text-only equals the stock encoder; tokens land where intended."""
+
+import pytest
+import torch
+
+from vilex.bridge import PromptBuilder, TextEncoderFromEmbeds
+from vilex.errors import ViLexUsageError
+from vilex.presets import tiny
+
+
+@pytest.fixture(scope="module")
+def parts():
+    pipeline = tiny(seed=0)
+    return pipeline.tokenizer, pipeline.text_encoder.eval()
+
+
+def test_text_only_equals_stock_text_encoder(parts):
+    tokenizer, text_encoder = parts
+    prompts = ["a photo of a cat", "", "a watercolor painting of a red house by the sea"]
+    ids = tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        stock = text_encoder(input_ids=ids).last_hidden_state
+        builder = PromptBuilder(tokenizer, text_encoder.get_input_embeddings())
+        inputs_embeds = builder(None, prompts)
+        ours = TextEncoderFromEmbeds(text_encoder)(inputs_embeds)
+    # Same input embeddings, same computation: exactly equal.
+    assert torch.equal(inputs_embeds, text_encoder.get_input_embeddings()(ids))
+    assert torch.equal(ours, stock)
+
+
+@pytest.mark.parametrize("order", ["vilex_first", "text_first"])
+def test_tokens_and_text_go_where_intended(parts, order):
+    tokenizer, text_encoder = parts
+    table = text_encoder.get_input_embeddings()
+    builder = PromptBuilder(tokenizer, table)
+    vilex_tokens = torch.randn(2, 5, 32)
+    prompt = "in the style of a watercolor"
+    text_ids = builder.text_ids(prompt)
+    n = len(text_ids)
+    embeds = builder(vilex_tokens, [prompt, prompt], order=order)
+    assert embeds.shape == (2, 77, 32)
+    w = table.weight
+    assert torch.equal(embeds[:, 0], w[tokenizer.bos_token_id].expand(2, -1))
+    vilex_at, text_at = (slice(1, 6), slice(6, 6 + n)) if order == "vilex_first" else (slice(1 + n, 6 + n), slice(1, 1 + n))
+    assert torch.equal(embeds[:, vilex_at], vilex_tokens)
+    assert torch.equal(embeds[0, text_at], w[text_ids])
+    assert torch.equal(embeds[:, 6 + n], w[tokenizer.eos_token_id].expand(2, -1))
+    assert torch.equal(embeds[:, 7 + n:], w[tokenizer.pad_token_id].expand(2, 77 - 7 - n, -1))
+
+
+def test_vilex_only_and_taildrop_lengths(parts):
+    tokenizer, text_encoder = parts
+    w = text_encoder.get_input_embeddings().weight
+    builder = PromptBuilder(tokenizer, text_encoder.get_input_embeddings())
+    vilex_tokens = torch.randn(2, 10, 32)
+    embeds = builder(vilex_tokens, lengths=torch.tensor([10, 3]))
+    assert torch.equal(embeds[0, 1:11], vilex_tokens[0])
+    assert torch.equal(embeds[0, 11], w[tokenizer.eos_token_id])
+    # The second sample keeps 3 tokens: EOS right after them, the dropped ones never reach the encoder.
+    assert torch.equal(embeds[1, 1:4], vilex_tokens[1, :3])
+    assert torch.equal(embeds[1, 4], w[tokenizer.eos_token_id])
+
+
+def test_gradients_flow_into_tokens(parts):
+    tokenizer, text_encoder = parts
+    builder = PromptBuilder(tokenizer, text_encoder.get_input_embeddings())
+    vilex_tokens = torch.randn(1, 4, 32, requires_grad=True)
+    TextEncoderFromEmbeds(text_encoder)(builder(vilex_tokens, ["a cat"])).sum().backward()
+    assert vilex_tokens.grad is not None and vilex_tokens.grad.abs().sum() > 0
+
+
+def test_prompt_overflow_says_how_many_fit(parts):
+    tokenizer, text_encoder = parts
+    builder = PromptBuilder(tokenizer, text_encoder.get_input_embeddings())
+    with pytest.raises(ViLexUsageError, match=r"at most 0 text tokens fit"):
+        builder(torch.randn(1, 75, 32), ["a cat"])
+    long_prompt = " ".join(["cat"] * 70)
+    n = len(builder.text_ids(long_prompt))
+    with pytest.raises(ViLexUsageError, match=rf"prompt is too long: {n} text tokens, .* at most 59 text tokens fit"):
+        builder(torch.randn(1, 16, 32), [long_prompt])
