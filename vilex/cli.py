@@ -16,7 +16,14 @@ DEFAULT_GUIDANCE = 7.5
 
 # ---- shared helpers -------------------------------------------------------------------------------
 def load_pipeline(ckpt: str):
+    import diffusers
+    import transformers
+
     from .pipeline import ViLexPipeline
+
+    # Loading a few-MB checkpoint should not print three progress bars; our own loop keeps its bar.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
     pipeline = ViLexPipeline.from_pretrained(ckpt)
     pipeline.set_progress_bar_config(leave=False)
@@ -24,15 +31,39 @@ def load_pipeline(ckpt: str):
 
 
 def make_backend(args, pipeline):
-    """The stage backend named by --backend (PyTorch unless asked otherwise)."""
+    """The stage backend named by --backend (PyTorch unless asked otherwise).
+
+    onnxruntime and tensorrt run the graphs of the export folder --engines, which must have been
+    exported from CKPT (checked by content hash: other graphs would run with this checkpoint's
+    tokenizer and embedding table and give wrong images without an error)."""
     from .backends import TorchBackend
 
+    if args.backend not in BACKENDS:
+        raise ViLexUsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
     if args.backend == "torch":
         return TorchBackend(pipeline)
-    raise ViLexUsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
+    if not args.engines:
+        raise ViLexUsageError(f"--backend {args.backend} needs --engines engines/NAME "
+                              f"(make one with `vilex export {args.ckpt} --out engines/NAME`)")
+    from .export.manifest import EngineFolder
+
+    engines = EngineFolder.open(args.engines)
+    engines.check_source(args.ckpt)
+    if args.backend == "onnxruntime":
+        from .backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(engines)
+    from .backends.tensorrt import TensorRTBackend
+
+    return TensorRTBackend(engines)
 
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def add_backend_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="torch", help=f"how stages run: {', '.join(BACKENDS)}")
+    parser.add_argument("--engines", default=None, help="export folder (engines/NAME) for --backend onnxruntime/tensorrt")
 
 
 def load_images(paths: list[str]):
@@ -72,7 +103,7 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=None, help="output height in pixels (default: the UNet's size)")
     parser.add_argument("--width", type=int, default=None, help="output width in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default="torch", help=f"how stages run: {', '.join(BACKENDS)}")
+    add_backend_args(parser)
 
 
 # ---- commands ---------------------------------------------------------------------------------------
@@ -98,10 +129,10 @@ def cmd_tokenize(args) -> None:
     from .errors import check_range
     from .outputs import save_tokens
 
-    pipeline = load_pipeline(args.ckpt)
-    k = args.tokens or pipeline.num_queries
-    check_range("--tokens", k, 1, pipeline.num_queries)
     images = load_images(args.images)
+    pipeline = load_pipeline(args.ckpt)
+    k = pipeline.num_queries if args.tokens is None else args.tokens
+    check_range("--tokens", k, 1, pipeline.num_queries)
     pipeline.set_backend(make_backend(args, pipeline))
     vilex_tokens = pipeline.tokenize(images, num_tokens=k)
     save_tokens(args.out, vilex_tokens, {"images": [str(p) for p in args.images], "num_tokens": k,
@@ -127,11 +158,11 @@ def cmd_reconstruct(args) -> None:
     from .errors import check_range
     from .outputs import atomic_folder
 
+    images = load_images(args.images)
     pipeline = load_pipeline(args.ckpt)
     check_generation_args(args, pipeline)
-    k = args.tokens or pipeline.num_queries
+    k = pipeline.num_queries if args.tokens is None else args.tokens
     check_range("--tokens", k, 1, pipeline.num_queries)
-    images = load_images(args.images)
     pipeline.set_backend(make_backend(args, pipeline))
     result = pipeline(images, num_tokens=k, prompt=args.prompt, **generation_kwargs(args)).images
     with atomic_folder(args.out) as staging:
@@ -148,7 +179,7 @@ def cmd_demo(args) -> None:
 
 # Commands that live with their own part of the project: each module has `add_parser(subparsers)`,
 # which registers the subcommand and sets `func`.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("vilex.export.cli",)
 
 
 # ---- parser -------------------------------------------------------------------------------------------
@@ -170,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", type=int, default=None, help="keep the first K tokens, 1..N (default N)")
-    p.add_argument("--backend", default="torch", help=f"how stages run: {', '.join(BACKENDS)}")
+    add_backend_args(p)
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("generate", help="ViLex tokens (+ text) -> images")
