@@ -1,0 +1,77 @@
+"""`vilex export` and `vilex build-engines` (registered through vilex.cli.COMMAND_MODULES)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vilex.errors import ViLexUsageError
+
+from .contract import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
+
+
+def add_size_args(parser: argparse.ArgumentParser, defaults_from: str) -> None:
+    parser.add_argument("--max-batch", type=int, default=None, help=f"images per call, 1..256 (default: {defaults_from})")
+    parser.add_argument("--opt-batch", type=int, default=None, help=f"the batch TensorRT tunes for (default: {defaults_from})")
+    parser.add_argument("--height", type=int, default=None, help=f"optimal image height in pixels (default: {defaults_from})")
+    parser.add_argument("--width", type=int, default=None, help=f"optimal image width in pixels (default: {defaults_from})")
+    parser.add_argument("--min-size", type=int, default=None, help="smallest image side in pixels (default: half the size)")
+    parser.add_argument("--max-size", type=int, default=None, help="largest image side in pixels (default: twice the size)")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("export", help="checkpoint -> ONNX graphs validated against PyTorch, in engines/NAME")
+    p.add_argument("ckpt")
+    p.add_argument("--out", required=True, help="the export folder, e.g. engines/NAME")
+    p.add_argument("--precision", default="fp32", help=f"{' or '.join(PRECISIONS)} (default fp32)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
+    add_size_args(p, "4 images, opt batch 1, the checkpoint's size")
+    p.add_argument("--optimize", default=None, help="also write onnxruntime-optimized graphs fused for 'cpu' or 'gpu'")
+    p.add_argument("--replace", action="store_true",
+                   help="replace an existing export in --out (atomically: the folder is swapped whole)")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("build-engines", help="TensorRT engines from an export folder (needs TensorRT and a GPU)")
+    p.add_argument("engines", help="an export folder from `vilex export`")
+    p.add_argument("--fp16", action="store_true", help="fp16 engines (strongly typed from fp16 graphs, else the FP16 builder flag)")
+    add_size_args(p, "the export's bounds")
+    p.add_argument("--workspace-gb", type=float, default=None, help="TensorRT workspace limit in GiB (default: TensorRT's)")
+    p.add_argument("--force", action="store_true", help="rebuild even when an engine is up to date")
+    p.set_defaults(func=cmd_build_engines)
+
+
+def size_overrides(args) -> dict:
+    names = ("max_batch", "opt_batch", "height", "width", "min_size", "max_size")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def cmd_export(args) -> None:
+    from .contract import ExportOptions
+    from .onnx_export import export_checkpoint
+    from .validate import ExportError
+
+    options = ExportOptions(precision=args.precision, opset=args.opset, **size_overrides(args))
+    print(f"exporting {args.ckpt} -> {args.out} ({args.precision}, opset {args.opset})")
+    try:
+        folder = export_checkpoint(args.ckpt, args.out, options, replace=args.replace, optimize=args.optimize)
+    except ExportError as error:
+        print(f"vilex export: failed: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    size = sum(entry["bytes"] for entry in folder.manifest["files"].values())
+    print(f"wrote {folder.root} ({size / 1e6:.1f} MB): {', '.join(folder.graph_names)}; manifest {folder.root / 'manifest.json'}")
+
+
+def cmd_build_engines(args) -> None:
+    from .manifest import EngineFolder
+    from .tensorrt_build import BuildError, build_engines
+
+    folder = EngineFolder.open(args.engines, what="ENGINES")
+    try:
+        build_engines(folder, fp16=args.fp16, overrides=size_overrides(args), workspace_gb=args.workspace_gb,
+                      force=args.force)
+    except BuildError as error:
+        print(f"vilex build-engines: failed: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+__all__ = ["add_parser", "cmd_build_engines", "cmd_export"]

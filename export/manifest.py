@@ -1,0 +1,178 @@
+"""An export folder (`engines/NAME`) and its manifest.json.
+
+    engines/NAME/
+      manifest.json          what is here: graphs, every file with its sha256, contracts, versions, validation
+      onnx/<graph>.onnx      the portable graphs (TensorRT and trtexec build from these)
+      onnx/<graph>.onnx.data external weights, for graphs over protobuf's 2 GB limit
+      ort/<graph>.onnx       onnxruntime-optimized graphs (only with `vilex export --optimize`)
+      host/                  what the denoising loop needs besides the graphs (tokenizer, scheduler, configs,
+                             the token-embedding table), so a runtime can run without the PyTorch weights
+      tensorrt/              engines and the timing cache (`vilex build-engines`)
+      build_engines.sh       the same builds as trtexec commands
+
+`manifest["files"]` lists every file in the folder except manifest.json itself with its size and
+sha256, so `EngineFolder.verify()` can say whether the folder is exactly what was written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from vilex.errors import ViLexUsageError
+
+from .contract import ExportOptions, GraphContract, ModelDims
+
+MANIFEST = "manifest.json"
+FORMAT = "vilex-engines"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_files(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
+    """{relative posix path: {"bytes", "sha256"}} for every file under root, sorted."""
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root).as_posix()
+        if relative not in exclude:
+            files[relative] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return files
+
+
+def tree_sha256(files: dict[str, dict]) -> str:
+    """One hash for a folder: sha256 over its sorted (path, file sha256) pairs."""
+    digest = hashlib.sha256()
+    for relative in sorted(files):
+        digest.update(f"{relative}\0{files[relative]['sha256']}\n".encode())
+    return digest.hexdigest()
+
+
+def checkpoint_sha256(ckpt: str | os.PathLike) -> str:
+    return tree_sha256(folder_files(Path(ckpt)))
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    staging = path.with_name(f".{path.name}.partial")
+    try:
+        staging.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+class EngineFolder:
+    """Read access to an export folder: its manifest, contracts, graph files and host-side files."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = root
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, what: str = "--engines") -> "EngineFolder":
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise ViLexUsageError(f"{what} '{root}' is not an export folder (no {MANIFEST}); "
+                                  f"make one with `vilex export CKPT --out {root}`")
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ViLexUsageError(f"{what} '{root}': {MANIFEST} is not valid JSON: {error}") from None
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise ViLexUsageError(f"{what} '{root}': {MANIFEST} is not a {FORMAT} v{FORMAT_VERSION} manifest "
+                                  f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})")
+        folder = cls(root, manifest)
+        folder.check_sizes()
+        return folder
+
+    # ---- contents ----------------------------------------------------------------------------------
+    @property
+    def graph_names(self) -> list[str]:
+        return list(self.manifest["graphs"])
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    @property
+    def dims(self) -> ModelDims:
+        return ModelDims.from_dict(self.manifest["dims"])
+
+    @property
+    def options(self) -> ExportOptions:
+        return ExportOptions.from_dict(self.manifest["options"])
+
+    def contract(self, graph: str) -> GraphContract:
+        return GraphContract.from_dict(self.manifest["graphs"][graph]["contract"])
+
+    def contracts(self) -> dict[str, GraphContract]:
+        return {graph: self.contract(graph) for graph in self.graph_names}
+
+    def graph_precision(self, graph: str) -> str:
+        return self.manifest["graphs"][graph]["precision"]
+
+    def graph_path(self, graph: str, variant: str = "onnx") -> Path:
+        """The graph file: variant "onnx" (portable) or "ort" (onnxruntime-optimized, when exported)."""
+        files = self.manifest["graphs"][graph]["files"]
+        if variant not in files:
+            raise ViLexUsageError(f"--engines '{self.root}' has no '{variant}' variant of graph '{graph}' "
+                                  f"(it has {sorted(files)})")
+        return self.root / files[variant]
+
+    def has_variant(self, variant: str) -> bool:
+        return all(variant in self.manifest["graphs"][g]["files"] for g in self.graph_names)
+
+    @property
+    def host_dir(self) -> Path:
+        return self.root / "host"
+
+    # ---- integrity ---------------------------------------------------------------------------------
+    def check_sizes(self) -> None:
+        """Cheap check on open: every listed file exists with its recorded size (catches a truncated copy)."""
+        for relative, entry in self.manifest["files"].items():
+            path = self.root / relative
+            if not path.is_file() or path.stat().st_size != entry["bytes"]:
+                raise ViLexUsageError(f"--engines '{self.root}': '{relative}' is missing or has the wrong size "
+                                      f"(manifest says {entry['bytes']} bytes); re-export the folder")
+
+    def verify(self) -> list[str]:
+        """Every difference between the folder and its manifest (empty when they agree): hashes checked."""
+        actual = folder_files(self.root, exclude=(MANIFEST,))
+        problems = []
+        for relative, entry in self.manifest["files"].items():
+            if relative not in actual:
+                problems.append(f"missing: {relative}")
+            elif actual[relative]["sha256"] != entry["sha256"]:
+                problems.append(f"changed: {relative}")
+        problems += [f"not in manifest: {relative}" for relative in actual if relative not in self.manifest["files"]]
+        return problems
+
+    def check_source(self, ckpt: str | os.PathLike) -> None:
+        """Raise unless CKPT is the checkpoint this folder was exported from (by content hash).
+
+        Graphs from one checkpoint with another's tokenizer or embedding table would run and give
+        wrong images without any error, so a mismatch is refused.
+        """
+        expected = self.manifest["source"]["sha256"]
+        actual = checkpoint_sha256(ckpt)
+        if actual != expected:
+            raise ViLexUsageError(
+                f"--engines '{self.root}' was exported from a different checkpoint "
+                f"({self.manifest['source']['checkpoint']}, sha256 {expected[:12]}) than CKPT '{ckpt}' "
+                f"(sha256 {actual[:12]}); re-export with `vilex export {ckpt} --out {self.root} --replace`")
+
+    # ---- updates (build-engines) --------------------------------------------------------------------
+    def update(self, changes: dict) -> None:
+        """Merge top-level `changes` into the manifest, re-list the files and write it atomically."""
+        self.manifest.update(changes)
+        self.manifest["files"] = folder_files(self.root, exclude=(MANIFEST,))
+        write_json_atomic(self.root / MANIFEST, self.manifest)

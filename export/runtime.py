@@ -1,0 +1,82 @@
+"""Running the pipeline from an export folder alone, without the PyTorch weights.
+
+The denoising loop (`ViLexPipeline.generate`) needs, besides the four graphs, only small host-side
+pieces: the tokenizer, the scheduler's config, the image processor's config, the component configs
+(sizes such as the VAE scale factor and the UNet's channels) and the text encoder's token-embedding
+table (the prompt builder looks up BOS/EOS/PAD and text tokens there). `vilex export` copies them to
+`engines/NAME/host/` in the checkpoint's own layout:
+
+    host/model_index.json, tokenizer/, scheduler/, image_processor/, {vilex,text_encoder,unet,vae}/config.json
+    host/text_encoder/token_embedding.safetensors     the (vocab, D) table, fp32
+
+`pipeline_from_engines` builds a `ViLexPipeline` from them whose model components are created on
+PyTorch's meta device (configs, no memory, cannot run) and sets a backend that runs the graphs; the
+loop is the same code as with the PyTorch weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .manifest import EngineFolder
+
+TOKEN_EMBEDDING_FILE = "text_encoder/token_embedding.safetensors"
+WEIGHT_SUFFIXES = (".safetensors",)  # check_checkpoint has already refused pickle files
+MODEL_COMPONENTS = ("vilex", "text_encoder", "unet", "vae")
+
+
+def save_host_files(pipeline, ckpt: Path, dest: Path) -> None:
+    """Copy the checkpoint's non-weight files to `dest` (same layout) and add the token-embedding table."""
+    for path in sorted(p for p in Path(ckpt).rglob("*") if p.is_file()):
+        if path.suffix in WEIGHT_SUFFIXES:
+            continue
+        target = dest / path.relative_to(ckpt)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    table = pipeline.text_encoder.get_input_embeddings().weight.detach().float().contiguous().cpu()
+    (dest / TOKEN_EMBEDDING_FILE).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"weight": table}, str(dest / TOKEN_EMBEDDING_FILE))
+
+
+def _component_class(library: str, class_name: str):
+    return getattr(importlib.import_module(library), class_name)
+
+
+def pipeline_from_engines(engines: str | os.PathLike | EngineFolder, backend=None):
+    """A ViLexPipeline running on `backend` (default: onnxruntime over the folder's graphs), built
+    from the folder's host files only."""
+    from vilex.pipeline import ViLexPipeline
+
+    folder = engines if isinstance(engines, EngineFolder) else EngineFolder.open(engines)
+    host = folder.host_dir
+    index = json.loads((host / "model_index.json").read_text())
+    components = {}
+    for name in ("tokenizer", "image_processor"):
+        library, class_name = index[name]
+        components[name] = _component_class(library, class_name).from_pretrained(host / name)
+    # The scheduler is the class its own config names, as when loading the checkpoint.
+    scheduler_config = json.loads((host / "scheduler" / "scheduler_config.json").read_text())
+    components["scheduler"] = _component_class("diffusers", scheduler_config["_class_name"]).from_config(scheduler_config)
+    with torch.device("meta"):  # configs only: the graphs hold the weights
+        for name in MODEL_COMPONENTS:
+            library, class_name = index[name]
+            cls = _component_class(library, class_name)
+            if hasattr(cls, "load_config"):  # diffusers ConfigMixin (also ViLexModel)
+                components[name] = cls.from_config(cls.load_config(host / name))
+            else:  # transformers
+                components[name] = cls(cls.config_class.from_pretrained(host / name))
+    table = load_file(str(host / TOKEN_EMBEDDING_FILE))["weight"]
+    components["text_encoder"].set_input_embeddings(torch.nn.Embedding.from_pretrained(table, freeze=True))
+    pipeline = ViLexPipeline(**components)
+    if backend is None:
+        from vilex.backends.onnxruntime import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend(folder)
+    return pipeline.set_backend(backend)
