@@ -171,8 +171,16 @@ class EngineFolder:
                 f"(sha256 {actual[:12]}); re-export with `vilex export {ckpt} --out {self.root} --replace`")
 
     # ---- updates (build-engines) --------------------------------------------------------------------
-    def update(self, changes: dict) -> None:
-        """Merge top-level `changes` into the manifest, re-list the files and write it atomically."""
+    def update(self, changes: dict, files: list[str] = ()) -> None:
+        """Merge top-level `changes` into the manifest, (re)hash the listed files (relative paths; a
+        missing one is dropped) and write the manifest atomically. Other entries are left as recorded,
+        so an update never vouches for graph files it did not write."""
         self.manifest.update(changes)
-        self.manifest["files"] = folder_files(self.root, exclude=(MANIFEST,))
+        for relative in files:
+            path = self.root / relative
+            if path.is_file():
+                self.manifest["files"][relative] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            else:
+                self.manifest["files"].pop(relative, None)
+        self.manifest["files"] = dict(sorted(self.manifest["files"].items()))
         write_json_atomic(self.root / MANIFEST, self.manifest)
