@@ -179,7 +179,7 @@ def cmd_demo(args) -> None:
 
 # Commands that live with their own part of the project: each module has `add_parser(subparsers)`,
 # which registers the subcommand and sets `func`.
-COMMAND_MODULES: tuple[str, ...] = ("vilex.export.cli",)
+COMMAND_MODULES: tuple[str, ...] = ("vilex.export.cli", "vilex.benchmarks.cli")
 
 
 # ---- parser -------------------------------------------------------------------------------------------

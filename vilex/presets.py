@@ -141,3 +141,15 @@ def from_local(sd_dir: str | os.PathLike, vision_dir: str | os.PathLike, num_que
         raise ViLexUsageError(f"--vision '{vision_dir}': weights do not match its config (missing {missing[:3]} ...)")
     return ViLexPipeline(vilex=vilex, image_processor=image_processor, text_encoder=text_encoder, tokenizer=tokenizer,
                          unet=unet, vae=vae, scheduler=scheduler)
+
+
+def ensure_preset_checkpoint(cache: str | os.PathLike, preset: str, seed: int = 0) -> Path:
+    """The preset's checkpoint folder in `cache`, made (atomically) on first use and reused after."""
+    from .outputs import atomic_folder
+
+    ckpt = Path(cache) / f"{preset}-seed{seed}"
+    if not (ckpt / "model_index.json").is_file():
+        pipeline = build_preset(preset, seed)
+        with atomic_folder(ckpt, must_be_new=True) as staging:
+            pipeline.save_pretrained(staging, safe_serialization=True)
+    return ckpt

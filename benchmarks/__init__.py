@@ -1,0 +1,1 @@
+"""Benchmarks for ViLex (installed as `vilex.benchmarks`; `vilex bench` runs them)."""

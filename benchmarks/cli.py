@@ -1,0 +1,78 @@
+"""`vilex bench`: latency and throughput per stage and end to end, on every available backend."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from vilex.errors import ViLexUsageError
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def add_parser(subparsers) -> None:
+    from vilex.stages import STAGE_NAMES
+
+    from .runner import ALL_BACKENDS
+
+    p = subparsers.add_parser("bench", help="measure latency/throughput per stage and end to end on each backend")
+    p.add_argument("ckpt", nargs="?", default=None, help="a ViLex checkpoint (default: --preset)")
+    p.add_argument("--preset", default="small", choices=("tiny", "small", "sd15"), help="preset to measure without CKPT")
+    p.add_argument("--backends", default="torch,onnxruntime", help=f"comma-separated, from: {', '.join(ALL_BACKENDS)}")
+    p.add_argument("--engines", default=None, help="an export folder of CKPT (default: export into OUT/engines)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="export precision when exporting")
+    p.add_argument("--batch-sizes", type=int_list, default=(1, 2, 4), help="image batch sizes for the stages")
+    p.add_argument("--stages", default=",".join(STAGE_NAMES), help="stages to measure (empty: none)")
+    p.add_argument("--tokens", type=int, default=16, help="ViLex tokens end to end")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps end to end")
+    p.add_argument("--e2e-batch", type=int, default=1, help="images per end-to-end request")
+    p.add_argument("--no-e2e", action="store_true", help="skip end-to-end measurements")
+    p.add_argument("--concurrency", type=int_list, default=(1, 2, 4), help="Triton concurrency sweep")
+    p.add_argument("--window", type=float, default=0.5, help="seconds per measurement window (stages)")
+    p.add_argument("--stability", type=float, default=0.10, help="windows agree within this fraction")
+    p.add_argument("--compare", action="store_true", help="print latency ratios between backends")
+    p.add_argument("--out", default="bench-results", help="folder for results.json, results.md and plots")
+    p.add_argument("--cache", default=os.environ.get("VILEX_CACHE", str(Path.home() / ".cache" / "vilex")))
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> None:
+    from vilex.stages import STAGE_NAMES
+
+    from .runner import ALL_BACKENDS, BenchSettings
+    from .suite import run_bench
+
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = [b for b in backends if b not in ALL_BACKENDS]
+    if unknown or not backends:
+        raise ViLexUsageError(f"--backends must be a comma-separated list from {', '.join(ALL_BACKENDS)}, got {args.backends!r}")
+    stages = tuple(s for s in args.stages.split(",") if s)
+    if any(s not in STAGE_NAMES for s in stages):
+        raise ViLexUsageError(f"--stages must be from {', '.join(STAGE_NAMES)}, got {args.stages!r}")
+    for flag, value, low, high in (("--tokens", args.tokens, 1, 75), ("--steps", args.steps, 1, 1000),
+                                   ("--e2e-batch", args.e2e_batch, 1, 64)):
+        if not low <= value <= high:
+            raise ViLexUsageError(f"{flag} must be in {low}..{high}, got {value}")
+    if not 0 < args.stability < 1 or args.window < 0:
+        raise ViLexUsageError(f"--stability must be in (0, 1) and --window >= 0, got {args.stability}, {args.window}")
+    settings = BenchSettings(batch_sizes=args.batch_sizes, num_tokens=args.tokens, steps=args.steps,
+                             e2e_batch=args.e2e_batch, stages=stages, end_to_end=not args.no_e2e,
+                             window_s=args.window, stability=args.stability)
+    command = "vilex " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("vilex") else \
+        "vilex bench ..."
+    run_bench(ckpt=args.ckpt, preset=args.preset, cache=Path(args.cache), backends=backends, settings=settings,
+              out=Path(args.out), engines=Path(args.engines) if args.engines else None, precision=args.precision,
+              concurrency=args.concurrency, compare=args.compare, command=command,
+              date=datetime.date.today().isoformat())

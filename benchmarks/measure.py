@@ -1,0 +1,171 @@
+"""Measuring latency and throughput until the result is stable, as perf_analyzer does.
+
+A measurement runs in windows (at least `window_s` seconds and `min_calls` calls each). It is stable
+when the last `stable_windows` windows agree: each window's throughput and p50 latency are within
+`stability` (a fraction) of those windows' mean. Statistics are taken over those last windows. If no
+stable run is reached after `max_windows`, the last windows are reported with `stable: false`.
+
+Concurrency > 1 runs that many threads, each with its own callable (`make_call()` is called once per
+thread: tritonclient clients must not be shared between threads), all issuing calls back to back.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+
+@dataclass
+class Stats:
+    items_per_call: int
+    concurrency: int
+    calls: int
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    throughput: float  # items (images) per second
+    windows: int
+    stable: bool
+    peak_rss_mb: float | None = None
+    peak_gpu_mb: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default) of an already sorted list."""
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    position = (len(sorted_values) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+class PeakMemory:
+    """Samples this process's RSS (and GPU memory in use, when torch sees a GPU) in a background thread."""
+
+    def __init__(self, interval_s: float = 0.02):
+        self.interval_s = interval_s
+        self.peak_rss = 0
+        self.peak_gpu = None
+        self._stop = threading.Event()
+
+    def _sample(self):
+        import psutil
+
+        process = psutil.Process()
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, process.memory_info().rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        import torch
+
+        self._gpu = torch.cuda.is_available()
+        if self._gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            free, total = torch.cuda.mem_get_info()
+            self._gpu_base_used = total - free
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        self._stop.set()
+        self._thread.join()
+        if self._gpu:
+            # torch's allocator peak covers PyTorch backends; device-wide use covers onnxruntime/TensorRT.
+            free, total = torch.cuda.mem_get_info()
+            self.peak_gpu = max(torch.cuda.max_memory_allocated(), total - free)
+        return False
+
+
+def measure(
+    make_call: Callable[[], Callable[[], object]],
+    items_per_call: int,
+    concurrency: int = 1,
+    warmup_calls: int = 2,
+    window_s: float = 1.0,
+    min_calls: int = 3,
+    stability: float = 0.10,
+    stable_windows: int = 3,
+    max_windows: int = 8,
+    sync: Callable[[], None] | None = None,
+) -> Stats:
+    """Measure `make_call()()` until stable; `sync` (e.g. torch.cuda.synchronize) ends each call."""
+    calls = [make_call() for _ in range(concurrency)]
+
+    def timed(call) -> float:
+        start = time.perf_counter()
+        call()
+        if sync is not None:
+            sync()
+        return time.perf_counter() - start
+
+    for call in calls:
+        for _ in range(warmup_calls):
+            timed(call)
+
+    windows: list[tuple[list[float], float]] = []  # (latencies, elapsed)
+    with PeakMemory() as memory:
+        while len(windows) < max_windows:
+            latencies: list[float] = []
+            lock = threading.Lock()
+            start = time.perf_counter()
+            deadline = start + window_s
+
+            def worker(call):
+                done = 0
+                while time.perf_counter() < deadline or done < max(1, min_calls // concurrency):
+                    latency = timed(call)
+                    with lock:
+                        latencies.append(latency)
+                    done += 1
+
+            if concurrency == 1:
+                worker(calls[0])
+            else:
+                threads = [threading.Thread(target=worker, args=(c,)) for c in calls]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            windows.append((latencies, time.perf_counter() - start))
+            if len(windows) >= stable_windows and _agree(windows[-stable_windows:], items_per_call, stability):
+                break
+
+    last = windows[-stable_windows:]
+    all_latencies = sorted(x for lat, _ in last for x in lat)
+    elapsed = sum(e for _, e in last)
+    ms = [x * 1000 for x in all_latencies]
+    return Stats(
+        items_per_call=items_per_call, concurrency=concurrency, calls=len(ms),
+        mean_ms=statistics.fmean(ms), p50_ms=percentile(ms, 50), p90_ms=percentile(ms, 90),
+        p95_ms=percentile(ms, 95), p99_ms=percentile(ms, 99),
+        throughput=len(ms) * items_per_call / elapsed, windows=len(windows),
+        stable=len(windows) >= stable_windows and _agree(last, items_per_call, stability),
+        peak_rss_mb=memory.peak_rss / 2**20,
+        peak_gpu_mb=None if memory.peak_gpu is None else memory.peak_gpu / 2**20,
+    )
+
+
+def _agree(windows, items_per_call: int, stability: float) -> bool:
+    throughputs = [len(lat) * items_per_call / elapsed for lat, elapsed in windows]
+    medians = [statistics.median(lat) for lat, _ in windows]
+    return all(_within(values, stability) for values in (throughputs, medians))
+
+
+def _within(values: list[float], fraction: float) -> bool:
+    mean = statistics.fmean(values)
+    return all(abs(v - mean) <= fraction * mean for v in values)

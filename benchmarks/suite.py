@@ -1,0 +1,144 @@
+"""Runs the measurements `vilex bench` asks for and writes the report.
+
+1. the checkpoint (given, or a preset made in the cache) and, for non-PyTorch backends, its export
+2. FLOPs per stage and batch, counted once on the fp32 PyTorch modules
+3. per backend: every stage at every batch size, then image -> image end to end
+4. Triton: the served pipeline over HTTP and gRPC at each concurrency
+5. results.json / results.md / plots, and the ratios with --compare
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from vilex.stages import STAGE_NAMES
+
+from . import hardware, report
+from .runner import (BenchSettings, Unavailable, count_flops, load_backend, released, run_end_to_end, run_stage,
+                     stage_contracts, stage_sizes)
+
+
+def _peak(device: str, precision: str, env: dict) -> tuple[float | None, str]:
+    if device == "cuda":
+        return hardware.gpu_peak_flops(env["gpu"], precision)
+    return hardware.cpu_peak_flops(env["cpu"])
+
+
+def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: BenchSettings, out: Path,
+              engines: Path | None = None, precision: str = "fp32", concurrency=(1, 2, 4), compare: bool = False,
+              command: str = "vilex bench", date: str = "") -> dict:
+    import torch
+
+    from vilex.images import load_image
+    from vilex.presets import ensure_preset_checkpoint
+    from vilex.samples import sample_paths
+
+    env = hardware.environment()
+    started = time.perf_counter()
+
+    # 1. Checkpoint and export
+    ckpt = Path(ckpt) if ckpt else ensure_preset_checkpoint(cache, preset)
+    needs_export = any(not b.startswith("torch") for b in backends)
+    if needs_export and engines is None:
+        from vilex.export.contract import ExportOptions
+        from vilex.export.onnx_export import export_checkpoint
+
+        engines = out / "engines"
+        print(f"exporting {ckpt} -> {engines} ({precision}) ...")
+        export_checkpoint(ckpt, engines, ExportOptions(precision=precision, max_batch=max(max(settings.batch_sizes),
+                                                                                           settings.e2e_batch)),
+                          replace=True)
+    if "tensorrt" in backends and engines is not None:
+        try:
+            from vilex.export.manifest import EngineFolder
+            from vilex.export.tensorrt_build import build_engines
+
+            build_engines(EngineFolder.open(engines), fp16=precision == "fp16")
+        except Exception as error:  # reported as the reason tensorrt is skipped below
+            print(f"tensorrt engines not built: {error}")
+
+    # 2. FLOPs on the fp32 PyTorch modules
+    contracts, dims, reference = stage_contracts(ckpt, settings.batch_sizes)
+    from vilex.stages import stage_modules
+    from vilex.export.validate import sample_inputs
+
+    modules = stage_modules(reference)
+    flops = {}
+    wanted = {(stage, batch) for stage in settings.stages for batch in settings.batch_sizes}
+    if settings.end_to_end:
+        wanted |= {(stage, settings.e2e_batch) for stage in STAGE_NAMES}
+    for stage, batch in sorted(wanted):
+        inputs = sample_inputs(contracts[stage], stage_sizes(contracts, stage, batch), torch.Generator().manual_seed(0))
+        flops[(stage, batch)] = count_flops(modules[stage], inputs)
+    del reference, modules
+    images = [load_image(p) for p in sample_paths()]
+    images = (images * settings.e2e_batch)[: settings.e2e_batch]
+
+    results, skipped, peaks = [], {}, {}
+
+    def record(backend: str, kind: str, batch: int, stats, device: str, precision_: str, stage: str | None = None,
+               call_flops: int | None = None):
+        peak, source = _peak(device, precision_, env)
+        peaks[f"{device} {precision_}"] = source
+        fraction = None
+        if call_flops and peak:
+            fraction = call_flops / (stats.p50_ms / 1000) / peak
+        row = {"backend": backend, "kind": kind, "stage": stage, "batch": batch, "device": device,
+               "precision": precision_, "steps": settings.steps, "num_tokens": settings.num_tokens,
+               "flops": call_flops, "fraction_of_peak": fraction, "stats": stats.to_dict()}
+        results.append(row)
+        what = stage or f"end-to-end {settings.steps} steps"
+        print(f"  {backend:<16} {what:<22} batch {batch:>2} conc {stats.concurrency:>2}: p50 {stats.p50_ms:9.2f} ms  "
+              f"{stats.throughput:8.2f} img/s" + (f"  {100 * fraction:5.1f}% of peak" if fraction else ""))
+
+    # 3. Stage and end-to-end measurements per backend
+    for name in (b for b in backends if b != "triton"):
+        try:
+            bench = load_backend(name, ckpt, engines)
+        except Unavailable as reason:
+            skipped[name] = str(reason)
+            print(f"skipped {name}: {reason}")
+            continue
+        print(f"{name} ({bench.device}, {bench.precision}):")
+        with released(bench):
+            for stage in settings.stages:
+                for batch in settings.batch_sizes:
+                    stats = run_stage(bench, contracts, stage, batch, settings)
+                    record(name, "stage", batch, stats, bench.device, bench.precision, stage, flops[(stage, batch)])
+            if settings.end_to_end:
+                e2e_flops = _end_to_end_flops(flops, settings)
+                stats = run_end_to_end(bench, images, settings)
+                record(name, "e2e", settings.e2e_batch, stats, bench.device, bench.precision, call_flops=e2e_flops)
+
+    # 4. Triton
+    if "triton" in backends:
+        from .triton import measure_triton
+
+        try:
+            for protocol, stats in measure_triton(engines, images, settings, concurrency):
+                record(f"triton-{protocol}", "e2e", settings.e2e_batch, stats, "cpu", "fp32")
+        except Unavailable as reason:
+            skipped["triton"] = str(reason)
+            print(f"skipped triton: {reason}")
+
+    # 5. Report
+    data = {"date": date, "command": command, "checkpoint": str(ckpt), "engines": str(engines) if engines else None,
+            "environment": env, "settings": {k: v for k, v in vars(settings).items()}, "peaks": peaks,
+            "results": results, "skipped": skipped, "seconds": time.perf_counter() - started}
+    files = report.write(data, out)
+    print()
+    print(report.markdown(data))
+    if compare:
+        print("ratios (p50 latency):")
+        for line in report.ratios(data):
+            print("  " + line)
+    print(f"wrote {', '.join(str(p) for p in files.values())} in {data['seconds']:.0f} s")
+    return data
+
+
+def _end_to_end_flops(flops: dict, settings: BenchSettings) -> int:
+    """FLOPs of one image -> image call: encoder, two text-encoder calls (cond, uncond), steps x UNet, VAE."""
+    b = settings.e2e_batch
+    return (flops[("vilex_encoder", b)] + 2 * flops[("text_encoder", b)] + settings.steps * flops[("unet", b)]
+            + flops[("vae_decoder", b)])
