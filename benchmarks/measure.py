@@ -59,11 +59,17 @@ class PeakMemory:
         self._stop = threading.Event()
 
     def _sample(self):
-        import psutil
+        try:
+            import psutil
 
-        process = psutil.Process()
+            rss = psutil.Process().memory_info
+        except ImportError:  # the GPU image may lack psutil: fall back to the process's lifetime peak
+            import resource
+
+            self.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            return
         while not self._stop.is_set():
-            self.peak_rss = max(self.peak_rss, process.memory_info().rss)
+            self.peak_rss = max(self.peak_rss, rss().rss)
             self._stop.wait(self.interval_s)
 
     def __enter__(self):

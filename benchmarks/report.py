@@ -64,7 +64,11 @@ def ratios(report: dict, baseline: str = "torch") -> list[str]:
 
 
 def plots(report: dict, out: Path) -> list[Path]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
