@@ -90,21 +90,26 @@ def optimize_for_onnxruntime(graph: str, src: Path, dst: Path, target: str, prec
 
 
 # ---- measurement ---------------------------------------------------------------------------------------
-def time_session(path: Path, feeds: dict, runs: int) -> float:
-    """Median wall time of one run in ms, after one warm-up run."""
+def time_sessions(paths: dict[str, Path], feeds: dict, runs: int, threads: int) -> dict[str, float]:
+    """Median wall time of one run in ms per graph file. Runs alternate between the files, so that
+    load from other processes on the machine falls on both alike; one warm-up run each first."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    sessions = {k: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for session in sessions.values():
         session.run(None, feeds)
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+    for _ in range(runs):
+        for k, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times[k].append(1000 * (time.perf_counter() - start))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def measure(engines: str | Path, runs: int = 10, batch: int | None = None) -> list[dict]:
+def measure(engines: str | Path, runs: int = 10, batch: int | None = None, threads: int = 1) -> list[dict]:
     """Time the plain (`onnx/`) and optimized (`ort/`) graphs on CPU at the contract's opt shapes."""
     import torch
 
@@ -119,15 +124,20 @@ def measure(engines: str | Path, runs: int = 10, batch: int | None = None) -> li
         if batch:
             sizes["batch"] = batch
         feeds = {n: t.numpy() for n, t in sample_inputs(contract, sizes, torch.Generator().manual_seed(0)).items()}
-        plain, fused = folder.graph_path(graph, "onnx"), folder.graph_path(graph, "ort")
-        row = {"graph": graph, "sizes": sizes,
-               "nodes": {"onnx": len(onnx.load(str(plain), load_external_data=False).graph.node),
-                         "ort": len(onnx.load(str(fused), load_external_data=False).graph.node)},
-               "ms": {"onnx": time_session(plain, feeds, runs), "ort": time_session(fused, feeds, runs)},
+        paths = {"onnx": folder.graph_path(graph, "onnx"), "ort": folder.graph_path(graph, "ort")}
+        row = {"graph": graph, "sizes": sizes, "threads": threads,
+               "nodes": {k: len(onnx.load(str(p), load_external_data=False).graph.node) for k, p in paths.items()},
+               "ms": time_sessions(paths, feeds, runs, threads),
                "fused": folder.manifest["graphs"][graph].get("fused_operators", {})}
         row["speedup"] = row["ms"]["onnx"] / row["ms"]["ort"]
         rows.append(row)
     return rows
+
+
+def onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("engines", help="an export made with `vilex export ... --optimize cpu`")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the contract's opt)")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1: steadier)")
     parser.add_argument("--json", default=None, help="also save the figures to this file")
     args = parser.parse_args(argv)
-    rows = measure(args.engines, runs=args.runs, batch=args.batch)
+    rows = measure(args.engines, runs=args.runs, batch=args.batch, threads=args.threads)
+    print(f"onnxruntime {onnxruntime_version()} CPU, {args.threads} thread(s), median of {args.runs} alternating runs")
     print(f"{'graph':<14} {'shape':<36} {'nodes':>11} {'plain ms':>9} {'fused ms':>9} {'speedup':>8}  fused operators")
     for row in rows:
         shape = ", ".join(f"{k} {v}" for k, v in row["sizes"].items())
