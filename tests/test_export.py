@@ -430,3 +430,31 @@ def test_demo_exports_and_compares_pytorch_with_onnx(tmp_path, capsys):
     assert "stage timings (onnxruntime, CPU):" in printed
     engines, exported = ensure_export(tmp_path / "cache" / "tiny-seed0", tmp_path / "cache")
     assert not exported and EngineFolder.open(engines).verify() == []  # the second run reuses the export
+
+
+def test_backend_provider_errors(fp32_export, monkeypatch):
+    from vilex.backends.onnxruntime import OnnxRuntimeBackend, default_providers
+
+    with pytest.raises(ViLexUsageError, match="providers \\['NoSuchExecutionProvider'\\] are not available"):
+        OnnxRuntimeBackend(fp32_export, providers=["NoSuchExecutionProvider"])
+    monkeypatch.setenv("VILEX_ORT_PROVIDERS", "cpu")
+    assert default_providers() == ["cpu"]
+    assert OnnxRuntimeBackend(fp32_export).providers == ["CPUExecutionProvider"]
+
+
+@pytest.mark.gpu
+def test_onnxruntime_cuda_io_binding_matches_cpu(fp32_export):
+    import onnxruntime as ort
+
+    from vilex.backends.onnxruntime import OnnxRuntimeBackend
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+        pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+    gpu, cpu = OnnxRuntimeBackend(fp32_export, providers=["cuda"]), OnnxRuntimeBackend(fp32_export, providers=["cpu"])
+    inputs = {"sample": torch.randn(2, 4, 32, 32), "timestep": torch.tensor([999.0, 10.5]),
+              "encoder_hidden_states": torch.randn(2, 77, 32)}
+    on_cpu = gpu("unet", **inputs)
+    on_gpu = gpu("unet", **{k: v.cuda() for k, v in inputs.items()})
+    assert on_cpu.device.type == "cpu" and on_gpu.device.type == "cuda"  # back where the inputs came from
+    expected = cpu("unet", **inputs)
+    assert float((on_cpu - expected).abs().max()) < 1e-3 and float((on_gpu.cpu() - expected).abs().max()) < 1e-3

@@ -159,13 +159,18 @@ def test_build_engines_without_tensorrt_exits_2_and_leaves_the_script(exported, 
     assert "--max-batch must be in 1..256" in capsys.readouterr().err
 
 
-def test_tensorrt_backend_without_tensorrt_is_a_clear_error(exported):
+def test_tensorrt_backend_without_tensorrt_is_a_clear_error(exported, trt_ckpt, tmp_path, capsys):
     if NOT_READY is None:
         pytest.skip("TensorRT and a GPU are present")
     from vilex.backends.tensorrt import TensorRTBackend
+    from vilex.cli import main
+    from vilex.samples import sample_paths
 
     with pytest.raises(ViLexUsageError, match="TensorRT is not installed|no CUDA GPU"):
         TensorRTBackend(exported)
+    assert main(["reconstruct", str(trt_ckpt), str(sample_paths()[0]), "--out", str(tmp_path / "out"),
+                 "--backend", "tensorrt", "--engines", str(exported.root)]) == 2
+    assert "the tensorrt backend" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 # ---- building and running (TensorRT and a GPU) ----------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Stages as onnxruntime sessions over an export folder (`vilex export`).
 
-Execution providers, best first among those this onnxruntime build has: TensorRT, CUDA, CPU (or the
-`providers` you pass). On a GPU provider, inputs and outputs are bound to CUDA memory with IO binding,
+Execution providers, best first among those this onnxruntime build has and this machine can use:
+TensorRT, CUDA, CPU (or the `providers` you pass, or VILEX_ORT_PROVIDERS="cuda,cpu" for the CLI). On a GPU provider, inputs and outputs are bound to CUDA memory with IO binding,
 so torch CUDA tensors go in and come out without a host round trip; outputs are allocated from the
 contract's output shapes. On CPU, sessions run on numpy views of the tensors.
 
@@ -29,10 +29,20 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 def default_providers() -> list[str]:
+    """VILEX_ORT_PROVIDERS (e.g. "cuda,cpu") if set; else the installed providers that can run here, best
+    first. onnxruntime-gpu lists its GPU providers even without a GPU or TensorRT libraries, so CUDA
+    needs a GPU visible to torch (IO binding uses torch's CUDA memory) and TensorRT also the tensorrt
+    package (its libraries)."""
+    import importlib.util
+
     import onnxruntime as ort
 
+    if os.environ.get("VILEX_ORT_PROVIDERS"):
+        return [name.strip() for name in os.environ["VILEX_ORT_PROVIDERS"].split(",") if name.strip()]
     available = ort.get_available_providers()
-    return [p for p in PROVIDER_NAMES.values() if p in available]
+    usable = {"CPUExecutionProvider": True, "CUDAExecutionProvider": torch.cuda.is_available(),
+              "TensorrtExecutionProvider": torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None}
+    return [p for p in PROVIDER_NAMES.values() if p in available and usable[p]]
 
 
 class OnnxRuntimeBackend(StageBackend):
@@ -55,9 +65,12 @@ class OnnxRuntimeBackend(StageBackend):
         available = ort.get_available_providers()
         wanted = [PROVIDER_NAMES.get(p, p) for p in (providers or default_providers())]
         unknown = [p for p in wanted if p not in available]
-        if unknown:
-            raise ViLexUsageError(f"onnxruntime providers {unknown} are not available in this onnxruntime "
-                                  f"build; available: {available}")
+        if unknown or not wanted:
+            raise ViLexUsageError(f"onnxruntime providers {unknown or wanted} are not available in this onnxruntime "
+                                  f"build; available: {available} (short names: {', '.join(PROVIDER_NAMES)})")
+        if wanted[0] in GPU_PROVIDERS and not torch.cuda.is_available():
+            raise ViLexUsageError(f"onnxruntime provider {wanted[0]} needs a CUDA GPU visible to PyTorch "
+                                  f"(IO binding uses torch CUDA memory); none is")
         self.providers = wanted
         self.on_gpu = wanted[0] in GPU_PROVIDERS
         self.device = torch.device("cuda", device_id) if self.on_gpu else torch.device("cpu")
