@@ -56,8 +56,19 @@ def tree_sha256(files: dict[str, dict]) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_files(ckpt: str | os.PathLike) -> dict[str, dict]:
+    """The files that make a checkpoint (model_index.json and the component folders), hashed as in
+    folder_files; anything else a user keeps in the folder (notes, logs) does not count."""
+    from vilex.pipeline import COMPONENTS
+
+    ckpt = Path(ckpt)
+    files = folder_files(ckpt)
+    return {rel: entry for rel, entry in files.items()
+            if rel == "model_index.json" or rel.split("/", 1)[0] in COMPONENTS}
+
+
 def checkpoint_sha256(ckpt: str | os.PathLike) -> str:
-    return tree_sha256(folder_files(Path(ckpt)))
+    return tree_sha256(checkpoint_files(ckpt))
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

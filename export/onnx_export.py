@@ -30,7 +30,7 @@ import torch
 from vilex.errors import ViLexUsageError
 
 from .contract import GRAPH_NAMES, ExportOptions, GraphContract, ModelDims, build_contracts
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, EngineFolder, folder_files, tree_sha256, write_json_atomic
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, EngineFolder, checkpoint_files, folder_files, tree_sha256, write_json_atomic
 from .validate import ExportError, sample_inputs, validate_graph
 
 # Protobuf cannot serialize a message of 2 GiB or more; graphs whose weights come near that keep their
@@ -238,7 +238,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: 
     from vilex.stages import stage_modules
 
     modules = {name: module.eval() for name, module in stage_modules(pipeline).items()}
-    source_files = folder_files(ckpt)
+    source_files = checkpoint_files(ckpt)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -278,7 +278,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: 
             records[name] = record
 
         # 5. Host-side files and the manifest
-        runtime.save_host_files(pipeline, ckpt, staging / "host")
+        runtime.save_host_files(pipeline, ckpt, staging / "host", sorted(source_files))
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

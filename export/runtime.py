@@ -32,12 +32,14 @@ WEIGHT_SUFFIXES = (".safetensors",)  # check_checkpoint has already refused pick
 MODEL_COMPONENTS = ("vilex", "text_encoder", "unet", "vae")
 
 
-def save_host_files(pipeline, ckpt: Path, dest: Path) -> None:
-    """Copy the checkpoint's non-weight files to `dest` (same layout) and add the token-embedding table."""
-    for path in sorted(p for p in Path(ckpt).rglob("*") if p.is_file()):
+def save_host_files(pipeline, ckpt: Path, dest: Path, files: list[str]) -> None:
+    """Copy the checkpoint's non-weight `files` (relative paths) to `dest` in the same layout and add the
+    token-embedding table."""
+    for relative in files:
+        path = Path(ckpt) / relative
         if path.suffix in WEIGHT_SUFFIXES:
             continue
-        target = dest / path.relative_to(ckpt)
+        target = dest / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
     table = pipeline.text_encoder.get_input_embeddings().weight.detach().float().contiguous().cpu()

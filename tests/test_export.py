@@ -458,3 +458,14 @@ def test_onnxruntime_cuda_io_binding_matches_cpu(fp32_export):
     assert on_cpu.device.type == "cpu" and on_gpu.device.type == "cuda"  # back where the inputs came from
     expected = cpu("unet", **inputs)
     assert float((on_cpu - expected).abs().max()) < 1e-3 and float((on_gpu.cpu() - expected).abs().max()) < 1e-3
+
+
+def test_checkpoint_hash_covers_the_components_only(export_ckpt, tmp_path):
+    copy = shutil.copytree(export_ckpt, tmp_path / "ckpt")
+    (copy / "NOTES.md").write_text("a user's notes next to the checkpoint")
+    assert checkpoint_sha256(copy) == checkpoint_sha256(export_ckpt)
+    weights = copy / "vilex" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # as after more training: same size, other weights
+    weights.write_bytes(bytes(data))
+    assert checkpoint_sha256(copy) != checkpoint_sha256(export_ckpt)

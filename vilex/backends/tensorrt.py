@@ -81,7 +81,9 @@ class Engine:
 
     def _bind(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for name, tensor in inputs.items():
-            self.context.set_input_shape(name, tuple(tensor.shape))
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise ViLexUsageError(f"TensorRT refused shape {tuple(tensor.shape)} for graph "
+                                      f"'{self.contract.name}' input '{name}' ({self.path.name})")
             self.context.set_tensor_address(name, tensor.data_ptr())
         outputs = {}
         for name in self.output_names:
