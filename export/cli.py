@@ -10,13 +10,17 @@ from vilex.errors import ViLexUsageError
 from .contract import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
 
 
-def add_size_args(parser: argparse.ArgumentParser, defaults_from: str) -> None:
-    parser.add_argument("--max-batch", type=int, default=None, help=f"images per call, 1..256 (default: {defaults_from})")
-    parser.add_argument("--opt-batch", type=int, default=None, help=f"the batch TensorRT tunes for (default: {defaults_from})")
-    parser.add_argument("--height", type=int, default=None, help=f"optimal image height in pixels (default: {defaults_from})")
-    parser.add_argument("--width", type=int, default=None, help=f"optimal image width in pixels (default: {defaults_from})")
-    parser.add_argument("--min-size", type=int, default=None, help="smallest image side in pixels (default: half the size)")
-    parser.add_argument("--max-size", type=int, default=None, help="largest image side in pixels (default: twice the size)")
+def add_size_args(parser: argparse.ArgumentParser, exporting: bool) -> None:
+    """Batch and image-size bounds; at export they default from the checkpoint, at build from the export."""
+    def default(at_export: str) -> str:
+        return f"default: {at_export}" if exporting else "default: the export's"
+
+    parser.add_argument("--max-batch", type=int, default=None, help=f"images per call, 1..256 ({default('4')})")
+    parser.add_argument("--opt-batch", type=int, default=None, help=f"the batch TensorRT tunes for ({default('1')})")
+    parser.add_argument("--height", type=int, default=None, help=f"optimal image height in pixels ({default('the checkpoint size')})")
+    parser.add_argument("--width", type=int, default=None, help=f"optimal image width in pixels ({default('the checkpoint size')})")
+    parser.add_argument("--min-size", type=int, default=None, help=f"smallest image side in pixels ({default('half the size')})")
+    parser.add_argument("--max-size", type=int, default=None, help=f"largest image side in pixels ({default('twice the size')})")
 
 
 def add_parser(subparsers) -> None:
@@ -25,7 +29,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="the export folder, e.g. engines/NAME")
     p.add_argument("--precision", default="fp32", help=f"{' or '.join(PRECISIONS)} (default fp32)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
-    add_size_args(p, "4 images, opt batch 1, the checkpoint's size")
+    add_size_args(p, exporting=True)
     p.add_argument("--optimize", default=None, help="also write onnxruntime-optimized graphs fused for 'cpu' or 'gpu'")
     p.add_argument("--replace", action="store_true",
                    help="replace an existing export in --out (atomically: the folder is swapped whole)")
@@ -34,7 +38,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("build-engines", help="TensorRT engines from an export folder (needs TensorRT and a GPU)")
     p.add_argument("engines", help="an export folder from `vilex export`")
     p.add_argument("--fp16", action="store_true", help="fp16 engines (strongly typed from fp16 graphs, else the FP16 builder flag)")
-    add_size_args(p, "the export's bounds")
+    add_size_args(p, exporting=False)
     p.add_argument("--workspace-gb", type=float, default=None, help="TensorRT workspace limit in GiB (default: TensorRT's)")
     p.add_argument("--force", action="store_true", help="rebuild even when an engine is up to date")
     p.set_defaults(func=cmd_build_engines)
