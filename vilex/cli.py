@@ -42,6 +42,8 @@ def make_backend(args, pipeline):
         raise ViLexUsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
     if args.backend == "torch":
         return TorchBackend(pipeline)
+    if args.backend == "triton":  # whole requests go to the server (vilex/serving/cli.py), not stages
+        raise ViLexUsageError("--backend triton runs on a server: it has no local stage backend")
     if not args.engines:
         raise ViLexUsageError(f"--backend {args.backend} needs --engines engines/NAME "
                               f"(make one with `vilex export {args.ckpt} --out engines/NAME`)")
@@ -58,12 +60,22 @@ def make_backend(args, pipeline):
     return TensorRTBackend(engines)
 
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
 
 
 def add_backend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="torch", help=f"how stages run: {', '.join(BACKENDS)}")
     parser.add_argument("--engines", default=None, help="export folder (engines/NAME) for --backend onnxruntime/tensorrt")
+    parser.add_argument("--url", default=None, help="HOST:PORT of a `vilex serve` server, for --backend triton (no CKPT then)")
+    parser.add_argument("--protocol", default="http", choices=("http", "grpc"), help="with --backend triton (default http)")
+
+
+def check_positionals(args, takes_images: bool) -> None:
+    """CKPT (and IMAGE...) are optional in the parser because --backend triton has no CKPT; locally they are not."""
+    if args.ckpt is None:
+        raise ViLexUsageError("CKPT is required (a checkpoint folder; only --backend triton goes without)")
+    if takes_images and not args.images:
+        raise ViLexUsageError("give at least one IMAGE after CKPT")
 
 
 def load_images(paths: list[str]):
@@ -129,6 +141,11 @@ def cmd_tokenize(args) -> None:
     from .errors import check_range
     from .outputs import save_tokens
 
+    if args.backend == "triton":
+        from .serving.cli import remote_tokenize
+
+        return remote_tokenize(args)
+    check_positionals(args, takes_images=True)
     images = load_images(args.images)
     pipeline = load_pipeline(args.ckpt)
     k = pipeline.num_queries if args.tokens is None else args.tokens
@@ -143,6 +160,11 @@ def cmd_tokenize(args) -> None:
 def cmd_generate(args) -> None:
     from .outputs import atomic_folder, load_tokens
 
+    if args.backend == "triton":
+        from .serving.cli import remote_generate
+
+        return remote_generate(args)
+    check_positionals(args, takes_images=False)
     pipeline = load_pipeline(args.ckpt)
     check_generation_args(args, pipeline)
     vilex_tokens = load_tokens(args.tokens)
@@ -158,6 +180,11 @@ def cmd_reconstruct(args) -> None:
     from .errors import check_range
     from .outputs import atomic_folder
 
+    if args.backend == "triton":
+        from .serving.cli import remote_reconstruct
+
+        return remote_reconstruct(args)
+    check_positionals(args, takes_images=True)
     images = load_images(args.images)
     pipeline = load_pipeline(args.ckpt)
     check_generation_args(args, pipeline)
@@ -179,7 +206,7 @@ def cmd_demo(args) -> None:
 
 # Commands that live with their own part of the project: each module has `add_parser(subparsers)`,
 # which registers the subcommand and sets `func`.
-COMMAND_MODULES: tuple[str, ...] = ("vilex.export.cli", "vilex.benchmarks.cli")
+COMMAND_MODULES: tuple[str, ...] = ("vilex.export.cli", "vilex.benchmarks.cli", "vilex.serving.cli")
 
 
 # ---- parser -------------------------------------------------------------------------------------------
@@ -197,23 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("tokenize", help="images -> ViLex tokens (.safetensors)")
-    p.add_argument("ckpt")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("ckpt", metavar="CKPT", help="checkpoint folder (none with --backend triton: all positionals are images)")
+    p.add_argument("images", nargs="*", metavar="IMAGE")
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", type=int, default=None, help="keep the first K tokens, 1..N (default N)")
     add_backend_args(p)
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("generate", help="ViLex tokens (+ text) -> images")
-    p.add_argument("ckpt")
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, help="checkpoint folder (none with --backend triton)")
     p.add_argument("--tokens", required=True, help="a .safetensors file from `vilex tokenize`")
     p.add_argument("--out", required=True)
     add_generation_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("reconstruct", help="images -> tokens -> images")
-    p.add_argument("ckpt")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("ckpt", metavar="CKPT", help="checkpoint folder (none with --backend triton: all positionals are images)")
+    p.add_argument("images", nargs="*", metavar="IMAGE")
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", type=int, default=None, help="use the first K tokens, 1..N (default N)")
     add_generation_args(p)

@@ -1,0 +1,503 @@
+"""Serving with Triton.
+
+CPU tests: the generated config.pbtxt of every platform, parsed with Triton's own ModelConfig schema
+(a misspelled field fails the parse, as it would fail the server) and compared with the export contract;
+the committed configs in triton_repo/ against the generator.
+
+Server tests (marked `triton`): the tiny checkpoint is exported, made into a python-ort repository and
+served by a real tritonserver, started once for the module through `vilex serve` on free ports. The
+served results are compared with the in-process onnxruntime pipeline over the same export.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from vilex.errors import ViLexUsageError
+from vilex.export.contract import ExportOptions, ModelDims, build_contracts
+from vilex.serving.config import (PLATFORMS, check_max_batch, graph_config, pipeline_config, pipeline_parameters,
+                                  source_dir, tiny_source_configs, triton_dims)
+from vilex.serving.interface import NUMPY_TO_TRITON, pipeline_models
+
+STEPS = 3  # denoising steps in server tests: enough to run the loop, cheap on 2 cores
+# Served and in-process runs execute the same ONNX graphs on the same inputs in the same order of
+# operations, so they agree exactly in practice; one uint8 level of slack covers a rounding flip at .5
+# if onnxruntime picks another kernel for another batch size.
+PIXEL_TOLERANCE = 1
+TOKEN_ATOL = 1e-6
+
+
+# ---- CPU: generated configs against the contract -------------------------------------------------------------
+def parse_config(text: str):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def tiny_dims() -> ModelDims:
+    from vilex.presets import build_preset
+
+    return ModelDims.from_pipeline(build_preset("tiny", seed=0))
+
+
+@pytest.fixture(scope="module")
+def tiny_contracts(tiny_dims):
+    return build_contracts(tiny_dims, ExportOptions(max_batch=4))
+
+
+@pytest.mark.parametrize("platform", list(PLATFORMS))
+def test_graph_configs_follow_the_contract(tiny_contracts, platform):
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    for name, contract in tiny_contracts.items():
+        config = parse_config(graph_config(contract, platform, max_batch=3, instances=2))
+        assert config.name == name
+        if platform == "python-ort":
+            assert config.backend == "python" and not config.platform
+            assert dict((k, v.string_value) for k, v in config.parameters.items())["graph_file"] == "model.onnx"
+        else:
+            assert config.platform == {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}[platform]
+        # The UNet runs up to three guidance branches per image.
+        assert config.max_batch_size == (9 if name == "unet" else 3)
+        for declared, spec in ((config.input, contract.inputs), (config.output, contract.outputs)):
+            assert [t.name for t in declared] == [s.name for s in spec]
+            for tensor, s in zip(declared, spec):
+                assert tensor.data_type == pb.DataType.Value(NUMPY_TO_TRITON[s.dtype])
+                dims, reshape = triton_dims(s)
+                expected = [d if isinstance(d, int) else -1 for d in s.shape[1:]] or [1]  # batch-only: [1]
+                assert list(tensor.dims) == dims == expected
+                assert tensor.HasField("reshape") == (reshape is not None)
+        queue = config.dynamic_batching.default_queue_policy
+        assert config.dynamic_batching.max_queue_delay_microseconds > 0
+        assert queue.max_queue_size > 0 and queue.default_timeout_microseconds > 0
+        assert queue.timeout_action == pb.ModelQueuePolicy.REJECT
+        assert [(g.count, g.kind) for g in config.instance_group] == [
+            (2, pb.ModelInstanceGroup.KIND_CPU if platform == "python-ort" else pb.ModelInstanceGroup.KIND_GPU)]
+
+
+def test_timestep_is_sent_as_n_by_1_and_reshaped(tiny_contracts):
+    # (batch,) cannot be empty dims in Triton: dims [1] with reshape [] (the graph still sees (batch,)).
+    timestep = next(s for s in tiny_contracts["unet"].inputs if s.name == "timestep")
+    assert triton_dims(timestep) == ([1], [])
+    config = parse_config(graph_config(tiny_contracts["unet"], "tensorrt", max_batch=1))
+    tensor = next(t for t in config.input if t.name == "timestep")
+    assert list(tensor.dims) == [1] and list(tensor.reshape.shape) == []
+
+
+def test_pipeline_configs_declare_the_interface(tiny_dims):
+    parameters = pipeline_parameters(max_steps=50, default_steps=25, default_guidance=7.5)
+    for name, model in pipeline_models(tiny_dims.hidden_size, tiny_dims.num_queries).items():
+        config = parse_config(pipeline_config(model, max_batch=4, parameters=parameters, instances=1))
+        assert config.name == name and config.backend == "python" and config.max_batch_size == 4
+        assert [(t.name, list(t.dims), t.optional) for t in config.input] == \
+            [(p.name, list(p.dims), p.optional) for p in model.inputs]
+        assert [t.name for t in config.output] == [p.name for p in model.outputs]
+        assert config.dynamic_batching.default_queue_policy.max_queue_size == 32
+        assert {k: v.string_value for k, v in config.parameters.items()}["max_steps"] == "50"
+    tokens = pipeline_models(tiny_dims.hidden_size, tiny_dims.num_queries)["vilex_generate"].input("VILEX_TOKENS")
+    assert tokens.dims == (-1, tiny_dims.hidden_size)
+
+
+def test_committed_configs_match_the_generator():
+    for relative, text in tiny_source_configs().items():
+        committed = (source_dir() / relative).read_text()
+        assert committed == text, f"triton_repo/{relative} is stale: run `python -m vilex.serving.config`"
+
+
+def test_max_batch_beyond_the_export_is_refused(tiny_contracts):
+    check_max_batch(tiny_contracts, 4)
+    for bad in (0, 5):
+        with pytest.raises(ViLexUsageError, match=r"--max-batch must be in 1\.\.4"):
+            check_max_batch(tiny_contracts, bad)
+
+
+def test_docker_command_keeps_the_secure_defaults(tmp_path):
+    from vilex.serving.server import Ports, docker_command
+
+    command = " ".join(docker_command(tmp_path, Ports(9000, 9001, 9002)))
+    assert "nvcr.io/nvidia/tritonserver:" in command and f"{tmp_path.resolve()}:/models:ro" in command
+    assert "--model-control-mode=none" in command and "-p=127.0.0.1:9000:8000" in command
+    assert "--http-restricted-api=model-repository,model-config,shared-memory:vilex-admin-key=" in command
+    assert "--grpc-restricted-protocol=model-repository,model-config,shared-memory:vilex-admin-key=" in command
+
+
+# ---- the served repository ----------------------------------------------------------------------------------------
+@dataclass
+class Served:
+    process: subprocess.Popen  # `vilex serve`
+    server_pid: int  # tritonserver (its own process group)
+    http: str
+    grpc: str
+    admin_key: str
+    engines: Path
+    repository: Path
+    output: list[str]
+
+    def url(self, protocol: str) -> str:
+        return self.http if protocol == "http" else self.grpc
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_ckpt, tmp_path_factory) -> Path:
+    from vilex.export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("serving") / "engines"
+    export_checkpoint(tiny_ckpt, out, ExportOptions(max_batch=4), log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(engines, tmp_path_factory):
+    """`vilex serve` on a python-ort repository of the tiny export, on free ports, for the whole module."""
+    from vilex.serving.repository import build_repository
+    from vilex.serving.server import Ports
+
+    root = tmp_path_factory.mktemp("triton")
+    repository = build_repository(engines, root / "repository", platform="python-ort")
+    ports = Ports.free()
+    admin_key = "test-admin-key"
+    command = [sys.executable, "-m", "vilex.cli", "serve", str(repository), "--http-port", str(ports.http),
+               "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--log", str(root / "server.log")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "VILEX_TRITON_ADMIN_KEY": admin_key})
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while not any("tritonserver ready" in line for line in output):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            log = (root / "server.log").read_text(errors="replace")[-4000:] if (root / "server.log").exists() else ""
+            pytest.fail("vilex serve did not become ready:\n" + "".join(output)[-4000:] + "\n" + log)
+        time.sleep(0.2)
+    pid = int(re.search(r"tritonserver ready \(pid (\d+)\)", "".join(output)).group(1))
+    yield Served(process, pid, f"127.0.0.1:{ports.http}", f"127.0.0.1:{ports.grpc}", admin_key, engines,
+                 repository, output)
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def in_process(engines):
+    """The reference: the same export run in-process by onnxruntime, through the same pipeline loop."""
+    from vilex.export.runtime import pipeline_from_engines
+
+    pipeline = pipeline_from_engines(engines)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def sample_files() -> list[Path]:
+    from vilex.samples import sample_paths
+
+    return sample_paths()
+
+
+def reference_image(pipeline, path: Path, seed: int, num_tokens: int | None = None, prompt: str | None = None):
+    from vilex.images import load_image
+
+    image = pipeline([load_image(path)], num_tokens=num_tokens, prompt=prompt, num_inference_steps=STEPS,
+                     seed=seed).images[0]
+    return np.asarray(image)
+
+
+def max_pixel_difference(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+# ---- the three pipeline models, over both protocols ------------------------------------------------------------
+@pytest.mark.triton
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_pipeline_models_answer(served, in_process, sample_files, protocol):
+    from vilex.images import load_image
+    from vilex.serving.client import TritonClient
+
+    encoded = [p.read_bytes() for p in sample_files[:2]]
+    with TritonClient(served.url(protocol), protocol) as client:
+        assert client.is_ready()
+        tokens = client.tokenize(encoded, num_tokens=16)  # IMAGE: encoded bytes
+        assert tokens.shape == (2, 16, in_process.text_encoder.config.hidden_size) and tokens.dtype == np.float32
+        expected = in_process.tokenize([load_image(p) for p in sample_files[:2]], num_tokens=16).numpy()
+        np.testing.assert_allclose(tokens, expected, rtol=0, atol=TOKEN_ATOL)
+
+        images = client.generate(tokens, steps=STEPS, seed=0)
+        assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
+
+        pixels = np.asarray(load_image(sample_files[2]))  # IMAGE_RGB: raw (H, W, 3)
+        rebuilt = client.reconstruct([pixels], num_tokens=8, steps=STEPS, seed=3)
+        assert rebuilt.shape == (1, 64, 64, 3) and rebuilt.dtype == np.uint8
+
+
+# ---- served == in-process ------------------------------------------------------------------------------------------
+@pytest.mark.triton
+def test_served_reconstruction_equals_in_process(served, in_process, sample_files):
+    from vilex.serving.client import TritonClient
+
+    with TritonClient(served.http) as client:
+        for seed, (path, num_tokens, prompt) in enumerate([(sample_files[0], None, None),
+                                                            (sample_files[1], 16, None),
+                                                            (sample_files[3], 8, "a watercolor painting")]):
+            served_image = client.reconstruct([path.read_bytes()], num_tokens=num_tokens, prompt=prompt,
+                                              steps=STEPS, seed=seed)[0]
+            expected = reference_image(in_process, path, seed, num_tokens, prompt)
+            assert max_pixel_difference(served_image, expected) <= PIXEL_TOLERANCE, (path.name, num_tokens, prompt)
+        # The generate half alone, from tokens made in-process.
+        from vilex.images import load_image
+
+        tokens = in_process.tokenize([load_image(sample_files[2])], num_tokens=12)
+        served_image = client.generate(tokens.numpy(), prompt="a red circle", steps=STEPS, seed=7)[0]
+        expected = np.asarray(in_process.generate(tokens, prompt="a red circle", num_inference_steps=STEPS,
+                                                  seed=7).images[0])
+        assert max_pixel_difference(served_image, expected) <= PIXEL_TOLERANCE
+
+
+# ---- batching -------------------------------------------------------------------------------------------------------
+@pytest.mark.triton
+def test_concurrent_requests_are_batched_and_correct(served, in_process, sample_files):
+    from vilex.serving.client import TritonClient, map_concurrently
+
+    def executions_above_one(sizes: dict[int, int]) -> int:
+        return sum(count for size, count in sizes.items() if size > 1)
+
+    with TritonClient(served.http) as client:
+        before = client.batch_sizes("vilex_reconstruct")
+        # One client per thread (tritonclient's HTTP client must not be shared between threads).
+        requests = [(sample_files[i % len(sample_files)], 100 + i) for i in range(8)]
+        results = map_concurrently(served.http, "http",
+                                   lambda c, r: c.reconstruct([r[0].read_bytes()], steps=STEPS, seed=r[1])[0],
+                                   requests, workers=len(requests))
+        # Triton records an execution's statistics just after its responses are sent: let them settle.
+        deadline = time.monotonic() + 10
+        while True:
+            after = client.batch_sizes("vilex_reconstruct")
+            new = {size: after.get(size, 0) - before.get(size, 0) for size in after}
+            if sum(size * count for size, count in new.items()) >= len(requests) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        unet = client.batch_sizes("unet")
+    assert sum(size * count for size, count in new.items()) == len(requests)  # every request executed once
+    assert executions_above_one(new) > 0, f"no batch above 1 in {new}"
+    # Several images in one execution reach the graph models as one batch: UNet batches above the two
+    # guidance branches of a single image.
+    assert max(unet) > 2, unet
+    for (path, seed), image in zip(requests, results):
+        assert max_pixel_difference(image, reference_image(in_process, path, seed)) <= PIXEL_TOLERANCE, (path, seed)
+
+
+# ---- bad inputs -------------------------------------------------------------------------------------------------------
+def encoded(*items: bytes) -> np.ndarray:
+    return np.array([[item] for item in items], dtype=object)
+
+
+def png_bytes(width: int, height: int, mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.new(mode, (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+SAMPLE_PNG = png_bytes(40, 30, "RGB")
+# (model, inputs, pattern the error message must match: it names the input)
+BAD_INPUTS = {
+    "corrupt image bytes": ("vilex_reconstruct", {"IMAGE": encoded(b"\x89PNG not really")}, r"IMAGE\[0\]: bytes are not a readable image"),
+    "empty image bytes": ("vilex_tokenize", {"IMAGE": encoded(b"")}, r"IMAGE\[0\]: empty bytes"),
+    "image above the pixel limit": ("vilex_reconstruct", {"IMAGE": encoded(png_bytes(8200, 8200))},
+                                    r"IMAGE\[0\]: 8200x8200 pixels is above the limit of 67108864"),
+    "raw image as float": ("vilex_reconstruct", {"IMAGE_RGB": np.zeros((1, 8, 8, 3), np.float32)},
+                           r"'IMAGE_RGB' data-type is 'FP32', but model 'vilex_reconstruct' expects 'UINT8'"),
+    "raw image with 4 channels": ("vilex_tokenize", {"IMAGE_RGB": np.zeros((1, 8, 8, 4), np.uint8)},
+                                  r"unexpected shape for input 'IMAGE_RGB'"),
+    "both image inputs": ("vilex_reconstruct", {"IMAGE": encoded(SAMPLE_PNG), "IMAGE_RGB": np.zeros((1, 8, 8, 3), np.uint8)},
+                          r"exactly one of IMAGE .* and IMAGE_RGB"),
+    "no image": ("vilex_reconstruct", {"STEPS": np.array([[2]], np.int32)}, r"exactly one of IMAGE .* and IMAGE_RGB"),
+    "NUM_TOKENS 0": ("vilex_reconstruct", {"IMAGE": encoded(SAMPLE_PNG), "NUM_TOKENS": np.array([[0]], np.int32)},
+                     r"NUM_TOKENS\[0\] must be in 1\.\.75, got 0"),
+    "NUM_TOKENS above N": ("vilex_tokenize", {"IMAGE": encoded(SAMPLE_PNG), "NUM_TOKENS": np.array([[76]], np.int32)},
+                           r"NUM_TOKENS\[0\] must be in 1\.\.75, got 76"),
+    "NUM_TOKENS as int64": ("vilex_tokenize", {"IMAGE": encoded(SAMPLE_PNG), "NUM_TOKENS": np.array([[4]], np.int64)},
+                            r"'NUM_TOKENS' data-type is 'INT64', but model 'vilex_tokenize' expects 'INT32'"),
+    "STEPS 0": ("vilex_reconstruct", {"IMAGE": encoded(SAMPLE_PNG), "STEPS": np.array([[0]], np.int32)},
+                r"STEPS\[0\] must be in 1\.\.200, got 0"),
+    "STEPS above the server's bound": ("vilex_generate", {"VILEX_TOKENS": np.zeros((1, 4, 32), np.float32),
+                                                          "STEPS": np.array([[201]], np.int32)},
+                                       r"STEPS\[0\] must be in 1\.\.200, got 201"),
+    "GUIDANCE negative": ("vilex_reconstruct", {"IMAGE": encoded(SAMPLE_PNG), "GUIDANCE": np.array([[-0.5]], np.float32)},
+                          r"GUIDANCE\[0\] must be a number in 0\.\.100, got -0\.5"),
+    "GUIDANCE NaN": ("vilex_generate", {"VILEX_TOKENS": np.zeros((1, 4, 32), np.float32),
+                                        "GUIDANCE": np.array([[np.nan]], np.float32)},
+                     r"GUIDANCE\[0\] must be a number in 0\.\.100, got nan"),
+    "SEED negative": ("vilex_reconstruct", {"IMAGE": encoded(SAMPLE_PNG), "SEED": np.array([[-1]], np.int64)},
+                      r"SEED\[0\] must be in 0\.\."),
+    "prompt too long": ("vilex_reconstruct", {"IMAGE": encoded(SAMPLE_PNG), "NUM_TOKENS": np.array([[60]], np.int32),
+                                              "PROMPT": encoded(b"a small red house " * 8)},
+                        r"PROMPT\[0\]: prompt is too long: \d+ text tokens, but with 60 ViLex tokens at most 15"),
+    "prompt not UTF-8": ("vilex_generate", {"VILEX_TOKENS": np.zeros((1, 4, 32), np.float32), "PROMPT": encoded(b"\xff\xfe")},
+                         r"PROMPT\[0\] is not UTF-8"),
+    "tokens of the wrong width": ("vilex_generate", {"VILEX_TOKENS": np.zeros((1, 4, 31), np.float32)},
+                                  r"unexpected shape for input 'VILEX_TOKENS'"),
+    "too many tokens": ("vilex_generate", {"VILEX_TOKENS": np.zeros((1, 76, 32), np.float32)},
+                        r"VILEX_TOKENS must have 1\.\.75 tokens per image"),
+    "tokens not finite": ("vilex_generate", {"VILEX_TOKENS": np.full((1, 4, 32), np.inf, np.float32)},
+                          r"VILEX_TOKENS contains NaN or infinite values"),
+    "unknown input": ("vilex_tokenize", {"IMAGE": encoded(SAMPLE_PNG), "STEPS": np.array([[3]], np.int32)},
+                      r"unexpected inference input 'STEPS' for model 'vilex_tokenize'"),
+}
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_a_400_naming_the_input(served, protocol, case):
+    from vilex.serving.client import ServedRequestError, TritonClient
+
+    model, inputs, pattern = BAD_INPUTS[case]
+    with TritonClient(served.url(protocol), protocol) as client:
+        with pytest.raises(ServedRequestError, match=pattern) as raised:
+            client.infer(model, inputs)
+        assert raised.value.status == ("400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT")
+        # The server is unharmed: a valid request right after succeeds.
+        assert client.tokenize([SAMPLE_PNG], num_tokens=2).shape == (1, 2, 32)
+
+
+@pytest.mark.triton
+def test_a_bad_request_batched_with_good_ones_fails_alone(served, sample_files):
+    from vilex.serving.client import ServedRequestError, map_concurrently
+
+    def send(client, seed):
+        image = b"broken" if seed == 2 else sample_files[0].read_bytes()
+        try:
+            return client.reconstruct([image], steps=STEPS, seed=seed)
+        except ServedRequestError as error:
+            return error
+
+    results = map_concurrently(served.http, "http", send, range(4), workers=4)
+    assert isinstance(results[2], ServedRequestError) and "IMAGE[0]" in str(results[2])
+    assert all(isinstance(r, np.ndarray) and r.shape == (1, 64, 64, 3) for i, r in enumerate(results) if i != 2)
+
+
+# ---- secure defaults -------------------------------------------------------------------------------------------------
+def http_status(url: str, method: str = "GET", headers: dict | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, method=method, headers=headers or {}, data=b"{}" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.mark.triton
+def test_repository_config_and_shared_memory_apis_are_restricted(served):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    base = f"http://{served.http}"
+    key = {"vilex-admin-key": served.admin_key}
+    for method, path in (("POST", "repository/index"), ("GET", "models/unet/config"),
+                         ("GET", "systemsharedmemory/status"), ("POST", "repository/models/unet/unload")):
+        status, body = http_status(f"{base}/v2/{path}", method)
+        assert (status, "restricted") == (403, "restricted" if "restricted" in body else body), path
+    assert http_status(f"{base}/v2/repository/index", "POST", key)[0] == 200
+    assert http_status(f"{base}/v2/models/vilex_reconstruct")[0] == 200  # metadata stays public
+    # Model control mode "none": even with the key, nothing can be unloaded over the network.
+    status, body = http_status(f"{base}/v2/repository/models/unet/unload", "POST", key)
+    assert status == 503 and "not allowed" in body, (status, body)
+    assert http_status(f"{base}/v2/models/unet/ready")[0] == 200
+
+    client = grpcclient.InferenceServerClient(served.grpc)
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.get_model_repository_index()
+    # Triton prefixes the gRPC metadata key of a restricted protocol with "triton-grpc-protocol-".
+    grpc_key = {"triton-grpc-protocol-vilex-admin-key": served.admin_key}
+    assert len(client.get_model_repository_index(headers=grpc_key).models) == 7
+    client.close()
+
+
+# ---- the command line as a client -------------------------------------------------------------------------------------
+@pytest.mark.triton
+def test_cli_runs_through_the_server(served, in_process, sample_files, tmp_path, tiny_ckpt, capsys):
+    from vilex.cli import main
+    from vilex.outputs import load_tokens
+
+    image = str(sample_files[1])
+    remote = ["--backend", "triton", "--url", served.http, "--steps", str(STEPS), "--seed", "5"]
+    assert main(["reconstruct", image, "--out", str(tmp_path / "rec"), "--tokens", "16", *remote]) == 0
+    written = np.asarray(PIL.Image.open(tmp_path / "rec" / f"{sample_files[1].stem}.png"))
+    assert max_pixel_difference(written, reference_image(in_process, sample_files[1], 5, 16)) <= PIXEL_TOLERANCE
+
+    grpc = ["--backend", "triton", "--url", served.grpc, "--protocol", "grpc"]
+    assert main(["tokenize", image, str(sample_files[0]), "--out", str(tmp_path / "t.safetensors"), "--tokens", "4", *grpc]) == 0
+    assert tuple(load_tokens(tmp_path / "t.safetensors").shape) == (2, 4, 32)
+    assert main(["generate", "--tokens", str(tmp_path / "t.safetensors"), "--out", str(tmp_path / "gen"),
+                 "--steps", str(STEPS), *grpc]) == 0
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["000.png", "001.png"]
+
+    # Usage errors: one line naming the input, exit code 2, nothing written.
+    capsys.readouterr()
+    assert main(["reconstruct", str(tiny_ckpt), image, "--out", str(tmp_path / "x"), *remote]) == 2
+    assert "drop CKPT" in capsys.readouterr().err
+    assert main(["reconstruct", image, "--out", str(tmp_path / "x"), "--tokens", "99", *remote]) == 2
+    assert "NUM_TOKENS[0] must be in 1..75, got 99" in capsys.readouterr().err
+    assert main(["reconstruct", image, "--out", str(tmp_path / "x"), "--height", "32", *remote]) == 2
+    assert "--height is not available with --backend triton" in capsys.readouterr().err
+    from vilex.serving.server import free_ports
+
+    closed = f"127.0.0.1:{free_ports(1)[0]}"
+    assert main(["tokenize", image, "--out", str(tmp_path / "y.safetensors"), "--backend", "triton", "--url", closed]) == 2
+    assert f"--url {closed}: no tritonserver answers" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+# ---- shutdown (last: it stops the module's server) -------------------------------------------------------------------------
+def processes_with(text: str) -> dict[int, str]:
+    """{pid: command line} of live processes whose command line contains `text`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in command:
+                found[int(entry.name)] = command
+    return found
+
+
+@pytest.mark.triton
+def test_server_stops_cleanly_on_sigterm(served):
+    from vilex.serving.server import group_alive
+
+    stubs = processes_with(f"{served.repository}/")
+    stubs = {pid: command for pid, command in stubs.items() if "triton_python_backend_stub" in command}
+    assert len(stubs) == 7, stubs  # one Python-backend process per model
+    workspace = Path(next(iter(stubs.values())).split()[0]).parents[2]  # <workspace>/backends/python/stub
+    shm_prefix = re.search(r" (vilex-[0-9a-f]{8}-)", next(iter(stubs.values()))).group(1)
+    assert workspace.name.startswith("vilex-triton-") and workspace.is_dir()
+
+    start = time.monotonic()
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=120) == 0, "".join(served.output)
+    print(f"stopped in {time.monotonic() - start:.1f} s")
+    assert "tritonserver stopped (exit code 0)" in "".join(served.output)
+    assert not group_alive(served.server_pid)  # tritonserver and everything it started
+    assert not processes_with(str(served.repository)), "processes left over"
+    assert not workspace.exists()
+    assert not list(Path("/dev/shm").glob(f"{shm_prefix}*")), "shared-memory regions left over"

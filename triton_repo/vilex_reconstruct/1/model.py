@@ -1,0 +1,41 @@
+"""vilex_reconstruct: images -> ViLex tokens -> images, chaining all four graph models.
+
+Inputs (n images per request; see vilex/serving/interface.py):
+    IMAGE         TYPE_STRING (n, 1)     encoded image bytes (PNG, JPEG, WebP, ...)   } exactly one
+    IMAGE_RGB     TYPE_UINT8  (n, H, W, 3) raw RGB pixels                             } of the two
+    NUM_TOKENS    TYPE_INT32  (n, 1)     optional: use the first k tokens, 1..N (default N)
+    PROMPT        TYPE_STRING (n, 1)     optional: UTF-8 text mixed with the tokens
+    STEPS         TYPE_INT32  (n, 1)     optional: denoising steps, 1..max_steps (a config.pbtxt parameter)
+    GUIDANCE      TYPE_FP32   (n, 1)     optional: classifier-free guidance, 0..100
+    SEED          TYPE_INT64  (n, 1)     optional: initial-noise seed per image (default 0)
+Output:
+    IMAGE         TYPE_UINT8  (n, H, W, 3)
+
+The loop is vilex's own (ViLexPipeline.generate) over a BLS stage backend: vilex/serving/bls.py.
+A caller's mistake is a TritonError INVALID_ARG (HTTP 400) whose message names the input.
+"""
+
+import os
+import site
+import sys
+
+# The Python backend's stub runs an isolated interpreter: it ignores PYTHONPATH and sees only the base
+# installation's site-packages. `vilex serve` names the serving environment's site-packages in
+# VILEX_SITE_PACKAGES: they go first (a numpy 2 in the base breaks the backend's tensors) and their .pth
+# files are read (an editable install of vilex is one). Unset in an image where vilex is installed.
+_SITE_PACKAGES = [path for path in os.environ.get("VILEX_SITE_PACKAGES", "").split(os.pathsep) if path]
+sys.path[:0] = [path for path in _SITE_PACKAGES if path not in sys.path]
+for _path in _SITE_PACKAGES:
+    site.addsitedir(_path)
+
+import triton_python_backend_utils as pb_utils  # noqa: E402 (after the path set-up above)
+
+from vilex.serving.bls import PipelineModel  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.model = PipelineModel("vilex_reconstruct", args, pb_utils)
+
+    def execute(self, requests):
+        return self.model.execute(requests)

@@ -1,0 +1,209 @@
+"""What runs inside the pipeline models' Python-backend processes (their model.py files stay thin).
+
+`TritonStageBackend` is a StageBackend whose stages are other models of the same server, called through
+BLS (`pb_utils.InferenceRequest(...).exec()`, with a timeout, `has_error()` checked). The pipeline built
+on it by `pipeline_from_engines` is the ordinary `ViLexPipeline`: the denoising loop is the one in
+vilex/pipeline.py, only where a stage runs differs.
+
+`PipelineModel` is the body of `vilex_tokenize`, `vilex_generate` and `vilex_reconstruct`: it parses
+the model config in `__init__` (called from `initialize`) and returns exactly one response per request,
+a per-request `TritonError` where the request was wrong (INVALID_ARG: HTTP 400 naming the input) or
+where running it failed (INTERNAL). Requests that Triton batched together run as one pipeline call per
+group of equal settings; each image has its own noise generator, so its result does not depend on
+which requests it was batched with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vilex.backends.base import StageBackend
+from vilex.errors import ViLexUsageError
+
+from .config import triton_dims
+from .interface import pipeline_models
+from .pipeline_requests import Limits, PipelineRequest, parse_request
+
+
+class StageError(RuntimeError):
+    """A graph model failed or timed out on the server."""
+
+
+class TritonStageBackend(StageBackend):
+    """Runs each stage as a BLS request to the graph model of the same name.
+
+    pb_utils: the `triton_python_backend_utils` module (passed in: it exists only inside the stub).
+    Outputs come back on the device the inputs came from, as with the other backends.
+    """
+
+    name = "triton-bls"
+
+    def __init__(self, pb_utils, contracts: dict, timeout_s: float):
+        self.pb_utils = pb_utils
+        self.contracts = contracts
+        self.timeout_us = int(timeout_s * 1e6)
+
+    def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        pb = self.pb_utils
+        contract = self.contracts[stage]
+        device = next(iter(inputs.values())).device
+        tensors = []
+        for spec in contract.inputs:
+            value = inputs[spec.name].detach().to(getattr(torch, spec.dtype)).contiguous()
+            dims, reshape = triton_dims(spec)
+            if reshape is not None:  # e.g. timestep (B,) is declared dims [1]: send (B, 1)
+                value = value.reshape(value.shape[0], *dims)
+            tensors.append(self._to_triton(spec.name, value))
+        output_name = contract.output_names[0]
+        request = pb.InferenceRequest(model_name=stage, inputs=tensors, requested_output_names=[output_name],
+                                      timeout=self.timeout_us)
+        response = request.exec()
+        if response.has_error():
+            raise StageError(f"stage '{stage}' failed on the server: {response.error().message()}")
+        output = pb.get_output_tensor_by_name(response, output_name)
+        if output is None:
+            raise StageError(f"stage '{stage}' returned no '{output_name}'")
+        return self._to_torch(output).to(device)
+
+    def _to_triton(self, name: str, value: torch.Tensor):
+        if value.is_cuda:
+            return self.pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value))
+        return self.pb_utils.Tensor(name, value.numpy())
+
+    @staticmethod
+    def _to_torch(tensor) -> torch.Tensor:
+        if tensor.is_cpu():
+            # as_numpy() views the response's shared memory, which is released with the response: copy.
+            return torch.from_numpy(np.array(tensor.as_numpy()))
+        return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).clone()
+
+
+class PipelineModel:
+    """The logic of one pipeline model. `args` is what Triton passes to `initialize`."""
+
+    def __init__(self, model: str, args: dict, pb_utils):
+        from vilex.export.manifest import MANIFEST, EngineFolder
+        from vilex.export.runtime import pipeline_from_engines
+
+        self.pb_utils = pb_utils
+        self.model = model
+        # 1. Parameters of config.pbtxt (written by config.pipeline_config)
+        config = json.loads(args["model_config"])
+        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        # 2. The export's host files (tokenizer, scheduler, configs, token embeddings), copied into the version folder
+        engine_dir = Path(args["model_repository"]) / args["model_version"] / parameters["engine_dir"]
+        folder = EngineFolder(engine_dir, json.loads((engine_dir / MANIFEST).read_text()))
+        backend = TritonStageBackend(pb_utils, folder.contracts(), float(parameters["stage_timeout_seconds"]))
+        self.pipeline = pipeline_from_engines(folder, backend=backend)
+        self.pipeline.set_progress_bar_config(disable=True)
+        dims = folder.dims
+        self.limits = Limits(num_queries=dims.num_queries, hidden_size=dims.hidden_size,
+                             max_steps=int(parameters["max_steps"]), default_steps=int(parameters["default_steps"]),
+                             default_guidance=float(parameters["default_guidance"]))
+        self.served = pipeline_models(dims.hidden_size, dims.num_queries)[model]
+
+    # ---- one call of execute() ---------------------------------------------------------------------------
+    def execute(self, requests: list) -> list:
+        pb = self.pb_utils
+        responses: list = [None] * len(requests)
+        # 1. Check every request on its own: a bad one gets its 400, the others still run.
+        checked: dict[int, PipelineRequest] = {}
+        for index, request in enumerate(requests):
+            try:
+                checked[index] = parse_request(self.model, self._inputs(request), self.limits,
+                                               self.pipeline.prompt_builder)
+            except ViLexUsageError as error:
+                responses[index] = self._error(str(error), pb.TritonError.INVALID_ARG)
+        # 2. Run them together; a failure is reported to the requests it concerns.
+        for indices, outputs_or_error in self._run(checked):
+            for index in indices:
+                if isinstance(outputs_or_error, Exception):
+                    code = pb.TritonError.INVALID_ARG if isinstance(outputs_or_error, ViLexUsageError) else \
+                        pb.TritonError.INTERNAL
+                    responses[index] = self._error(f"{self.model}: {outputs_or_error}", code)
+                else:
+                    responses[index] = pb.InferenceResponse(output_tensors=[
+                        pb.Tensor(name, np.ascontiguousarray(array)) for name, array in outputs_or_error[index].items()])
+        return responses
+
+    def _inputs(self, request) -> dict[str, np.ndarray]:
+        inputs = {}
+        for port in self.served.inputs:
+            tensor = self.pb_utils.get_input_tensor_by_name(request, port.name)
+            if tensor is not None:
+                inputs[port.name] = tensor.as_numpy()
+        return inputs
+
+    def _error(self, message: str, code):
+        return self.pb_utils.InferenceResponse(error=self.pb_utils.TritonError(message, code))
+
+    def _run(self, checked: dict[int, PipelineRequest]):
+        """Yield (request indices, {index: {output name: array}} or the exception that stopped them)."""
+        if not checked:
+            return
+        if self.model == "vilex_tokenize":
+            yield from self._guarded(list(checked), lambda: self._tokenize(checked))
+            return
+        # Images (rows) of all requests, in order: (request index, row)
+        rows = [(index, row) for index, request in checked.items() for row in range(request.n)]
+        tokens: dict[tuple[int, int], torch.Tensor] = {}
+        if self.model == "vilex_reconstruct":
+            images = [checked[i].images[r] for i, r in rows]
+            try:
+                all_tokens = self.pipeline.tokenize(images)  # (rows, N, D): one encoder call for the batch
+            except Exception as error:  # noqa: BLE001 - reported to the requests, not raised into Triton
+                yield list(checked), error
+                return
+            tokens = {row: all_tokens[j] for j, row in enumerate(rows)}
+        else:
+            tokens = {(i, r): torch.from_numpy(np.array(checked[i].vilex_tokens[r])) for i, r in rows}
+        # Rows with the same token count, steps and guidance run as one generate() call.
+        groups: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+        for i, r in rows:
+            request = checked[i]
+            groups[(request.num_tokens[r], request.steps[r], request.guidance[r])].append((i, r))
+        generated: dict[tuple[int, int], np.ndarray] = {}
+        failed: dict[int, Exception] = {}
+        for (k, steps, guidance), members in groups.items():
+            try:
+                images = self.pipeline.generate(
+                    torch.stack([tokens[m][:k] for m in members]),  # (b, k, D)
+                    prompt=[checked[i].prompts[r] for i, r in members],
+                    num_inference_steps=steps, guidance_scale=guidance,
+                    generator=[torch.Generator().manual_seed(checked[i].seeds[r]) for i, r in members],
+                    output_type="pil", progress=False).images
+            except Exception as error:  # noqa: BLE001 - reported to the requests, not raised into Triton
+                for i, _ in members:
+                    failed.setdefault(i, error)
+                continue
+            for member, image in zip(members, images):
+                generated[member] = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+        for index, error in failed.items():
+            yield [index], error
+        done = [i for i in checked if i not in failed]
+        if done:
+            yield done, {i: {"IMAGE": np.stack([generated[(i, r)] for r in range(checked[i].n)])} for i in done}
+
+    def _tokenize(self, checked: dict[int, PipelineRequest]) -> dict[int, dict[str, np.ndarray]]:
+        images = [image for request in checked.values() for image in request.images]
+        all_tokens = self.pipeline.tokenize(images).numpy()  # (rows, N, D)
+        outputs, start = {}, 0
+        for index, request in checked.items():
+            k = request.num_tokens[0]
+            outputs[index] = {"VILEX_TOKENS": all_tokens[start:start + request.n, :k]}
+            start += request.n
+        return outputs
+
+    @staticmethod
+    def _guarded(indices: list[int], work):
+        try:
+            result = work()
+        except Exception as error:  # noqa: BLE001 - reported to the requests, not raised into Triton
+            yield indices, error
+            return
+        yield indices, result

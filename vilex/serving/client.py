@@ -1,0 +1,213 @@
+"""A client for the served pipeline models, over HTTP or gRPC through tritonclient.
+
+    client = TritonClient("localhost:8000")                         # or ("localhost:8001", "grpc")
+    tokens = client.tokenize([open("cat.png", "rb").read()], num_tokens=16)    # (1, 16, D) float32
+    images = client.generate(tokens, prompt="a watercolor", seed=0)           # (1, H, W, 3) uint8
+    images = client.reconstruct([pil_image], steps=25, seed=0)               # raw pixels travel as IMAGE_RGB
+
+One `TritonClient` holds one tritonclient connection, which must not be shared between threads
+(tritonclient's HTTP client runs on gevent and fails with "Cannot switch to a different thread"):
+`map_concurrently` gives every worker thread its own.
+
+Errors: a 400 (gRPC INVALID_ARGUMENT) from the server is a `ServedRequestError`, a ViLexUsageError with
+the server's message, which names the input; no server at --url is a ViLexUsageError naming --url; any
+other failure is a `ServingError`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+import numpy as np
+import PIL.Image
+
+from vilex.errors import ViLexUsageError
+
+from .interface import PIPELINE_OUTPUTS
+
+PROTOCOLS = ("http", "grpc")
+
+
+class ServingError(RuntimeError):
+    """The server failed a request (not the caller's mistake), or answered something unexpected."""
+
+
+class ServedRequestError(ViLexUsageError):
+    """The server rejected a request as invalid (HTTP 400 / gRPC INVALID_ARGUMENT); the message names the input."""
+
+    def __init__(self, message: str, status: str):
+        super().__init__(message)
+        self.status = status  # "400" over HTTP, "StatusCode.INVALID_ARGUMENT" over gRPC
+
+
+Image = bytes | np.ndarray | PIL.Image.Image
+
+
+class TritonClient:
+    """One connection to a server running the vilex model repository (not thread-safe: one per thread)."""
+
+    def __init__(self, url: str, protocol: str = "http", timeout_s: float = 600.0, headers: dict | None = None):
+        if protocol not in PROTOCOLS:
+            raise ViLexUsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        if "://" in url:
+            raise ViLexUsageError(f"--url must be HOST:PORT without a scheme, got {url!r}")
+        self.url, self.protocol, self.timeout_s = url, protocol, timeout_s
+        self.headers = headers
+        if protocol == "http":
+            import tritonclient.http as module
+
+            # A generation on CPU can take minutes; the defaults (60 s) would cut it off.
+            self._client = module.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+        else:
+            import tritonclient.grpc as module
+
+            self._client = module.InferenceServerClient(url)
+        self._module = module
+        self.last_latency_s: float | None = None
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "TritonClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- raw requests ----------------------------------------------------------------------------------
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """One request with these arrays as they are (dtype and shape included); returns the outputs."""
+        from tritonclient.utils import np_to_triton_dtype
+
+        tensors = []
+        for name, array in inputs.items():
+            array = np.asarray(array)
+            tensor = self._module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        names = list(outputs or [PIPELINE_OUTPUTS[model]])
+        requested = [self._module.InferRequestedOutput(name) for name in names]
+        start = time.perf_counter()
+        result = self._call(lambda: self._client.infer(model, tensors, outputs=requested, headers=self.headers,
+                                                       **({"client_timeout": self.timeout_s} if self.protocol == "grpc" else {})))
+        self.last_latency_s = time.perf_counter() - start
+        return {name: result.as_numpy(name) for name in names}
+
+    def _call(self, request: Callable):
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return request()
+        except InferenceServerException as error:
+            status = str(error.status() or "")
+            if status in ("400", "StatusCode.INVALID_ARGUMENT"):
+                raise ServedRequestError(error.message(), status) from None
+            if status == "StatusCode.UNAVAILABLE" and "connect" in str(error.message()).lower():
+                raise ViLexUsageError(f"--url {self.url}: no tritonserver answers over {self.protocol} "
+                                      f"({error.message()})") from None
+            raise ServingError(f"{self.protocol}://{self.url}: {error.message()} (status {status or 'unknown'})") from None
+        except (ConnectionError, OSError) as error:
+            raise ViLexUsageError(f"--url {self.url}: no tritonserver answers over {self.protocol} ({error})") from None
+
+    # ---- the pipeline models -----------------------------------------------------------------------------
+    def tokenize(self, images: Sequence[Image], num_tokens: int | None = None) -> np.ndarray:
+        """Images -> ViLex tokens (n, k, D) float32, in one request."""
+        inputs = image_inputs(images)
+        inputs.update(per_image_values(len(images), NUM_TOKENS=num_tokens))
+        return self.infer("vilex_tokenize", inputs)["VILEX_TOKENS"]
+
+    def generate(self, vilex_tokens: np.ndarray, prompt: str | None = None, steps: int | None = None,
+                 guidance: float | None = None, seed: int | None = None, num_tokens: int | None = None) -> np.ndarray:
+        """ViLex tokens (n, k, D) [+ prompt] -> images (n, H, W, 3) uint8, in one request."""
+        vilex_tokens = np.ascontiguousarray(vilex_tokens, dtype=np.float32)
+        inputs = {"VILEX_TOKENS": vilex_tokens}
+        inputs.update(per_image_values(len(vilex_tokens), NUM_TOKENS=num_tokens, PROMPT=prompt, STEPS=steps,
+                                       GUIDANCE=guidance, SEED=seed))
+        return self.infer("vilex_generate", inputs)["IMAGE"]
+
+    def reconstruct(self, images: Sequence[Image], num_tokens: int | None = None, prompt: str | None = None,
+                    steps: int | None = None, guidance: float | None = None, seed: int | None = None) -> np.ndarray:
+        """Images -> tokens -> images (n, H, W, 3) uint8, in one request."""
+        inputs = image_inputs(images)
+        inputs.update(per_image_values(len(images), NUM_TOKENS=num_tokens, PROMPT=prompt, STEPS=steps,
+                                       GUIDANCE=guidance, SEED=seed))
+        return self.infer("vilex_reconstruct", inputs)["IMAGE"]
+
+    # ---- the server ------------------------------------------------------------------------------------
+    def is_ready(self) -> bool:
+        try:
+            return bool(self._client.is_server_ready(headers=self.headers))
+        except Exception:  # noqa: BLE001 - any failure to answer means not ready
+            return False
+
+    def batch_sizes(self, model: str) -> dict[int, int]:
+        """{batch size: executions} from the server's statistics for `model`."""
+        if self.protocol == "http":
+            stats = self._call(lambda: self._client.get_inference_statistics(model, headers=self.headers))
+        else:
+            stats = self._call(lambda: self._client.get_inference_statistics(model, headers=self.headers, as_json=True))
+        sizes: dict[int, int] = {}
+        for model_stats in stats["model_stats"]:
+            for entry in model_stats.get("batch_stats", []):
+                count = int(entry["compute_infer"]["count"])
+                sizes[int(entry["batch_size"])] = sizes.get(int(entry["batch_size"]), 0) + count
+        return sizes
+
+
+# ---- building inputs -------------------------------------------------------------------------------------
+PER_IMAGE_DTYPES = {"NUM_TOKENS": np.int32, "STEPS": np.int32, "GUIDANCE": np.float32, "SEED": np.int64,
+                    "PROMPT": object}
+
+
+def per_image_values(n: int, **values) -> dict[str, np.ndarray]:
+    """(n, 1) arrays for the optional inputs given (None: not sent, the server's default applies)."""
+    arrays = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name == "PROMPT":
+            value = value.encode("utf-8")
+        arrays[name] = np.full((n, 1), value, dtype=PER_IMAGE_DTYPES[name])
+    return arrays
+
+
+def image_inputs(images: Sequence[Image]) -> dict[str, np.ndarray]:
+    """Encoded bytes -> IMAGE (n, 1); PIL images or uint8 (H, W, 3) arrays of one size -> IMAGE_RGB (n, H, W, 3)."""
+    if not images:
+        raise ViLexUsageError("give at least one image")
+    if all(isinstance(image, (bytes, bytearray)) for image in images):
+        encoded = np.empty((len(images), 1), dtype=object)
+        for i, image in enumerate(images):
+            encoded[i, 0] = bytes(image)
+        return {"IMAGE": encoded}
+    if any(isinstance(image, (bytes, bytearray)) for image in images):
+        raise ViLexUsageError("images of one request must be all encoded bytes or all pixels, not a mix")
+    pixels = [np.asarray(image.convert("RGB") if isinstance(image, PIL.Image.Image) else image) for image in images]
+    if len({p.shape for p in pixels}) > 1:
+        raise ViLexUsageError(f"raw images of one request must have one size, got {sorted({p.shape for p in pixels})}")
+    return {"IMAGE_RGB": np.ascontiguousarray(np.stack(pixels), dtype=np.uint8)}
+
+
+def map_concurrently(url: str, protocol: str, work: Callable, items: Sequence, workers: int,
+                     headers: dict | None = None) -> list:
+    """[work(client, item) for item in items] on `workers` threads, each thread with its own TritonClient."""
+    local = threading.local()
+    clients: list[TritonClient] = []
+    lock = threading.Lock()
+
+    def run(item):
+        if not hasattr(local, "client"):
+            local.client = TritonClient(url, protocol, headers=headers)
+            with lock:
+                clients.append(local.client)
+        return work(local.client, item)
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            return list(pool.map(run, items))
+    finally:
+        for client in clients:
+            client.close()

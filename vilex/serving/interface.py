@@ -1,0 +1,92 @@
+"""What the served pipeline models take and return, declared once.
+
+The config generator (`config.py`), the request checks (`pipeline_requests.py`) and the client
+(`client.py`) all read these declarations, so a name or dtype cannot differ between them.
+
+    vilex_tokenize     IMAGE | IMAGE_RGB [, NUM_TOKENS]                               -> VILEX_TOKENS
+    vilex_generate     VILEX_TOKENS [, NUM_TOKENS, PROMPT, STEPS, GUIDANCE, SEED]     -> IMAGE
+    vilex_reconstruct  IMAGE | IMAGE_RGB [, NUM_TOKENS, PROMPT, STEPS, GUIDANCE, SEED] -> IMAGE
+
+Every tensor has a leading batch dimension n (images in the request; Triton's `max_batch_size`), which
+the dims below leave out, as config.pbtxt does. Per-image values (NUM_TOKENS, SEED, ...) are (n, 1).
+An image comes either encoded (IMAGE: PNG/JPEG/... bytes, one per row) or raw (IMAGE_RGB: uint8 RGB,
+(n, H, W, 3)); images go out as uint8 RGB (n, H, W, 3). Triton itself rejects a wrong dtype, rank or
+fixed size with a 400 that names the input; everything else is checked in `pipeline_requests.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Triton dtype name -> numpy dtype name (TYPE_STRING travels as numpy object arrays of bytes).
+TRITON_TO_NUMPY = {"TYPE_FP32": "float32", "TYPE_FP16": "float16", "TYPE_INT32": "int32", "TYPE_INT64": "int64",
+                   "TYPE_UINT8": "uint8", "TYPE_STRING": "object", "TYPE_BOOL": "bool"}
+NUMPY_TO_TRITON = {v: k for k, v in TRITON_TO_NUMPY.items()}
+# The same dtypes as tritonclient names them on the wire.
+TRITON_TO_WIRE = {"TYPE_FP32": "FP32", "TYPE_FP16": "FP16", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64",
+                  "TYPE_UINT8": "UINT8", "TYPE_STRING": "BYTES", "TYPE_BOOL": "BOOL"}
+
+PIPELINE_MODELS = ("vilex_tokenize", "vilex_generate", "vilex_reconstruct")
+PIPELINE_OUTPUTS = {"vilex_tokenize": "VILEX_TOKENS", "vilex_generate": "IMAGE", "vilex_reconstruct": "IMAGE"}
+
+MAX_SEED = 2**63 - 1  # SEED is int64; torch.Generator.manual_seed takes any non-negative int64
+MAX_PROMPT_BYTES = 4096  # far above what fits in 77 CLIP positions; bounds the tokenizer's work
+
+
+@dataclass(frozen=True)
+class Port:
+    """One input or output of a served model."""
+
+    name: str
+    triton_dtype: str  # "TYPE_FP32", ...
+    dims: tuple[int, ...]  # without the batch dimension; -1 is any size
+    optional: bool = False
+    doc: str = ""
+
+    @property
+    def numpy_dtype(self) -> str:
+        return TRITON_TO_NUMPY[self.triton_dtype]
+
+    @property
+    def wire_dtype(self) -> str:
+        return TRITON_TO_WIRE[self.triton_dtype]
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    inputs: tuple[Port, ...]
+    outputs: tuple[Port, ...]
+    doc: str
+
+    def input(self, name: str) -> Port:
+        return next(p for p in self.inputs if p.name == name)
+
+
+def pipeline_models(hidden_size: int, num_queries: int) -> dict[str, ServedModel]:
+    """The three pipeline models for a checkpoint whose tokens are (k, hidden_size), k in 1..num_queries."""
+    N, D = num_queries, hidden_size
+    image = Port("IMAGE", "TYPE_STRING", (1,), optional=True,
+                 doc="encoded image bytes (PNG, JPEG, WebP, ...), one per row; give IMAGE or IMAGE_RGB")
+    image_rgb = Port("IMAGE_RGB", "TYPE_UINT8", (-1, -1, 3), optional=True,
+                     doc="raw RGB pixels (H, W, 3); give IMAGE or IMAGE_RGB")
+    num_tokens = Port("NUM_TOKENS", "TYPE_INT32", (1,), optional=True,
+                      doc=f"keep the first k ViLex tokens, 1..{N} (default: all)")
+    prompt = Port("PROMPT", "TYPE_STRING", (1,), optional=True,
+                  doc="UTF-8 text mixed with the ViLex tokens; it must fit next to them in the text encoder")
+    steps = Port("STEPS", "TYPE_INT32", (1,), optional=True, doc="denoising steps, 1..max_steps")
+    guidance = Port("GUIDANCE", "TYPE_FP32", (1,), optional=True,
+                    doc="classifier-free guidance scale, 0..100 (<= 1: off)")
+    seed = Port("SEED", "TYPE_INT64", (1,), optional=True,
+                doc=f"initial-noise seed per image, 0..{MAX_SEED} (default 0); results do not depend on batching")
+    tokens_in = Port("VILEX_TOKENS", "TYPE_FP32", (-1, D), doc=f"ViLex tokens (k, {D}), k in 1..{N}")
+    tokens_out = Port("VILEX_TOKENS", "TYPE_FP32", (-1, D), doc=f"ViLex tokens (k, {D})")
+    image_out = Port("IMAGE", "TYPE_UINT8", (-1, -1, 3), doc="generated RGB pixels (H, W, 3)")
+    return {
+        "vilex_tokenize": ServedModel("vilex_tokenize", (image, image_rgb, num_tokens), (tokens_out,),
+                                      "images -> ViLex tokens"),
+        "vilex_generate": ServedModel("vilex_generate", (tokens_in, num_tokens, prompt, steps, guidance, seed),
+                                      (image_out,), "ViLex tokens (+ text) -> images"),
+        "vilex_reconstruct": ServedModel("vilex_reconstruct", (image, image_rgb, num_tokens, prompt, steps, guidance,
+                                                               seed), (image_out,), "images -> tokens -> images"),
+    }

@@ -1,0 +1,172 @@
+"""Checking one request of a pipeline model and turning it into pipeline arguments.
+
+Triton has already checked each input's dtype, rank and fixed sizes against config.pbtxt (a mismatch is
+a 400 naming the input before the model sees it). What is left is checked here, and every problem is a
+ViLexUsageError whose message names the input (and the image's row for per-image values), which the
+model turns into a per-request `TritonError.INVALID_ARG` (HTTP 400, gRPC INVALID_ARGUMENT).
+
+Inputs are numpy arrays with the batch axis first: n images per request, per-image values (n, 1).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import PIL.Image
+
+from vilex.errors import ViLexUsageError
+from vilex.images import MAX_IMAGE_PIXELS, decode_image
+
+from .interface import MAX_PROMPT_BYTES, MAX_SEED
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; the pipeline model reads these from its config and checkpoint."""
+
+    num_queries: int  # N: tokens per image
+    hidden_size: int  # D
+    max_steps: int
+    default_steps: int
+    default_guidance: float
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+
+
+@dataclass
+class PipelineRequest:
+    """One request, checked; every list has one entry per image (row)."""
+
+    n: int
+    images: list[PIL.Image.Image] = field(default_factory=list)  # tokenize / reconstruct
+    vilex_tokens: np.ndarray | None = None  # generate: (n, k, D) float32
+    num_tokens: list[int] = field(default_factory=list)
+    prompts: list[str | None] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    guidance: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+
+def parse_request(model: str, inputs: dict[str, np.ndarray], limits: Limits, prompt_builder=None) -> PipelineRequest:
+    """Check the inputs of a `model` request ("vilex_tokenize", "vilex_generate" or "vilex_reconstruct").
+
+    prompt_builder (the pipeline's) checks that each PROMPT fits next to its tokens."""
+    n = _batch_size(inputs)
+    request = PipelineRequest(n=n)
+    if model in ("vilex_tokenize", "vilex_reconstruct"):
+        request.images = read_images(inputs, n, limits.max_image_pixels)
+        available = limits.num_queries
+    else:
+        request.vilex_tokens = read_tokens(inputs["VILEX_TOKENS"], limits)
+        available = request.vilex_tokens.shape[1]
+    request.num_tokens = per_image_ints(inputs, "NUM_TOKENS", n, 1, available, default=available)
+    if model == "vilex_tokenize":
+        if len(set(request.num_tokens)) > 1:
+            raise ViLexUsageError(f"NUM_TOKENS must be the same for every image of a vilex_tokenize request "
+                                  f"(its output is one (n, k, D) tensor), got {request.num_tokens}")
+        return request
+    request.steps = per_image_ints(inputs, "STEPS", n, 1, limits.max_steps, default=limits.default_steps)
+    request.guidance = per_image_floats(inputs, "GUIDANCE", n, 0.0, 100.0, default=limits.default_guidance)
+    request.seeds = per_image_ints(inputs, "SEED", n, 0, MAX_SEED, default=0)
+    request.prompts = read_prompts(inputs, n)
+    if prompt_builder is not None:
+        for i, (prompt, k) in enumerate(zip(request.prompts, request.num_tokens)):
+            try:
+                prompt_builder.check_fits(prompt, k)
+            except ViLexUsageError as error:
+                raise ViLexUsageError(f"PROMPT[{i}]: {error}") from None
+    return request
+
+
+def _batch_size(inputs: dict[str, np.ndarray]) -> int:
+    sizes = {name: int(array.shape[0]) for name, array in inputs.items()}
+    if len(set(sizes.values())) > 1:
+        raise ViLexUsageError(f"every input must have the same number of rows (one per image), got {sizes}")
+    n = next(iter(sizes.values()), 0)
+    if n < 1:
+        raise ViLexUsageError("the request has no images (every input has 0 rows)")
+    return n
+
+
+# ---- images ----------------------------------------------------------------------------------------------
+def read_images(inputs: dict[str, np.ndarray], n: int, max_pixels: int) -> list[PIL.Image.Image]:
+    if ("IMAGE" in inputs) == ("IMAGE_RGB" in inputs):
+        raise ViLexUsageError("give exactly one of IMAGE (encoded bytes, TYPE_STRING) and IMAGE_RGB "
+                              f"(uint8 (H, W, 3)); got {'both' if 'IMAGE' in inputs else 'neither'}")
+    if "IMAGE_RGB" in inputs:
+        pixels = inputs["IMAGE_RGB"]  # (n, H, W, 3) uint8, checked by Triton
+        height, width = pixels.shape[1:3]
+        if height < 1 or width < 1 or height * width > max_pixels:
+            raise ViLexUsageError(f"IMAGE_RGB: {width}x{height} pixels; an image must have 1..{max_pixels} pixels")
+        return [PIL.Image.fromarray(np.ascontiguousarray(pixels[i]), mode="RGB") for i in range(n)]
+    return [decode_encoded(_as_bytes(inputs["IMAGE"][i, 0]), f"IMAGE[{i}]", max_pixels) for i in range(n)]
+
+
+def decode_encoded(data: bytes, name: str, max_pixels: int) -> PIL.Image.Image:
+    """Encoded bytes -> RGB, checking the pixel count from the header before decoding anything."""
+    if not data:
+        raise ViLexUsageError(f"{name}: empty bytes; expected an encoded image (PNG, JPEG, WebP, ...)")
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+        raise ViLexUsageError(f"{name}: bytes are not a readable image (PNG, JPEG, WebP ...): {error}") from None
+    if width * height > max_pixels:
+        raise ViLexUsageError(f"{name}: {width}x{height} pixels is above the limit of {max_pixels} pixels")
+    return decode_image(data, name=name)
+
+
+def _as_bytes(value) -> bytes:
+    # tritonclient sends BYTES as bytes; a str can appear when a client builds the array from text.
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+# ---- tokens and per-image values -----------------------------------------------------------------------
+def read_tokens(tokens: np.ndarray, limits: Limits) -> np.ndarray:
+    """VILEX_TOKENS (n, k, D) float32: k in 1..N, finite."""
+    k = tokens.shape[1]
+    if not 1 <= k <= limits.num_queries:
+        raise ViLexUsageError(f"VILEX_TOKENS must have 1..{limits.num_queries} tokens per image "
+                              f"(shape (n, k, {limits.hidden_size})), got k={k}")
+    if not np.isfinite(tokens).all():
+        raise ViLexUsageError("VILEX_TOKENS contains NaN or infinite values")
+    return tokens
+
+
+def per_image_ints(inputs: dict[str, np.ndarray], name: str, n: int, low: int, high: int, default: int) -> list[int]:
+    if name not in inputs:
+        return [default] * n
+    values = [int(v) for v in inputs[name].reshape(n)]
+    for i, value in enumerate(values):
+        if not low <= value <= high:
+            raise ViLexUsageError(f"{name}[{i}] must be in {low}..{high}, got {value}")
+    return values
+
+
+def per_image_floats(inputs: dict[str, np.ndarray], name: str, n: int, low: float, high: float,
+                     default: float) -> list[float]:
+    if name not in inputs:
+        return [default] * n
+    values = [float(v) for v in inputs[name].reshape(n)]
+    for i, value in enumerate(values):
+        if not (math.isfinite(value) and low <= value <= high):  # NaN fails every comparison: test it first
+            raise ViLexUsageError(f"{name}[{i}] must be a number in {low:g}..{high:g}, got {value}")
+    return values
+
+
+def read_prompts(inputs: dict[str, np.ndarray], n: int) -> list[str | None]:
+    if "PROMPT" not in inputs:
+        return [None] * n
+    prompts = []
+    for i, value in enumerate(inputs["PROMPT"].reshape(n)):
+        data = _as_bytes(value)
+        if len(data) > MAX_PROMPT_BYTES:
+            raise ViLexUsageError(f"PROMPT[{i}] is too long: {len(data)} bytes, at most {MAX_PROMPT_BYTES}")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ViLexUsageError(f"PROMPT[{i}] is not UTF-8 text: {error}") from None
+        prompts.append(text or None)  # an empty prompt is no prompt
+    return prompts

@@ -1,0 +1,153 @@
+"""`vilex triton-repo`: an export folder -> a Triton model repository.
+
+    DIR/
+      repository.json                 what this is: platform, options, the export it came from (Triton ignores files here)
+      vilex_encoder/ text_encoder/ unet/ vae_decoder/
+        config.pbtxt                  from the export contract (config.py)
+        1/model.onnx [+ .onnx.data]   the graph (python-ort, onnxruntime); 1/model.plan for tensorrt
+        1/model.py                    python-ort only: triton_repo/onnxruntime_model.py
+      vilex_tokenize/ vilex_generate/ vilex_reconstruct/
+        config.pbtxt                  from interface.py
+        1/model.py                    triton_repo/<model>/1/model.py (thin; logic in vilex/serving/bls.py)
+        1/engine/                     the export's manifest.json and host/ files (tokenizer, scheduler,
+                                      configs, token embeddings): what the pipeline needs besides the graphs
+
+The repository is written to a temporary sibling and renamed into place, so a failure leaves nothing.
+Large files are hard-linked from the export folder where the file system allows, else copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from vilex.errors import ViLexUsageError
+
+from .config import (DEFAULT_MAX_STEPS, PLATFORMS, check_max_batch, graph_config, pipeline_config,
+                     pipeline_parameters, source_dir)
+from .interface import PIPELINE_MODELS, pipeline_models
+
+REPOSITORY_FILE = "repository.json"
+GRAPH_MODEL_SOURCE = "onnxruntime_model.py"
+
+
+def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platform: str = "python-ort",
+                     max_batch: int | None = None, instances: int = 1, max_queue: int | None = None,
+                     max_steps: int = DEFAULT_MAX_STEPS, replace: bool = False) -> Path:
+    """Write the model repository for export folder `engines` to `out`; return `out`."""
+    from vilex.cli import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from vilex.export.manifest import MANIFEST, EngineFolder
+
+    # 1. Check the options against the export
+    if platform not in PLATFORMS:
+        raise ViLexUsageError(f"--platform must be one of {', '.join(PLATFORMS)}, got {platform!r}")
+    folder = EngineFolder.open(engines, what="ENGINES")
+    contracts = folder.contracts()
+    max_batch = folder.options.max_batch if max_batch is None else max_batch
+    check_max_batch(contracts, max_batch)
+    if not 1 <= instances <= 64:
+        raise ViLexUsageError(f"--instances must be in 1..64, got {instances}")
+    if max_queue is not None and not 1 <= max_queue <= 100_000:
+        raise ViLexUsageError(f"--max-queue must be in 1..100000, got {max_queue}")
+    if not 1 <= max_steps <= 1000:
+        raise ViLexUsageError(f"--max-steps must be in 1..1000, got {max_steps}")
+    spec = PLATFORMS[platform]
+    variant = "tensorrt" if platform == "tensorrt" else "onnx"
+    graph_files = {name: folder.graph_path(name, variant) for name in contracts}  # raises if a variant is missing
+    source = source_dir()
+    out = Path(out)
+    if out.exists() and not replace:
+        raise ViLexUsageError(f"--out '{out}' already exists; choose a new folder or pass --replace")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        # 2. Graph models
+        for name, contract in contracts.items():
+            version = staging / name / "1"
+            version.mkdir(parents=True)
+            (staging / name / "config.pbtxt").write_text(
+                graph_config(contract, platform, max_batch, instances, max_queue))
+            _link_or_copy(graph_files[name], version / spec.model_file)
+            external = graph_files[name].with_name(graph_files[name].name + ".data")
+            if variant == "onnx" and external.is_file():
+                # The graph names its external weights by file name: keep that name next to model.onnx.
+                _link_or_copy(external, version / external.name)
+            if platform == "python-ort":
+                shutil.copyfile(source / GRAPH_MODEL_SOURCE, version / "model.py")
+
+        # 3. Pipeline (BLS) models, each with the export's host files
+        parameters = pipeline_parameters(max_steps, DEFAULT_STEPS, DEFAULT_GUIDANCE)
+        dims = folder.dims
+        for name, model in pipeline_models(dims.hidden_size, dims.num_queries).items():
+            version = staging / name / "1"
+            version.mkdir(parents=True)
+            (staging / name / "config.pbtxt").write_text(
+                pipeline_config(model, max_batch, parameters, instances, max_queue))
+            shutil.copyfile(source / name / "1" / "model.py", version / "model.py")
+            engine = version / parameters["engine_dir"]
+            engine.mkdir()
+            shutil.copyfile(folder.root / MANIFEST, engine / MANIFEST)
+            for path in sorted(p for p in folder.host_dir.rglob("*") if p.is_file()):
+                target = engine / "host" / path.relative_to(folder.host_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(path, target)
+
+        # 4. What this repository is
+        (staging / REPOSITORY_FILE).write_text(json.dumps({
+            "format": "vilex-triton-repository", "format_version": 1,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "platform": platform, "max_batch": max_batch, "instances": instances, "max_queue": max_queue,
+            "max_steps": max_steps,
+            "models": {"graphs": list(contracts), "pipeline": list(PIPELINE_MODELS)},
+            "engines": {"path": str(folder.root.resolve()), "source": folder.manifest.get("source"),
+                        "precision": folder.precision, "versions": folder.manifest.get("versions")},
+        }, indent=2) + "\n")
+
+        # 5. Into place
+        _swap_into_place(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def read_repository(path: str | os.PathLike) -> dict:
+    """repository.json of a repository made by `vilex triton-repo`, with a usage error naming DIR otherwise."""
+    path = Path(path)
+    info = path / REPOSITORY_FILE
+    if not info.is_file():
+        raise ViLexUsageError(f"DIR '{path}' is not a model repository made by `vilex triton-repo` (no {REPOSITORY_FILE})")
+    try:
+        data = json.loads(info.read_text())
+    except json.JSONDecodeError as error:
+        raise ViLexUsageError(f"DIR '{path}': {REPOSITORY_FILE} is not valid JSON: {error}") from None
+    missing = [m for m in (*data["models"]["graphs"], *data["models"]["pipeline"]) if not (path / m / "config.pbtxt").is_file()]
+    if missing:
+        raise ViLexUsageError(f"DIR '{path}' is incomplete: no config.pbtxt for {missing}; rebuild it with `vilex triton-repo`")
+    return data
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copyfile(source, target)
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.rename(out, old)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
