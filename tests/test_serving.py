@@ -138,6 +138,48 @@ def test_docker_command_keeps_the_secure_defaults(tmp_path):
     assert "--grpc-restricted-protocol=model-repository,model-config,shared-memory:vilex-admin-key=" in command
 
 
+def test_tensorrt_repository_takes_the_recorded_engines(engines, tiny_contracts, tmp_path):
+    """The layout for NVIDIA's container, with stand-in plan files (TensorRT cannot run here)."""
+    import json
+    import shutil
+
+    from vilex.serving.repository import build_repository
+
+    copy = Path(shutil.copytree(engines, tmp_path / "engines"))
+    with pytest.raises(ViLexUsageError, match="no TensorRT engine for 'vilex_encoder'.*vilex build-engines"):
+        build_repository(copy, tmp_path / "repo", platform="tensorrt")
+    assert not (tmp_path / "repo").exists() and not list(tmp_path.glob(".repo.*"))  # nothing half-written
+
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "tensorrt").mkdir()
+    manifest["tensorrt"] = {"engines": {}}
+    for graph, contract in tiny_contracts.items():
+        for built, precision in (("2026-01-01T00:00:00+00:00", "fp32"), ("2026-01-02T00:00:00+00:00", "fp16")):
+            name = f"{graph}.{precision}.trt10.3.0.sm90.plan"
+            (copy / "tensorrt" / name).write_bytes(f"{graph} {precision}".encode())
+            manifest["tensorrt"]["engines"][name] = {
+                "graph": graph, "file": f"tensorrt/{name}", "precision": precision, "built": built,
+                "profile": {"max": {spec.name: list(shape) for spec, shape in
+                                    zip(contract.inputs, contract.input_shapes("max").values())}}}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    repository = build_repository(copy, tmp_path / "repo", platform="tensorrt", max_batch=2)
+    for graph in tiny_contracts:
+        assert (repository / graph / "1" / "model.plan").read_bytes() == f"{graph} fp16".encode()  # the latest
+        assert not (repository / graph / "1" / "model.py").exists()
+        assert parse_config((repository / graph / "config.pbtxt").read_text()).platform == "tensorrt_plan"
+    for model in ("vilex_tokenize", "vilex_generate", "vilex_reconstruct"):
+        assert (repository / model / "1" / "model.py").is_file()
+        assert (repository / model / "1" / "engine" / "host" / "model_index.json").is_file()
+
+    # An engine whose profile stops below the batch the configs declare is refused.
+    entry = manifest["tensorrt"]["engines"]["unet.fp16.trt10.3.0.sm90.plan"]
+    entry["profile"]["max"]["sample"][0] = 5
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ViLexUsageError, match=r"takes batch <= 5, but the 'unet' model needs 6"):
+        build_repository(copy, tmp_path / "repo", platform="tensorrt", max_batch=2, replace=True)
+    assert (repository / "unet" / "1" / "model.plan").is_file()  # the earlier repository is untouched
+
+
 # ---- the served repository ----------------------------------------------------------------------------------------
 @dataclass
 class Served:

@@ -143,18 +143,36 @@ class TritonClient:
         except Exception:  # noqa: BLE001 - any failure to answer means not ready
             return False
 
-    def batch_sizes(self, model: str) -> dict[int, int]:
-        """{batch size: executions} from the server's statistics for `model`."""
+    def statistics(self, model: str) -> dict:
+        """The server's statistics for `model`: requests, executions, mean queue and compute time, batch sizes.
+
+        Over either protocol the numbers are the same (gRPC's JSON carries 64-bit counts as strings)."""
         if self.protocol == "http":
             stats = self._call(lambda: self._client.get_inference_statistics(model, headers=self.headers))
         else:
             stats = self._call(lambda: self._client.get_inference_statistics(model, headers=self.headers, as_json=True))
-        sizes: dict[int, int] = {}
+        summary = {"requests": 0, "executions": 0, "queue_ms": 0.0, "compute_ms": 0.0, "batch_sizes": {}}
+        queue_ns = compute_ns = 0
         for model_stats in stats["model_stats"]:
+            summary["requests"] += int(model_stats.get("inference_count", 0))
+            summary["executions"] += int(model_stats.get("execution_count", 0))
+            queue_ns += int(model_stats.get("inference_stats", {}).get("queue", {}).get("ns", 0))
+            # batch_stats count executions (not requests): compute time per execution, at each batch size.
             for entry in model_stats.get("batch_stats", []):
-                count = int(entry["compute_infer"]["count"])
-                sizes[int(entry["batch_size"])] = sizes.get(int(entry["batch_size"]), 0) + count
-        return sizes
+                size, count = int(entry["batch_size"]), int(entry["compute_infer"]["count"])
+                summary["batch_sizes"][size] = summary["batch_sizes"].get(size, 0) + count
+                compute_ns += sum(int(entry.get(part, {}).get("ns", 0))
+                                  for part in ("compute_input", "compute_infer", "compute_output"))
+        if summary["requests"]:
+            summary["queue_ms"] = queue_ns / summary["requests"] / 1e6  # per request
+        executions = sum(summary["batch_sizes"].values())
+        if executions:
+            summary["compute_ms"] = compute_ns / executions / 1e6  # per execution
+        return summary
+
+    def batch_sizes(self, model: str) -> dict[int, int]:
+        """{batch size: executions} from the server's statistics for `model`."""
+        return self.statistics(model)["batch_sizes"]
 
 
 # ---- building inputs -------------------------------------------------------------------------------------

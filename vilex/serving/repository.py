@@ -27,7 +27,7 @@ from pathlib import Path
 
 from vilex.errors import ViLexUsageError
 
-from .config import (DEFAULT_MAX_STEPS, PLATFORMS, check_max_batch, graph_config, pipeline_config,
+from .config import (DEFAULT_MAX_STEPS, PLATFORMS, check_max_batch, graph_config, graph_max_batch, pipeline_config,
                      pipeline_parameters, source_dir)
 from .interface import PIPELINE_MODELS, pipeline_models
 
@@ -56,8 +56,10 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
     if not 1 <= max_steps <= 1000:
         raise ViLexUsageError(f"--max-steps must be in 1..1000, got {max_steps}")
     spec = PLATFORMS[platform]
-    variant = "tensorrt" if platform == "tensorrt" else "onnx"
-    graph_files = {name: folder.graph_path(name, variant) for name in contracts}  # raises if a variant is missing
+    if platform == "tensorrt":
+        graph_files = tensorrt_engines(folder, {name: graph_max_batch(c, max_batch) for name, c in contracts.items()})
+    else:
+        graph_files = {name: folder.graph_path(name, "onnx") for name in contracts}
     source = source_dir()
     out = Path(out)
     if out.exists() and not replace:
@@ -74,7 +76,7 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
                 graph_config(contract, platform, max_batch, instances, max_queue))
             _link_or_copy(graph_files[name], version / spec.model_file)
             external = graph_files[name].with_name(graph_files[name].name + ".data")
-            if variant == "onnx" and external.is_file():
+            if platform != "tensorrt" and external.is_file():
                 # The graph names its external weights by file name: keep that name next to model.onnx.
                 _link_or_copy(external, version / external.name)
             if platform == "python-ort":
@@ -104,6 +106,7 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
             "platform": platform, "max_batch": max_batch, "instances": instances, "max_queue": max_queue,
             "max_steps": max_steps,
             "models": {"graphs": list(contracts), "pipeline": list(PIPELINE_MODELS)},
+            "graph_files": {name: path.relative_to(folder.root).as_posix() for name, path in graph_files.items()},
             "engines": {"path": str(folder.root.resolve()), "source": folder.manifest.get("source"),
                         "precision": folder.precision, "versions": folder.manifest.get("versions")},
         }, indent=2) + "\n")
@@ -114,6 +117,27 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def tensorrt_engines(folder, batch_needed: dict[str, int]) -> dict[str, Path]:
+    """The engine per graph that `vilex build-engines` recorded (the most recently built one), checked to
+    take the batch the configs declare. It must match the TensorRT version and GPU of the server that
+    loads it; the file name says which (`unet.fp16.trt10.3.0.sm90.plan`)."""
+    recorded = folder.manifest.get("tensorrt", {}).get("engines", {})
+    engines = {}
+    for graph, batch in batch_needed.items():
+        entries = sorted((entry for entry in recorded.values() if entry.get("graph") == graph),
+                         key=lambda entry: entry.get("built", ""))
+        if not entries:
+            raise ViLexUsageError(f"ENGINES '{folder.root}' has no TensorRT engine for '{graph}'; build them with "
+                                  f"`vilex build-engines {folder.root}` on the GPU host that will serve them")
+        entry = entries[-1]
+        first_input = next(iter(entry["profile"]["max"].values()))
+        if first_input[0] < batch:
+            raise ViLexUsageError(f"the TensorRT engine {entry['file']} takes batch <= {first_input[0]}, but the "
+                                  f"'{graph}' model needs {batch}: lower --max-batch or rebuild the engines")
+        engines[graph] = folder.root / entry["file"]
+    return engines
 
 
 def read_repository(path: str | os.PathLike) -> dict:
