@@ -109,8 +109,11 @@ def measure(
     max_windows: int = 8,
     sync: Callable[[], None] | None = None,
 ) -> Stats:
-    """Measure `make_call()()` until stable; `sync` (e.g. torch.cuda.synchronize) ends each call."""
-    calls = [make_call() for _ in range(concurrency)]
+    """Measure `make_call()()` until stable; `sync` (e.g. torch.cuda.synchronize) ends each call.
+
+    With concurrency > 1 each worker thread calls make_call() itself and keeps its callable for the
+    whole measurement: a tritonclient client then lives and dies in one thread, as it must.
+    """
 
     def timed(call) -> float:
         start = time.perf_counter()
@@ -119,37 +122,82 @@ def measure(
             sync()
         return time.perf_counter() - start
 
-    for call in calls:
+    per_thread = max(1, -(-min_calls // concurrency))  # calls each thread makes at least, per window
+    windows: list[tuple[list[float], float]] = []  # (latencies, elapsed)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    state = {"deadline": 0.0, "stop": False}
+    start_window = threading.Barrier(concurrency + 1)
+    end_window = threading.Barrier(concurrency + 1)
+
+    def run_window(call) -> None:
+        done = 0
+        while time.perf_counter() < state["deadline"] or done < per_thread:
+            latency = timed(call)
+            with lock:
+                latencies.append(latency)
+            done += 1
+
+    def worker() -> None:
+        try:
+            call = make_call()
+            for _ in range(warmup_calls):
+                timed(call)
+        except BaseException as error:  # re-raised in the measuring thread
+            errors.append(error)
+        while True:
+            try:
+                start_window.wait()
+                if state["stop"] or errors:
+                    return
+                try:
+                    run_window(call)
+                except BaseException as error:
+                    errors.append(error)
+                end_window.wait()
+            except threading.BrokenBarrierError:  # the measuring thread gave up after an error
+                return
+
+    if concurrency == 1:
+        call = make_call()
         for _ in range(warmup_calls):
             timed(call)
+    else:
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+        for thread in threads:
+            thread.start()
 
-    windows: list[tuple[list[float], float]] = []  # (latencies, elapsed)
     with PeakMemory() as memory:
-        while len(windows) < max_windows:
-            latencies: list[float] = []
-            lock = threading.Lock()
-            start = time.perf_counter()
-            deadline = start + window_s
-
-            def worker(call):
-                done = 0
-                while time.perf_counter() < deadline or done < max(1, min_calls // concurrency):
-                    latency = timed(call)
-                    with lock:
-                        latencies.append(latency)
-                    done += 1
-
-            if concurrency == 1:
-                worker(calls[0])
-            else:
-                threads = [threading.Thread(target=worker, args=(c,)) for c in calls]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-            windows.append((latencies, time.perf_counter() - start))
-            if len(windows) >= stable_windows and _agree(windows[-stable_windows:], items_per_call, stability):
-                break
+        try:
+            while len(windows) < max_windows:
+                latencies.clear()
+                start = time.perf_counter()
+                state["deadline"] = start + window_s
+                if concurrency == 1:
+                    run_window(call)
+                else:
+                    start_window.wait()
+                    if errors:
+                        break
+                    end_window.wait()
+                if errors:
+                    break
+                windows.append((list(latencies), time.perf_counter() - start))
+                if len(windows) >= stable_windows and _agree(windows[-stable_windows:], items_per_call, stability):
+                    break
+        finally:
+            if concurrency > 1:
+                state["stop"] = True
+                if not errors:
+                    start_window.wait()
+                else:
+                    start_window.abort()
+                    end_window.abort()
+                for thread in threads:
+                    thread.join()
+    if errors:
+        raise errors[0]
 
     last = windows[-stable_windows:]
     all_latencies = sorted(x for lat, _ in last for x in lat)

@@ -117,7 +117,9 @@ def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: Ben
 
         try:
             for protocol, stats in measure_triton(engines, images, settings, concurrency):
-                record(f"triton-{protocol}", "e2e", settings.e2e_batch, stats, "cpu", "fp32")
+                # The server's processes hold the models: peak RSS here is the client's only.
+                record(f"triton-{protocol}", "e2e", settings.e2e_batch, stats, "cpu", "fp32",
+                       call_flops=_end_to_end_flops(flops, settings) if settings.end_to_end else None)
         except Unavailable as reason:
             skipped["triton"] = str(reason)
             print(f"skipped triton: {reason}")

@@ -84,3 +84,17 @@ def test_bench_rejects_unknown_backend(capsys):
 
     assert main(["bench", "--backends", "torch,cuda-magic"]) == 2
     assert "--backends must be a comma-separated list from" in capsys.readouterr().err
+
+
+@pytest.mark.triton
+def test_bench_triton_sweep_on_tiny(tmp_path, tiny_ckpt, capsys):
+    from vilex.cli import main
+
+    code = main(["bench", str(tiny_ckpt), "--backends", "onnxruntime,triton", "--stages", "", "--steps", "1",
+                 "--concurrency", "1,2", "--compare", "--out", str(tmp_path / "b")])
+    assert code == 0
+    data = json.loads((tmp_path / "b" / "results.json").read_text())
+    served = {(r["backend"], r["stats"]["concurrency"]) for r in data["results"] if r["backend"].startswith("triton")}
+    assert served == {("triton-http", 1), ("triton-http", 2), ("triton-grpc", 1), ("triton-grpc", 2)}
+    assert "triton-http/onnxruntime (in-process)" in capsys.readouterr().out
+    assert (tmp_path / "b" / "triton_throughput_vs_concurrency.png").is_file()
