@@ -53,17 +53,18 @@ class Tolerance:
 
 
 # Tolerances per graph and precision, against the fp32 PyTorch module on random inputs.
-# fp32: onnxruntime and PyTorch differ only in kernel summation order. Measured max |diff| (tiny / small):
-# tokens 3e-8 / 1e-7 (|x| <= 0.08), text 1e-6 / 3e-6 (|x| <= 4), unet 2e-6 / 2e-6, vae 2e-6 / 1e-5: the
-# bounds leave 10-100x headroom for the deeper real models. fp16: 11 significant bits (relative step
-# 5e-4) compounded over dozens of layers; measured on small: tokens 8e-5, text 5e-3, unet 1.5e-2
-# (|x| <= 1.4), about half the bounds. The VAE decoder stays fp32 in an fp16 export
-# (onnx_export.FP16_POLICY), so its fp16 tolerance is fp32's.
+# fp32: onnxruntime and PyTorch differ only in kernel summation order. Measured max |diff| (tiny / small /
+# sd15-shaped): tokens 3e-8 / 1e-7 / 8e-8 (|x| <= 0.08), text 1e-6 / 3e-6 / 5e-6 (|x| <= 4.4), unet
+# 2e-6 / 2e-6 / 2e-6 (|x| <= 1.5), vae 2e-6 / 1e-5 / 6e-5 (|x| <= 3, growing with the image size: 512 px
+# for sd15). The VAE's bound, 3e-4, is still 1/25 of an 8-bit level of its [-1, 1] output (7.8e-3).
+# fp16: 11 significant bits (relative step 5e-4) compounded over dozens of layers; measured on small:
+# tokens 8e-5, text 5e-3, unet 1.5e-2 (|x| <= 1.4), about half the bounds. The VAE decoder stays fp32
+# in an fp16 export (onnx_export.FP16_POLICY), so its fp16 tolerance is fp32's.
 TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "vilex_encoder": {"fp32": Tolerance(1e-5, 1e-3), "fp16": Tolerance(2e-3, 2e-2)},
     "text_encoder": {"fp32": Tolerance(1e-4, 1e-3), "fp16": Tolerance(3e-2, 3e-2)},
     "unet": {"fp32": Tolerance(1e-4, 1e-3), "fp16": Tolerance(3e-2, 3e-2)},
-    "vae_decoder": {"fp32": Tolerance(1e-4, 1e-3), "fp16": Tolerance(1e-4, 1e-3)},
+    "vae_decoder": {"fp32": Tolerance(3e-4, 1e-3), "fp16": Tolerance(3e-4, 1e-3)},
 }
 
 

@@ -242,6 +242,9 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: 
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from a server's user
     try:
         (staging / "onnx").mkdir()
         records: dict[str, GraphRecord] = {}

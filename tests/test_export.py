@@ -8,6 +8,7 @@ graphs; tests that change a folder work on a copy.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -247,6 +248,9 @@ def test_manifest_describes_the_files_truly(fp32_export, export_ckpt, tiny_dims)
     assert manifest["versions"]["onnx"] == onnx.__version__
     assert "host/text_encoder/token_embedding.safetensors" in on_disk
     assert not any(name.endswith(".safetensors") and "token_embedding" not in name for name in on_disk)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert fp32_export.root.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700: servers can read it
 
 
 def test_verify_finds_changed_missing_and_extra_files(fp32_export, tmp_path):
