@@ -97,6 +97,7 @@ def serve_and_reconstruct(engines: Path, cache: Path, paths: list[Path], token_c
     # 4b. A real tritonserver; SIGTERM stops it the way Ctrl-C does
     start = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     server = TritonServer(repository, ports=Ports.free())
     try:
         server.start()
@@ -134,7 +135,11 @@ def serve_and_reconstruct(engines: Path, cache: Path, paths: list[Path], token_c
             statistics = {model: client.statistics(model) for model in
                           ("vilex_reconstruct", "vilex_encoder", "text_encoder", "unet", "vae_decoder")}
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the shutdown short (stop() is bounded by its timeouts).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         code = server.stop()
+        signal.signal(signal.SIGINT, previous_int)
         signal.signal(signal.SIGTERM, previous)
     print(f"      tritonserver stopped (exit code {code})")
     return columns, statistics

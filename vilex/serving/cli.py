@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shlex
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,8 +76,10 @@ def cmd_serve(args) -> None:
         return
 
     server = TritonServer(args.repository, ports=ports, address=args.address, log=args.log)
-    # SIGTERM (docker stop, systemd, kill) stops the server the same way Ctrl-C does.
+    # SIGTERM (docker stop, systemd, kill) stops the server the same way Ctrl-C does. SIGINT is set too:
+    # a shell starts background commands with SIGINT ignored, and Python then keeps ignoring it.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         print(f"starting tritonserver on {server.repository} ...", flush=True)
         server.start(timeout_s=args.timeout)
@@ -87,7 +90,7 @@ def cmd_serve(args) -> None:
         while server.process.poll() is None:
             try:
                 server.process.wait(timeout=1.0)
-            except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired: keep waiting
+            except subprocess.TimeoutExpired:
                 pass
         print(f"tritonserver exited on its own with code {server.process.returncode}:\n{server.log_tail()}",
               file=sys.stderr, flush=True)
@@ -95,6 +98,9 @@ def cmd_serve(args) -> None:
     except KeyboardInterrupt:
         print("stopping tritonserver ...", flush=True)
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the shutdown short (stop() is bounded by its timeouts).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         code = server.stop()
         if code is not None:
             print(f"tritonserver stopped (exit code {code})", flush=True)
