@@ -32,6 +32,11 @@ def atomic_folder(out: str | os.PathLike, must_be_new: bool = False):
         raise ViLexUsageError(f"--out '{out}' exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    # mkdtemp makes the folder 0700; give it the permissions a plain mkdir would (a Triton server or a
+    # colleague running as another user must be able to read a checkpoint).
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     try:
         yield staging
         if must_be_new:
