@@ -163,6 +163,9 @@ def test_tensorrt_repository_takes_the_recorded_engines(engines, tiny_contracts,
                                     zip(contract.inputs, contract.input_shapes("max").values())}}}
     (copy / "manifest.json").write_text(json.dumps(manifest))
     repository = build_repository(copy, tmp_path / "repo", platform="tensorrt", max_batch=2)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert repository.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700: a container's user reads it
     for graph in tiny_contracts:
         assert (repository / graph / "1" / "model.plan").read_bytes() == f"{graph} fp16".encode()  # the latest
         assert not (repository / graph / "1" / "model.py").exists()

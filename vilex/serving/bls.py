@@ -120,15 +120,13 @@ class PipelineModel:
             except ViLexUsageError as error:
                 responses[index] = self._error(str(error), pb.TritonError.INVALID_ARG)
         # 2. Run them together; a failure is reported to the requests it concerns.
-        for indices, outputs_or_error in self._run(checked):
-            for index in indices:
-                if isinstance(outputs_or_error, Exception):
-                    code = pb.TritonError.INVALID_ARG if isinstance(outputs_or_error, ViLexUsageError) else \
-                        pb.TritonError.INTERNAL
-                    responses[index] = self._error(f"{self.model}: {outputs_or_error}", code)
-                else:
-                    responses[index] = pb.InferenceResponse(output_tensors=[
-                        pb.Tensor(name, np.ascontiguousarray(array)) for name, array in outputs_or_error[index].items()])
+        for index, outcome in self._run(checked).items():
+            if isinstance(outcome, Exception):
+                code = pb.TritonError.INVALID_ARG if isinstance(outcome, ViLexUsageError) else pb.TritonError.INTERNAL
+                responses[index] = self._error(f"{self.model}: {outcome}", code)
+            else:
+                responses[index] = pb.InferenceResponse(output_tensors=[
+                    pb.Tensor(name, np.ascontiguousarray(array)) for name, array in outcome.items()])
         return responses
 
     def _inputs(self, request) -> dict[str, np.ndarray]:
@@ -142,33 +140,33 @@ class PipelineModel:
     def _error(self, message: str, code):
         return self.pb_utils.InferenceResponse(error=self.pb_utils.TritonError(message, code))
 
-    def _run(self, checked: dict[int, PipelineRequest]):
-        """Yield (request indices, {index: {output name: array}} or the exception that stopped them)."""
+    def _run(self, checked: dict[int, PipelineRequest]) -> dict[int, dict[str, np.ndarray] | Exception]:
+        """{request index: {output name: array}, or the exception that stopped that request}.
+
+        Exceptions are caught broadly on purpose: whatever fails is reported to the requests it
+        concerns as an error response, instead of being raised into Triton (which fails the whole call)."""
         if not checked:
-            return
-        if self.model == "vilex_tokenize":
-            yield from self._guarded(list(checked), lambda: self._tokenize(checked))
-            return
-        # Images (rows) of all requests, in order: (request index, row)
+            return {}
+        # Images (rows) of all requests, in order, as (request index, row)
         rows = [(index, row) for index, request in checked.items() for row in range(request.n)]
-        tokens: dict[tuple[int, int], torch.Tensor] = {}
-        if self.model == "vilex_reconstruct":
-            images = [checked[i].images[r] for i, r in rows]
-            try:
-                all_tokens = self.pipeline.tokenize(images)  # (rows, N, D): one encoder call for the batch
-            except Exception as error:  # noqa: BLE001 - reported to the requests, not raised into Triton
-                yield list(checked), error
-                return
-            tokens = {row: all_tokens[j] for j, row in enumerate(rows)}
-        else:
-            tokens = {(i, r): torch.from_numpy(np.array(checked[i].vilex_tokens[r])) for i, r in rows}
-        # Rows with the same token count, steps and guidance run as one generate() call.
+        try:
+            if self.model == "vilex_tokenize":
+                return self._tokenize(checked, rows)
+            if self.model == "vilex_reconstruct":
+                all_tokens = self.pipeline.tokenize([checked[i].images[r] for i, r in rows])  # (rows, N, D)
+                tokens = {row: all_tokens[j] for j, row in enumerate(rows)}
+            else:
+                tokens = {(i, r): torch.from_numpy(np.array(checked[i].vilex_tokens[r])) for i, r in rows}
+        except Exception as error:  # noqa: BLE001 - see the docstring
+            return {index: error for index in checked}
+
+        # Rows with the same token count, steps and guidance run as one generate() call; prompts and seeds
+        # are per row (one generator each, so a row's noise does not depend on the others).
         groups: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
         for i, r in rows:
-            request = checked[i]
-            groups[(request.num_tokens[r], request.steps[r], request.guidance[r])].append((i, r))
+            groups[(checked[i].num_tokens[r], checked[i].steps[r], checked[i].guidance[r])].append((i, r))
+        outcomes: dict[int, dict[str, np.ndarray] | Exception] = {}
         generated: dict[tuple[int, int], np.ndarray] = {}
-        failed: dict[int, Exception] = {}
         for (k, steps, guidance), members in groups.items():
             try:
                 images = self.pipeline.generate(
@@ -177,33 +175,22 @@ class PipelineModel:
                     num_inference_steps=steps, guidance_scale=guidance,
                     generator=[torch.Generator().manual_seed(checked[i].seeds[r]) for i, r in members],
                     output_type="pil", progress=False).images
-            except Exception as error:  # noqa: BLE001 - reported to the requests, not raised into Triton
+            except Exception as error:  # noqa: BLE001 - see the docstring
                 for i, _ in members:
-                    failed.setdefault(i, error)
+                    outcomes.setdefault(i, error)
                 continue
             for member, image in zip(members, images):
-                generated[member] = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
-        for index, error in failed.items():
-            yield [index], error
-        done = [i for i in checked if i not in failed]
-        if done:
-            yield done, {i: {"IMAGE": np.stack([generated[(i, r)] for r in range(checked[i].n)])} for i in done}
+                generated[member] = np.asarray(image, dtype=np.uint8)  # (H, W, 3), as a PNG would hold it
+        for i, request in checked.items():
+            if i not in outcomes:
+                outcomes[i] = {"IMAGE": np.stack([generated[(i, r)] for r in range(request.n)])}  # (n, H, W, 3)
+        return outcomes
 
-    def _tokenize(self, checked: dict[int, PipelineRequest]) -> dict[int, dict[str, np.ndarray]]:
-        images = [image for request in checked.values() for image in request.images]
-        all_tokens = self.pipeline.tokenize(images).numpy()  # (rows, N, D)
+    def _tokenize(self, checked: dict[int, PipelineRequest], rows: list[tuple[int, int]]) -> dict[int, dict[str, np.ndarray]]:
+        all_tokens = self.pipeline.tokenize([checked[i].images[r] for i, r in rows]).numpy()  # (rows, N, D)
         outputs, start = {}, 0
         for index, request in checked.items():
-            k = request.num_tokens[0]
-            outputs[index] = {"VILEX_TOKENS": all_tokens[start:start + request.n, :k]}
+            k = request.num_tokens[0]  # one k per request (checked)
+            outputs[index] = {"VILEX_TOKENS": all_tokens[start:start + request.n, :k]}  # (n, k, D)
             start += request.n
         return outputs
-
-    @staticmethod
-    def _guarded(indices: list[int], work):
-        try:
-            result = work()
-        except Exception as error:  # noqa: BLE001 - reported to the requests, not raised into Triton
-            yield indices, error
-            return
-        yield indices, result

@@ -67,6 +67,9 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the repository from the server's user (a container's)
     try:
         # 2. Graph models
         for name, contract in contracts.items():
