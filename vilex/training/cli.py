@@ -1,0 +1,120 @@
+"""`vilex train`: the command line of the trainer.
+
+    vilex train CKPT --data DIR --out RUN_DIR [options]
+    vilex train --resume RUN_DIR [--num-workers N ...]
+
+Options default to None on the parser so that a resumed run can tell which ones were given: those
+fall back to TrainConfig's defaults for a new run, and must match the saved run (or be among the
+harmless ones) for a resumed one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ..errors import ViLexUsageError
+
+# (flag, TrainConfig field, type, help); booleans are flags (with --no-X for the ones on by default)
+VALUE_OPTIONS = (
+    ("--max-steps", "max_steps", int, "optimizer steps (default 10000)"),
+    ("--batch-size", "batch_size", int, "images per process and micro-batch (default 8)"),
+    ("--gradient-accumulation-steps", "gradient_accumulation_steps", int, "micro-batches per optimizer step (default 1)"),
+    ("--pooler-lr", "pooler_lr", float, "learning rate of the attention pooler (default 3e-4)"),
+    ("--vision-lr", "vision_lr", float, "learning rate of the vision encoder with --train-vision (default 1e-5)"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay on weight matrices (default 0.01)"),
+    ("--warmup-steps", "warmup_steps", int, "linear warmup steps before the cosine decay, 0..max-steps (default 500)"),
+    ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm, 0 = off (default 1.0)"),
+    ("--mixed-precision", "mixed_precision", str, "no | bf16 | fp16 (fp16 needs CUDA; default no)"),
+    ("--ema-decay", "ema_decay", float, "EMA decay with --ema (default 0.9999)"),
+    ("--snr-gamma", "snr_gamma", float, "min-SNR loss weighting gamma, e.g. 5.0 (default off)"),
+    ("--taildrop-prob", "taildrop_prob", float, "probability that TailDrop shortens a sample (default: the checkpoint's)"),
+    ("--caption-prob", "caption_prob", float, "share of captioned samples trained as ViLex + text (default 0.5)"),
+    ("--resolution", "resolution", int, "VAE input size in pixels (default: the UNet's native size)"),
+    ("--num-workers", "num_workers", int, "data loader worker processes (default 2)"),
+    ("--seed", "seed", int, "seed of data order, noise, timesteps and TailDrop (default 0)"),
+    ("--holdout", "holdout", int, "images kept out of training for the preview grids (default 4)"),
+    ("--preview-every", "preview_every", int, "steps between preview grids, 0 = only at the end (default 1000)"),
+    ("--preview-steps", "preview_steps", int, "denoising steps of the previews (default 25)"),
+    ("--preview-guidance", "preview_guidance", float, "guidance scale of the previews (default 7.5)"),
+    ("--checkpoint-every", "checkpoint_every", int, "steps between checkpoints, 0 = only at the end (default 1000)"),
+    ("--keep-checkpoints", "keep_checkpoints", int, "newest checkpoints kept, 0 = all (default 2)"),
+    ("--log-every", "log_every", int, "steps per metrics.jsonl line (default 10)"),
+)
+FLAG_OPTIONS = (
+    ("--train-vision", "train_vision", True, "train the vision encoder too (at --vision-lr)"),
+    ("--gradient-checkpointing", "gradient_checkpointing", True, "recompute the frozen UNet's and text encoder's activations"),
+    ("--ema", "ema", True, "keep an EMA of the trainable weights; the final pipeline gets the EMA weights"),
+    ("--no-taildrop", "taildrop", False, "train with all N tokens always"),
+    ("--random-crop", "random_crop", True, "random instead of centre crops"),
+    ("--random-flip", "random_flip", True, "random horizontal flips"),
+    ("--no-progress", "progress", False, "no progress bar"),
+    ("--cpu", "cpu", True, "train on the CPU even when a GPU is there"),
+)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a ViLex checkpoint on a folder of images",
+                              description="Train the ViLex pooler (and optionally the vision encoder) through the "
+                                          "frozen diffusion model. Multi-GPU: accelerate launch -m vilex.cli train ...")
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, help="a ViLex checkpoint folder (`vilex init`)")
+    p.add_argument("--data", metavar="DIR", default=None, help="folder of .jpg/.jpeg/.png/.webp images (recursive; name.txt captions)")
+    p.add_argument("--out", metavar="RUN_DIR", default=None, help="RUN_DIR: a new or empty folder for checkpoints, metrics, previews")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    for flag, name, kind, help_text in VALUE_OPTIONS:
+        p.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+    for flag, name, value, help_text in FLAG_OPTIONS:
+        p.add_argument(flag, dest=name, action="store_const", const=value, default=None, help=help_text)
+    p.set_defaults(func=cmd_train)
+
+
+def given_options(args) -> dict:
+    names = [name for _, name, _, _ in VALUE_OPTIONS] + [name for _, name, _, _ in FLAG_OPTIONS]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def flag_of(name: str) -> str:
+    for flag, field_name, *_ in VALUE_OPTIONS + FLAG_OPTIONS:
+        if field_name == name:
+            return flag
+    return f"--{name.replace('_', '-')}"
+
+
+def cmd_train(args) -> None:
+    from .trainer import RESUME_OVERRIDABLE, TrainConfig, load_run_config, resume, train
+
+    options = given_options(args)
+    if args.resume:
+        if args.ckpt or args.data or args.out:
+            raise ViLexUsageError("--resume RUN_DIR continues a run with its own CKPT, --data and --out; give none of them")
+        saved = load_run_config(args.resume)
+        changed = {k: v for k, v in options.items() if getattr(saved, k) != v}
+        fixed = [k for k in changed if k not in RESUME_OVERRIDABLE]
+        if fixed:
+            details = ", ".join(f"{flag_of(k)} {changed[k]} (run: {getattr(saved, k)})" for k in fixed)
+            raise ViLexUsageError(f"--resume keeps the run's options; these differ: {details}. Only "
+                                  f"{', '.join(flag_of(k) for k in RESUME_OVERRIDABLE)} may change")
+        result = resume(args.resume, **changed)
+    else:
+        missing = [name for name, value in (("CKPT", args.ckpt), ("--data", args.data), ("--out", args.out)) if not value]
+        if missing:
+            raise ViLexUsageError(f"missing {', '.join(missing)}: use `vilex train CKPT --data DIR --out RUN_DIR` "
+                                  f"or `vilex train --resume RUN_DIR`")
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        config = TrainConfig(checkpoint=args.ckpt, data=args.data, out=args.out,
+                             **{k: v for k, v in options.items() if k in known})
+        result = train(config)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, one process reports
+        return
+    print(f"trained {result.steps} steps: final loss {result.final_loss:.4f}, {result.images_per_s:.1f} images/s")
+    if result.unreadable:
+        first = next(iter(result.unreadable.items()))
+        print(f"skipped {len(result.unreadable)} unreadable image files (e.g. {first[0]}: {first[1]}); "
+              f"all are listed in {result.run_dir / 'report.json'}")
+    else:
+        print("skipped 0 unreadable image files")
+    if result.captions_too_long:
+        print(f"{result.captions_too_long} samples had captions too long to fit beside a ViLex token and were trained without text")
+    print(f"wrote ViLex pipeline {result.pipeline} (use it as CKPT with any vilex command)")
