@@ -196,8 +196,9 @@ def run_demo(out: Path, cache: Path, steps: int = 25) -> Path:
     print(f"      {grid.resolve()}")
     print_timings("stage timings (PyTorch, CPU):", torch_backend)
     print_timings("stage timings (onnxruntime, CPU):", ort_backend)
-    print("server statistics (tritonserver, CPU; compute per execution, queue per request):")
+    print("server statistics (tritonserver, CPU; inferences count images or batch items; compute per execution, "
+          "queue per request):")
     for model, stats in statistics.items():
-        print(f"  {model:<17} {stats['requests']:>4} requests  {stats['executions']:>4} executions  "
+        print(f"  {model:<17} {stats['inferences']:>4} inferences  {stats['executions']:>4} executions  "
               f"{stats['compute_ms']:8.2f} ms compute  {stats['queue_ms']:7.2f} ms queue  batch sizes {stats['batch_sizes']}")
     return grid

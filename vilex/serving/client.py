@@ -144,27 +144,29 @@ class TritonClient:
             return False
 
     def statistics(self, model: str) -> dict:
-        """The server's statistics for `model`: requests, executions, mean queue and compute time, batch sizes.
+        """The server's statistics for `model`: inferences (images or batch items), executions, mean queue
+        time per request, mean compute time per execution, executions per batch size.
 
         Over either protocol the numbers are the same (gRPC's JSON carries 64-bit counts as strings)."""
         if self.protocol == "http":
             stats = self._call(lambda: self._client.get_inference_statistics(model, headers=self.headers))
         else:
             stats = self._call(lambda: self._client.get_inference_statistics(model, headers=self.headers, as_json=True))
-        summary = {"requests": 0, "executions": 0, "queue_ms": 0.0, "compute_ms": 0.0, "batch_sizes": {}}
-        queue_ns = compute_ns = 0
+        summary = {"inferences": 0, "executions": 0, "queue_ms": 0.0, "compute_ms": 0.0, "batch_sizes": {}}
+        queue_ns = queued = compute_ns = 0
         for model_stats in stats["model_stats"]:
-            summary["requests"] += int(model_stats.get("inference_count", 0))
+            summary["inferences"] += int(model_stats.get("inference_count", 0))
             summary["executions"] += int(model_stats.get("execution_count", 0))
-            queue_ns += int(model_stats.get("inference_stats", {}).get("queue", {}).get("ns", 0))
+            queue = model_stats.get("inference_stats", {}).get("queue", {})
+            queue_ns, queued = queue_ns + int(queue.get("ns", 0)), queued + int(queue.get("count", 0))
             # batch_stats count executions (not requests): compute time per execution, at each batch size.
             for entry in model_stats.get("batch_stats", []):
                 size, count = int(entry["batch_size"]), int(entry["compute_infer"]["count"])
                 summary["batch_sizes"][size] = summary["batch_sizes"].get(size, 0) + count
                 compute_ns += sum(int(entry.get(part, {}).get("ns", 0))
                                   for part in ("compute_input", "compute_infer", "compute_output"))
-        if summary["requests"]:
-            summary["queue_ms"] = queue_ns / summary["requests"] / 1e6  # per request
+        if queued:
+            summary["queue_ms"] = queue_ns / queued / 1e6  # per request
         executions = sum(summary["batch_sizes"].values())
         if executions:
             summary["compute_ms"] = compute_ns / executions / 1e6  # per execution
