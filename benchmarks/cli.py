@@ -23,9 +23,7 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 def add_parser(subparsers) -> None:
-    from vilex.stages import STAGE_NAMES
-
-    from .runner import ALL_BACKENDS
+    from . import ALL_BACKENDS
 
     p = subparsers.add_parser("bench", help="measure latency/throughput per stage and end to end on each backend")
     p.add_argument("ckpt", nargs="?", default=None, help="a ViLex checkpoint (default: --preset)")
@@ -34,7 +32,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--engines", default=None, help="an export folder of CKPT (default: export into OUT/engines)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="export precision when exporting")
     p.add_argument("--batch-sizes", type=int_list, default=(1, 2, 4), help="image batch sizes for the stages")
-    p.add_argument("--stages", default=",".join(STAGE_NAMES), help="stages to measure (empty: none)")
+    p.add_argument("--stages", default=None, help="comma-separated stages to measure (default: all four; empty: none)")
     p.add_argument("--tokens", type=int, default=16, help="ViLex tokens end to end")
     p.add_argument("--steps", type=int, default=20, help="denoising steps end to end")
     p.add_argument("--e2e-batch", type=int, default=1, help="images per end-to-end request")
@@ -51,14 +49,15 @@ def add_parser(subparsers) -> None:
 def cmd_bench(args) -> None:
     from vilex.stages import STAGE_NAMES
 
-    from .runner import ALL_BACKENDS, BenchSettings
+    from . import ALL_BACKENDS
+    from .runner import BenchSettings
     from .suite import run_bench
 
     backends = [b for b in args.backends.split(",") if b]
     unknown = [b for b in backends if b not in ALL_BACKENDS]
     if unknown or not backends:
         raise ViLexUsageError(f"--backends must be a comma-separated list from {', '.join(ALL_BACKENDS)}, got {args.backends!r}")
-    stages = tuple(s for s in args.stages.split(",") if s)
+    stages = STAGE_NAMES if args.stages is None else tuple(s for s in args.stages.split(",") if s)
     if any(s not in STAGE_NAMES for s in stages):
         raise ViLexUsageError(f"--stages must be from {', '.join(STAGE_NAMES)}, got {args.stages!r}")
     for flag, value, low, high in (("--tokens", args.tokens, 1, 75), ("--steps", args.steps, 1, 1000),

@@ -28,11 +28,9 @@ from vilex.export.validate import sample_inputs
 from vilex.backends import StageBackend
 from vilex.stages import STAGE_NAMES
 
+from . import ALL_BACKENDS
 from .measure import Stats, measure
 
-STAGE_BACKENDS = ("torch", "torch-fp16", "torch-bf16", "torch-cudagraph", "torch-compile",
-                  "onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
-ALL_BACKENDS = STAGE_BACKENDS + ("triton",)
 ORT_PROVIDERS = {"onnxruntime": ["cpu"], "onnxruntime-cuda": ["cuda", "cpu"], "onnxruntime-trt": ["tensorrt", "cuda", "cpu"]}
 
 

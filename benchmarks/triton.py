@@ -34,7 +34,8 @@ def measure_triton(engines: Path | None, images, settings: BenchSettings, concur
 
     batch = list(images[: settings.e2e_batch])
     with tempfile.TemporaryDirectory(prefix="vilex-bench-triton-") as tmp:
-        repository = build_repository(engines, Path(tmp) / "repository", max_batch=max(settings.e2e_batch, max(concurrency)))
+        # The export's --max-batch bounds the served batch; more concurrent requests than that queue.
+        repository = build_repository(engines, Path(tmp) / "repository")
         print(f"triton: serving {repository}")
         with TritonServer(repository, ports=Ports.free()) as server:
             for protocol in protocols:
