@@ -259,6 +259,28 @@ def test_only_trainable_parameters_get_gradients_and_change(tiny_ckpt, image_fol
     assert all(torch.equal(pipeline.unet.state_dict()[k], v) for k, v in on_disk.items())
 
 
+@pytest.mark.parametrize("model_type", ["siglip_vision_model", "clip_vision_model"])
+def test_a_trained_vision_encoder_gets_a_gradient_on_every_trainable_parameter(model_type):
+    """With --train-vision every trainable vision weight must get a gradient (DistributedDataParallel
+    fails on one that does not): CLIP's post_layernorm, which ViLex never uses, stays frozen."""
+    from vilex.model import ViLexModel
+    from vilex.training.trainer import set_vision_trainable
+
+    torch.manual_seed(0)
+    vilex = ViLexModel(vision_config=dict(model_type=model_type, hidden_size=32, intermediate_size=37,
+                                          num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8),
+                       num_queries=4, pooler_width=32, pooler_heads=4, output_dim=32)
+    set_vision_trainable(vilex, True)
+    vilex(torch.randn(2, 3, 32, 32), taildrop=False).vilex_tokens.square().sum().backward()
+    trainable = [(n, p) for n, p in vilex.vision_model.named_parameters() if p.requires_grad]
+    assert len(trainable) > 10
+    assert all(p.grad is not None for _, p in trainable), [n for n, p in trainable if p.grad is None]
+    frozen = [n for n, p in vilex.vision_model.named_parameters() if not p.requires_grad]
+    assert frozen == ([] if model_type == "siglip_vision_model" else ["post_layernorm.weight", "post_layernorm.bias"])
+    set_vision_trainable(vilex, False)
+    assert not any(p.requires_grad for p in vilex.vision_model.parameters())
+
+
 # ---- checkpoints and resume ---------------------------------------------------------------------------------
 def test_resume_reproduces_the_uninterrupted_run(tiny_ckpt, image_folder, tmp_path, monkeypatch):
     """Crash in step 3 of 4 (checkpoints every 2 steps), resume: same losses, same weights, bit for bit.
@@ -328,17 +350,25 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tiny_ckpt, image_folder, t
     assert (run / ckpt.CHECKPOINTS / ".step-00000004.partial").is_dir()
     loaded = ckpt.load_checkpoint_files(ckpt.latest_checkpoint(run), rank=0)  # step 2 is intact
     assert loaded["state"]["step"] == 2 and set(loaded["trainable"]) == set(loaded["state"]["trainable_names"])
+    extra = image_folder / "added-later.png"
+    shutil.copy(sample_paths()[0], extra)
+    with pytest.raises(ViLexUsageError, match="changed since the checkpoint .* 4 files, now there are 5"):
+        resume(run)  # the sample order depends on the files: an exact resume needs the same ones
+    extra.unlink()
     result = resume(run)
     assert result.steps == 4 and not list((run / ckpt.CHECKPOINTS).glob(".*.partial"))
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [2, 4]
 
 
 def test_bf16_mixed_precision_keeps_trainable_weights_in_float32(tiny_ckpt, image_folder, tmp_path):
-    trainer = Trainer(config(tiny_ckpt, image_folder, tmp_path / "run", mixed_precision="bf16")).setup()
+    trainer = Trainer(config(tiny_ckpt, image_folder, tmp_path / "run", mixed_precision="bf16", holdout=1,
+                             preview_steps=1)).setup()
     assert {getattr(trainer.pipeline, name).dtype for name in FROZEN} == {torch.bfloat16}
     assert {p.dtype for p in trainer.trainable} == {torch.float32}
     figures = trainer.train_step()
     assert np.isfinite(figures["loss"]) and np.isfinite(figures["grad_norm"])
+    assert Image.open(trainer.write_preview()).size == (4 * 66 + 2, 66 + 2)  # the pipeline runs on bf16 modules
+    assert np.isfinite(read_metrics(tmp_path / "run")[-1]["holdout_loss"])
     if not torch.cuda.is_available():
         with pytest.raises(ViLexUsageError, match="fp16 needs a CUDA GPU"):
             Trainer(config(tiny_ckpt, image_folder, tmp_path / "run16", mixed_precision="fp16")).setup()

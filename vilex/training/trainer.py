@@ -152,6 +152,15 @@ class DeviceSafeUNet(StageBackend):
         return output.to(inputs["sample"].device) if stage == "unet" else output
 
 
+def set_vision_trainable(vilex, trainable: bool) -> None:
+    """Train the vision encoder or freeze it. CLIP's post_layernorm stays frozen either way, as in
+    ViLexModel: it only feeds the pooled output ViLex does not use, so it would never get a gradient
+    (and an unused trainable parameter breaks DistributedDataParallel)."""
+    clip = vilex.vision_model.config.model_type == "clip_vision_model"
+    for name, parameter in vilex.vision_model.named_parameters():
+        parameter.requires_grad_(trainable and not (clip and "post_layernorm" in name))
+
+
 def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
     """Multiplier of the base learning rates at optimizer step `step` (0-based): linear warmup, cosine decay."""
     if step < warmup_steps:
@@ -232,7 +241,7 @@ class Trainer:
             module.eval()
             if self.weight_dtype != torch.float32:
                 module.to(self.weight_dtype)  # frozen: half precision saves memory; gradients pass through
-        pipeline.vilex.vision_model.requires_grad_(cfg.train_vision)
+        set_vision_trainable(pipeline.vilex, cfg.train_vision)
         pipeline.vilex.pooler.requires_grad_(True)
         self.trainable_names = [n for n, p in pipeline.vilex.named_parameters() if p.requires_grad]
 
@@ -245,6 +254,7 @@ class Trainer:
         self.holdout_squares = [crop_square(image, resolution) for image in holdout_images]
         self.dataset = ImageFolderDataset(training, pipeline.image_processor, resolution, seed=cfg.seed,
                                           random_crop=cfg.random_crop, random_flip=cfg.random_flip)
+        self.data_fingerprint = data_fingerprint(cfg.data, training)
 
         # 1e. Objective, optimizer, schedule, EMA
         objective = ReconstructionObjective(pipeline, snr_gamma=cfg.snr_gamma, caption_prob=cfg.caption_prob,
@@ -274,6 +284,9 @@ class Trainer:
             latest = ckpt.latest_checkpoint(self.run_dir)
             if latest is not None:
                 self.load_checkpoint(latest)
+            if self.is_main and cfg.progress:
+                print(f"resuming {self.run_dir} from step {self.step}" if latest is not None else
+                      f"{self.run_dir} has no checkpoint yet: starting it over from step 0")
             resume_step = self.step
         elif self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -349,7 +362,7 @@ class Trainer:
         cfg, accelerator = self.config, self.accelerator
         start = time.perf_counter()
         self.objective.train()
-        loss_sum, images, tokens, with_text = 0.0, 0, 0.0, 0
+        loss_sum, images, tokens, with_text = torch.zeros((), device=accelerator.device), 0, 0.0, 0
         for micro in range(cfg.gradient_accumulation_steps):
             batch = self.next_batch()
             last = micro == cfg.gradient_accumulation_steps - 1
@@ -357,7 +370,7 @@ class Trainer:
             with contextlib.nullcontext() if last else accelerator.no_sync(self.objective):
                 out = self.compute_loss(batch)
                 accelerator.backward(out["loss"] / cfg.gradient_accumulation_steps)
-            loss_sum += float(out["loss"].detach())
+            loss_sum += out["loss"].detach()  # stays on the device: no sync per micro-batch
             images += len(batch["paths"])
             tokens += float(out["lengths"].float().sum())
             with_text += out["num_text"]
@@ -371,7 +384,7 @@ class Trainer:
         self.step += 1
         self.images_trained += images
         seconds = time.perf_counter() - start
-        self.last_loss = loss_sum / cfg.gradient_accumulation_steps
+        self.last_loss = float(loss_sum) / cfg.gradient_accumulation_steps
         figures = {"step": self.step, "loss": self.last_loss, "grad_norm": grad_norm, "images": images * self.world_size,
                    "seconds": seconds, "images_per_s": images * self.world_size / seconds,
                    "mean_vilex_tokens": tokens / max(images, 1), "text_fraction": with_text / max(images, 1),
@@ -419,6 +432,7 @@ class Trainer:
                 "step": self.step, "num_processes": self.world_size, "optimizer": optimizer_meta,
                 "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                 "ema": ema_meta, "trainable_names": self.trainable_names, "config": self.config.to_json(),
+                "training_images": len(self.dataset), "data_fingerprint": self.data_fingerprint,
                 "versions": _versions()})
             ckpt.commit(staging, final)
             ckpt.prune(self.run_dir, self.config.keep_checkpoints)
@@ -431,6 +445,11 @@ class Trainer:
         if state["num_processes"] != self.world_size:
             raise ViLexUsageError(f"--resume: the run was saved with {state['num_processes']} processes, this launch "
                                   f"has {self.world_size}; resume with the same number")
+        if state["data_fingerprint"] != self.data_fingerprint:
+            raise ViLexUsageError(
+                f"--resume: the images under --data '{self.config.data}' changed since the checkpoint (it trained on "
+                f"{state['training_images']} files, now there are {len(self.dataset)} or other names); an exact "
+                f"resume needs the same files, so restore them or start a new run")
         if state["trainable_names"] != self.trainable_names:
             raise ViLexUsageError(f"--resume: checkpoint '{folder}' trains other parameters than this set-up")
         named = dict(self.pipeline.vilex.named_parameters())
@@ -555,7 +574,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not (self.is_main and cfg.progress), dynamic_ncols=True)
         interval = {"loss": 0.0, "images": 0, "seconds": 0.0, "steps": 0}
-        started, images_at_start = time.perf_counter(), self.images_trained
+        started, images_at_start, final_loss = time.perf_counter(), self.images_trained, self.last_loss
         while self.step < cfg.max_steps:
             figures = self.train_step()
             for key in ("loss", "images", "seconds"):
@@ -566,6 +585,7 @@ class Trainer:
                 loss = self.accelerator.reduce(torch.tensor(interval["loss"] / interval["steps"],
                                                             device=self.accelerator.device), "mean")
                 figures.update(loss=float(loss), images_per_s=interval["images"] / interval["seconds"])
+                final_loss = figures["loss"]  # averaged over processes (last_loss is this process's)
                 figures.pop("images"), figures.pop("seconds")
                 if self.is_main:
                     self.metrics.write(figures)
@@ -577,6 +597,7 @@ class Trainer:
                 self.write_preview()
         bar.close()
         seconds = time.perf_counter() - started
+        del self._batches  # stops the loader's worker processes
         pipeline_dir = self.export_pipeline()
 
         # gather what every process skipped, for one report
@@ -585,7 +606,7 @@ class Trainer:
             unreadable.update(part)
         too_long = sum(gather_object([self.objective_module.captions_too_long])) if self.world_size > 1 \
             else self.objective_module.captions_too_long
-        result = TrainResult(run_dir=self.run_dir, pipeline=pipeline_dir, steps=self.step, final_loss=self.last_loss,
+        result = TrainResult(run_dir=self.run_dir, pipeline=pipeline_dir, steps=self.step, final_loss=final_loss,
                              images_per_s=(self.images_trained - images_at_start) * self.world_size / max(seconds, 1e-9),
                              unreadable=dict(sorted(unreadable.items())), captions_too_long=too_long)
         if self.is_main:
@@ -596,6 +617,14 @@ class Trainer:
             (self.run_dir / REPORT_FILE).write_text(json.dumps(report, indent=1))
             self.metrics.close()
         return result
+
+
+def data_fingerprint(root: str, records) -> str:
+    """SHA-256 of the training images' paths relative to --data: the sample order depends on them."""
+    import hashlib
+
+    names = "\n".join(str(r.path.relative_to(root)) for r in records)
+    return hashlib.sha256(names.encode()).hexdigest()
 
 
 def _versions() -> dict:
