@@ -179,6 +179,7 @@ def pick_holdout(records: Sequence[ImageRecord], count: int, seed: int):
     [(path, reason)]). Reads files until it has `count` readable ones (all files at most), so a folder of
     only unreadable files is reported here, before training starts, even with count=0.
     """
+    # [seed, 2**20]: a stream of its own, apart from the epoch permutations seeded by [seed, epoch]
     order = np.random.default_rng([seed, 1 << 20]).permutation(len(records))
     chosen, images, unreadable = [], [], []
     wanted = max(count, 1)  # with count=0 still find one readable image, to fail early on all-corrupt data
