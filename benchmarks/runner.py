@@ -79,6 +79,7 @@ class CudaGraphBackend(StageBackend):
 
     def __init__(self, inner):
         self.inner = inner
+        self.device = inner.device
         self.graphs: dict = {}
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -100,7 +100,7 @@ class PromptBuilder:
             prompt = prompts[b] if prompts is not None else None
             self.check_fits(prompt, k)
             text = table[torch.tensor(self.text_ids(prompt), dtype=torch.long, device=table.device)] if prompt else table[:0]
-            vilex = vilex_tokens[b, :k].to(table.dtype) if k else table[:0]
+            vilex = vilex_tokens[b, :k].to(table.device, table.dtype) if k else table[:0]
             middle = [vilex, text] if order == "vilex_first" else [text, vilex]
             row = torch.cat([bos[None], *middle, eos[None]])  # (2 + k + n_text, D)
             padding = pad[None].expand(self.max_length - row.shape[0], -1)

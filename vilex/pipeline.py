@@ -194,18 +194,20 @@ class ViLexPipeline(DiffusionPipeline):
         if use_text_free:
             branches.append(self.encode_prompt(vilex_tokens, None, order=order))
         branches.append(self.encode_prompt(vilex_tokens, prompts if has_text else None, order=order))
-        prompt_embeds = torch.cat(branches).float()  # (n_branches * n, 77, D)
+        device = torch.device(self.backend.device)  # the loop runs where the backend's stages run
+        prompt_embeds = torch.cat(branches).float().to(device)  # (n_branches * n, 77, D)
 
-        # 3. Timesteps and initial noise
-        self.scheduler.set_timesteps(num_inference_steps)
+        # 3. Timesteps and initial noise (drawn on the CPU generator, so a seed gives the same image anywhere)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
         shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generator, dtype=torch.float32) * self.scheduler.init_noise_sigma
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = latents * self.scheduler.init_noise_sigma
         extra_step_kwargs = {"generator": generator} if "generator" in _step_parameters(self.scheduler) else {}
 
         # 4. Denoise
         for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
             latent_input = self.scheduler.scale_model_input(torch.cat([latents] * len(branches)), t)
-            timestep = torch.full((latent_input.shape[0],), float(t), dtype=torch.float32)
+            timestep = torch.full((latent_input.shape[0],), float(t), dtype=torch.float32, device=device)
             noise_pred = self.backend("unet", sample=latent_input, timestep=timestep,
                                       encoder_hidden_states=prompt_embeds).float()
             chunks = noise_pred.chunk(len(branches))

@@ -9,6 +9,9 @@ class StageBackend:
     """Runs the stages `vilex_encoder`, `text_encoder`, `unet` and `vae_decoder`."""
 
     name = "base"
+    # Where the denoising loop keeps its tensors for this backend (GPU backends override it), so a step
+    # does not copy latents between host and device.
+    device = torch.device("cpu")
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} does not implement run()")
@@ -26,6 +29,10 @@ class TorchBackend(StageBackend):
 
     def __init__(self, pipeline):
         self.modules = stage_modules(pipeline)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.modules["unet"].parameters()).device
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         module = self.modules[stage]
@@ -45,6 +52,7 @@ class TimedBackend(StageBackend):
 
         self.inner = inner
         self.name = inner.name
+        self.device = inner.device
         self.seconds = collections.defaultdict(float)
         self.calls = collections.defaultdict(int)
 
