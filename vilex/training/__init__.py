@@ -5,9 +5,19 @@
     result = resume("runs/a")          # after a crash: continues exactly from the latest checkpoint
 """
 
-from .data import ImageFolderDataset, TrainingStream, find_images
-from .objective import ReconstructionObjective
-from .trainer import TrainConfig, Trainer, TrainResult, resume, train
+_HOME = {"ImageFolderDataset": "data", "TrainingStream": "data", "find_images": "data",
+         "ReconstructionObjective": "objective", "TrainConfig": "trainer", "Trainer": "trainer",
+         "TrainResult": "trainer", "resume": "trainer", "train": "trainer"}
+
+
+def __getattr__(name: str):
+    # Lazy, so that registering `vilex train` in the CLI does not import torch and diffusers.
+    if name in _HOME:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["ImageFolderDataset", "ReconstructionObjective", "TrainConfig", "TrainResult", "Trainer",
            "TrainingStream", "find_images", "resume", "train"]
