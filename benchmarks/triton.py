@@ -47,5 +47,5 @@ def measure_triton(engines: Path | None, images, settings: BenchSettings, concur
 
                     # Each window: every thread completes two requests back to back.
                     yield protocol, measure(make_call, items_per_call=len(batch), concurrency=workers,
-                                            warmup_calls=1, window_s=0.0, min_calls=2 * workers,
+                                            warmup_calls=3, window_s=0.0, min_calls=2 * workers,
                                             max_windows=min(settings.max_windows, 5), stability=settings.stability)

@@ -40,6 +40,9 @@ class TritonPythonModel:
         graph = Path(args["model_repository"]) / args["model_version"] / parameters["graph_file"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(parameters.get("intra_op_num_threads", "0"))
+        # The four graph models run one after another in separate processes: an idle session's threads
+        # spinning for work (onnxruntime's default) would take the cores the next stage is running on.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
     def execute(self, requests):
