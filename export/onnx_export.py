@@ -28,6 +28,7 @@ import onnx
 import torch
 
 from vilex.errors import ViLexUsageError
+from vilex.outputs import swap_folder_into_place
 
 from .contract import GRAPH_NAMES, ExportOptions, GraphContract, ModelDims, build_contracts
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, EngineFolder, checkpoint_files, folder_files, tree_sha256, write_json_atomic
@@ -96,24 +97,6 @@ def check_out(out: Path, replace: bool) -> None:
     if not replace:
         raise ViLexUsageError(f"--out '{out}' already holds an export; pass --replace to replace it "
                               f"(atomically: the folder is swapped whole, never mixed) or choose a new folder")
-
-
-def move_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished staging folder to `out`; an existing export is swapped out whole first."""
-    if out.exists() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    retired.rmdir()
-    os.rename(out, retired)  # out now absent: a reader sees the old export, nothing, or the new one
-    try:
-        os.rename(staging, out)
-    except OSError:
-        os.rename(retired, out)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 # ---- one graph -----------------------------------------------------------------------------------------
@@ -309,7 +292,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: 
 
         # 6. Into place
         check_out(out, replace)  # again: another process may have written there meanwhile
-        move_into_place(staging, out)
+        swap_folder_into_place(staging, out)  # an existing export is swapped out whole
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -317,4 +300,4 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: 
 
 
 __all__ = ["ExportError", "FP16_POLICY", "Fp16Policy", "VARIANTS", "check_out", "convert_to_fp16", "export_checkpoint",
-           "export_graph", "move_into_place", "save_graph"]
+           "export_graph", "save_graph"]

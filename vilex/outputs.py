@@ -51,6 +51,25 @@ def atomic_folder(out: str | os.PathLike, must_be_new: bool = False):
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def swap_folder_into_place(staging: Path, out: Path) -> None:
+    """Rename a finished staging folder to `out`; an existing (or empty) `out` is swapped out whole first,
+    so a reader sees the old folder, nothing, or the new one, never a mix."""
+    if out.exists() and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    retired.rmdir()
+    os.rename(out, retired)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        os.rename(retired, out)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
 def save_tokens(path: str | os.PathLike, vilex_tokens: torch.Tensor, metadata: dict) -> Path:
     """Save tokens (B, k, D) to a safetensors file, atomically."""
     path = Path(path)

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from vilex.errors import ViLexUsageError
+from vilex.outputs import swap_folder_into_place
 
 from .config import (DEFAULT_MAX_STEPS, PLATFORMS, check_max_batch, graph_config, graph_max_batch, pipeline_config,
                      pipeline_parameters, source_dir)
@@ -115,7 +116,7 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
         }, indent=2) + "\n")
 
         # 5. Into place
-        _swap_into_place(staging, out)
+        swap_folder_into_place(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -166,15 +167,3 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def _swap_into_place(staging: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except OSError:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
