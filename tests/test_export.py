@@ -30,12 +30,9 @@ STEPS = 3
 
 # ---- fixtures ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def export_ckpt(tmp_path_factory) -> Path:
-    from vilex.presets import tiny
-
-    path = tmp_path_factory.mktemp("export-ckpt") / "tiny"
-    tiny(seed=0).save_pretrained(path, safe_serialization=True)
-    return path
+def export_ckpt(tiny_ckpt) -> Path:
+    """The session's tiny checkpoint (conftest.py); tests that change a checkpoint copy it first."""
+    return tiny_ckpt
 
 
 @pytest.fixture(scope="session")

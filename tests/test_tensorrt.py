@@ -38,12 +38,9 @@ needs_tensorrt = pytest.mark.skipif(NOT_READY is not None, reason=f"needs Tensor
 
 
 @pytest.fixture(scope="module")
-def trt_ckpt(tmp_path_factory) -> Path:
-    from vilex.presets import tiny
-
-    path = tmp_path_factory.mktemp("trt-ckpt") / "tiny"
-    tiny(seed=0).save_pretrained(path, safe_serialization=True)
-    return path
+def trt_ckpt(tiny_ckpt) -> Path:
+    """The session's tiny checkpoint (conftest.py)."""
+    return tiny_ckpt
 
 
 @pytest.fixture(scope="module")

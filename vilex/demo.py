@@ -23,18 +23,9 @@ import torch
 
 from .backends import TimedBackend, TorchBackend
 from .images import load_image, make_grid
+from .presets import ensure_preset_checkpoint
 from .outputs import atomic_folder
 from .samples import sample_paths
-
-
-def ensure_tiny_checkpoint(cache: Path, seed: int = 0) -> Path:
-    from .presets import tiny
-
-    ckpt = cache / f"tiny-seed{seed}"
-    if not (ckpt / "model_index.json").is_file():
-        with atomic_folder(ckpt, must_be_new=True) as staging:
-            tiny(seed).save_pretrained(staging, safe_serialization=True)
-    return ckpt
 
 
 def ensure_export(ckpt: Path, cache: Path) -> tuple[Path, bool]:
@@ -155,7 +146,7 @@ def run_demo(out: Path, cache: Path, steps: int = 25) -> Path:
 
     # 1. Checkpoint
     start = time.perf_counter()
-    ckpt = ensure_tiny_checkpoint(cache)
+    ckpt = ensure_preset_checkpoint(cache, "tiny")
     pipeline = load_pipeline(str(ckpt))
     print(f"[1/5] tiny checkpoint at {ckpt} ({time.perf_counter() - start:.2f} s)")
 

@@ -7,6 +7,8 @@ TensorRT and Triton elsewhere), so the loop below is the only denoising loop in 
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +45,6 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
             f"CKPT '{path}' is not a ViLex checkpoint: expected a folder with model_index.json "
             f"(make one with `vilex init OUT --preset tiny`)"
         )
-    import json
-
     try:
         config = json.loads(index.read_text())
     except json.JSONDecodeError as error:
@@ -258,6 +258,4 @@ def load_scheduler(folder: Path):
 
 
 def _step_parameters(scheduler) -> set[str]:
-    import inspect
-
     return set(inspect.signature(scheduler.step).parameters)

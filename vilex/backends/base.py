@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import collections
+import time
+
 import torch
 
 from ..stages import STAGE_NAMES, stage_modules
@@ -48,8 +51,6 @@ class TimedBackend(StageBackend):
     """Wraps a backend and adds up wall time and calls per stage (for the demo and benchmarks)."""
 
     def __init__(self, inner: StageBackend):
-        import collections
-
         self.inner = inner
         self.name = inner.name
         self.device = inner.device
@@ -57,8 +58,6 @@ class TimedBackend(StageBackend):
         self.calls = collections.defaultdict(int)
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        import time
-
         start = time.perf_counter()
         output = self.inner.run(stage, inputs)
         self.seconds[stage] += time.perf_counter() - start
