@@ -207,7 +207,8 @@ def cmd_demo(args) -> None:
 # Commands that live with their own part of the project: each module has `add_parser(subparsers)`,
 # which registers the subcommand and sets `func`.
 COMMAND_MODULES: tuple[str, ...] = ("vilex.export.cli", "vilex.benchmarks.cli", "vilex.serving.cli",
-                                   "vilex.training.cli")
+                                   "vilex.training.cli", "vilex.toyworld.cli",
+                                   "vilex.evaluation.cli")
 
 
 # ---- parser -------------------------------------------------------------------------------------------

@@ -75,12 +75,22 @@ def decode_image(data: bytes, name: str = "IMAGE") -> Image.Image:
         raise ImageInputError(f"{name}: bytes are not a readable image (PNG, JPEG, WebP ...): {error}") from None
 
 
-def make_grid(rows: list[list[Image.Image]], pad: int = 2) -> Image.Image:
-    """Paste rows of equally sized images into one grid image on a white background."""
-    width, height = rows[0][0].size
+def make_grid(rows: list[list[Image.Image]], pad: int = 2, labels: list[str] | None = None,
+              scale: int = 1) -> Image.Image:
+    """Paste rows of equally sized images into one grid image on a white background; `labels` names the
+    columns in a header line; `scale` enlarges every cell (nearest neighbour, for small images)."""
+    width, height = (v * scale for v in rows[0][0].size)
     columns = max(len(row) for row in rows)
-    grid = Image.new("RGB", (columns * (width + pad) + pad, len(rows) * (height + pad) + pad), "white")
+    top = 14 if labels else 0
+    grid = Image.new("RGB", (columns * (width + pad) + pad, top + len(rows) * (height + pad) + pad), "white")
+    if labels:
+        from PIL import ImageDraw
+
+        draw = ImageDraw.Draw(grid)
+        for c, label in enumerate(labels):
+            draw.text((pad + c * (width + pad), 1), label[: max(1, width // 6)], fill="black")
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
-            grid.paste(image.resize((width, height)), (pad + c * (width + pad), pad + r * (height + pad)))
+            cell = image.resize((width, height), Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BICUBIC)
+            grid.paste(cell, (pad + c * (width + pad), top + pad + r * (height + pad)))
     return grid

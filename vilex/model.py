@@ -36,11 +36,16 @@ class ViLexOutput(BaseOutput):
 
 
 class PoolerLayer(nn.Module):
-    """Pre-norm block: queries cross-attend to the patch features, then an MLP."""
+    """Pre-norm block: queries cross-attend to the patch features, then an MLP.
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+    With `self_attention` the keys and values are the patch features concatenated with the queries
+    themselves (Flamingo's Perceiver resampler), so the queries also attend to each other.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, self_attention: bool = False):
         super().__init__()
         self.heads = heads
+        self.self_attention = self_attention
         self.norm_q = nn.LayerNorm(width)
         self.norm_kv = nn.LayerNorm(width)
         self.to_q = nn.Linear(width, width)
@@ -52,9 +57,13 @@ class PoolerLayer(nn.Module):
 
     def forward(self, queries: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         B, N, W = queries.shape
-        P = features.shape[1]
-        q = self.to_q(self.norm_q(queries)).view(B, N, self.heads, W // self.heads).transpose(1, 2)  # (B, h, N, W/h)
-        k, v = self.to_kv(self.norm_kv(features)).chunk(2, dim=-1)
+        normed_queries = self.norm_q(queries)
+        context = self.norm_kv(features)  # (B, P, W)
+        if self.self_attention:
+            context = torch.cat([context, normed_queries], dim=1)  # (B, P + N, W)
+        P = context.shape[1]
+        q = self.to_q(normed_queries).view(B, N, self.heads, W // self.heads).transpose(1, 2)  # (B, h, N, W/h)
+        k, v = self.to_kv(context).chunk(2, dim=-1)
         k = k.view(B, P, self.heads, W // self.heads).transpose(1, 2)  # (B, h, P, W/h)
         v = v.view(B, P, self.heads, W // self.heads).transpose(1, 2)
         attended = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, W/h)
@@ -63,11 +72,12 @@ class PoolerLayer(nn.Module):
 
 
 class AttentionPooler(nn.Module):
-    def __init__(self, feature_dim: int, num_queries: int, width: int, depth: int, heads: int, output_dim: int):
+    def __init__(self, feature_dim: int, num_queries: int, width: int, depth: int, heads: int, output_dim: int,
+                 self_attention: bool = False):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(num_queries, width) * width**-0.5)
         self.feature_proj = nn.Linear(feature_dim, width)
-        self.layers = nn.ModuleList([PoolerLayer(width, heads) for _ in range(depth)])
+        self.layers = nn.ModuleList([PoolerLayer(width, heads, self_attention=self_attention) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(width)
         self.proj_out = nn.Linear(width, output_dim)
         # Unit-variance outputs; the model multiplies by the word-embedding scale afterwards.
@@ -97,6 +107,8 @@ class ViLexModel(ModelMixin, ConfigMixin):
             sampled more often, weight proportional to N - k + 1).
         taildrop_min_tokens: the shortest prefix TailDrop keeps.
         freeze_vision: whether the vision encoder is frozen during training.
+        pooler_self_attention: the queries attend to the patch features and to each other (Perceiver
+            resampler) instead of to the patch features only.
     """
 
     config_name = "config.json"
@@ -115,6 +127,7 @@ class ViLexModel(ModelMixin, ConfigMixin):
         taildrop_distribution: str = "uniform",
         taildrop_min_tokens: int = 1,
         freeze_vision: bool = True,
+        pooler_self_attention: bool = False,
     ):
         super().__init__()
         if taildrop_distribution not in TAILDROP_DISTRIBUTIONS:
@@ -131,7 +144,8 @@ class ViLexModel(ModelMixin, ConfigMixin):
             vision_config["vision_use_head"] = False
         self.vision_model = AutoModel.from_config(AutoConfig.for_model(model_type, **vision_config))
         self.pooler = AttentionPooler(
-            self.vision_model.config.hidden_size, num_queries, pooler_width, pooler_depth, pooler_heads, output_dim
+            self.vision_model.config.hidden_size, num_queries, pooler_width, pooler_depth, pooler_heads, output_dim,
+            self_attention=pooler_self_attention,
         )
         self.vision_model.requires_grad_(not freeze_vision)
         if model_type == "clip_vision_model":

@@ -132,7 +132,7 @@ class ViLexPipeline(DiffusionPipeline):
     @torch.no_grad()
     def generate(
         self,
-        vilex_tokens: torch.Tensor,
+        vilex_tokens: torch.Tensor | None,
         prompt: str | Sequence[str] | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
@@ -148,17 +148,25 @@ class ViLexPipeline(DiffusionPipeline):
     ) -> ViLexPipelineOutput:
         """ViLex tokens (B, k, D) [+ prompt] -> images.
 
+        vilex_tokens None with a prompt is plain text-to-image through the same text encoder (the caption
+        baseline of `vilex eval`).
         guidance_scale: classifier-free guidance against the empty prompt (<= 1 turns it off).
         text_guidance_scale: with a prompt, eps = eps_u + g * (eps_v - eps_u) + w * (eps_vc - eps_v),
             where eps_v is ViLex only and eps_vc ViLex + text; with g <= 1 this is the paper's
             text-free guidance eps_v + w * (eps_vc - eps_v).
         """
         # 1. Check inputs
-        if vilex_tokens.ndim != 3 or vilex_tokens.shape[-1] != self.text_encoder.config.hidden_size:
+        if vilex_tokens is None:
+            if prompt is None:
+                raise ViLexUsageError("give vilex_tokens, a prompt or both")
+            if text_guidance_scale is not None:
+                raise ViLexUsageError("text_guidance_scale needs vilex_tokens (it guides from ViLex-only to ViLex + text)")
+        elif vilex_tokens.ndim != 3 or vilex_tokens.shape[-1] != self.text_encoder.config.hidden_size:
             raise ViLexUsageError(
                 f"vilex_tokens must have shape (B, k, {self.text_encoder.config.hidden_size}), got {tuple(vilex_tokens.shape)}"
             )
-        check_range("number of ViLex tokens", vilex_tokens.shape[1], 1, self.num_queries)
+        else:
+            check_range("number of ViLex tokens", vilex_tokens.shape[1], 1, self.num_queries)
         check_range("num_inference_steps", num_inference_steps, 1, 1000)
         check_range("guidance_scale", guidance_scale, 0.0, 100.0)
         check_range("num_images_per_prompt", num_images_per_prompt, 1, 64)
@@ -172,19 +180,25 @@ class ViLexPipeline(DiffusionPipeline):
             raise ViLexUsageError("text_guidance_scale needs a prompt")
         if output_type not in ("pil", "np", "pt"):
             raise ViLexUsageError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        B = vilex_tokens.shape[0]
-        prompts = [prompt] * B if isinstance(prompt, str) or prompt is None else list(prompt)
+        k = 0 if vilex_tokens is None else vilex_tokens.shape[1]
+        if vilex_tokens is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            B = len(prompts)
+        else:
+            B = vilex_tokens.shape[0]
+            prompts = [prompt] * B if isinstance(prompt, str) or prompt is None else list(prompt)
         if len(prompts) != B:
             raise ViLexUsageError(f"got {len(prompts)} prompts for {B} images")
         for p in prompts:
-            self.prompt_builder.check_fits(p, vilex_tokens.shape[1])
+            self.prompt_builder.check_fits(p, k)
         if seed is not None:
             generator = torch.Generator().manual_seed(int(seed))
 
         # 2. Encode the conditions; branches are stacked as [uncond?, vilex-only?, cond]
-        vilex_tokens = vilex_tokens.repeat_interleave(num_images_per_prompt, dim=0)
+        if vilex_tokens is not None:
+            vilex_tokens = vilex_tokens.repeat_interleave(num_images_per_prompt, dim=0)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        has_text = any(prompts)
+        has_text = any(prompts) or vilex_tokens is None  # text-only: "" is the (empty) text
         use_cfg = guidance_scale > 1.0
         use_text_free = has_text and text_guidance_scale is not None
         n = len(prompts)

@@ -7,6 +7,8 @@ real SD tokenizer has 49,408 entries; ids from this one are a subset of a text e
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from transformers import CLIPTokenizer
 
 # Words that become single tokens; everything else falls back to sub-words and bytes.
@@ -30,11 +32,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def build_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+def build_clip_tokenizer(model_max_length: int = 77, words: Sequence[str] = COMMON_WORDS) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer in which each of `words` is a single token (the toy world passes its caption
+    vocabulary)."""
     symbols = list(_bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols]
     merges: list[tuple[str, str]] = []
-    for word in COMMON_WORDS:
+    for word in words:
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         merged = parts[0]
         for part in parts[1:]:

@@ -1,0 +1,60 @@
+"""`vilex eval`: the command line of `vilex.evaluation.evaluate`."""
+
+from __future__ import annotations
+
+from ..errors import ViLexUsageError
+
+
+def _list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _ints(flag: str, text: str) -> list[int]:
+    try:
+        return [int(v) for v in _list(text)]
+    except ValueError:
+        raise ViLexUsageError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="measure image -> tokens -> image on held-out inputs (PSNR, SSIM, probe agreement)",
+        description="Reconstruct held-out toy scenes (or --images DIR) through each backend and measure them against "
+                    "the inputs and against baselines (caption alone, unconditional, random tokens); writes "
+                    "results.json, results.md, grid.png and tradeoff.png to --out.")
+    p.add_argument("ckpt", metavar="CKPT", help="a ViLex checkpoint folder, or 'toy' for the shipped toy checkpoint")
+    p.add_argument("--backend", default="torch",
+                   help="comma-separated NAME or NAME=WHERE: torch, onnxruntime=ENGINES, tensorrt=ENGINES, "
+                        "triton=HOST:PORT (default torch)")
+    p.add_argument("--tokens", default="1,4,16,all", help="token counts to reconstruct with (default 1,4,16,all)")
+    p.add_argument("--n", type=int, default=200, help="held-out images (default 200)")
+    p.add_argument("--images", default=None, help="a folder of images instead of toy scenes (PSNR/SSIM only)")
+    p.add_argument("--probe", default=None, help="attribute probe folder (default: the shipped one)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps of the main table (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--edit-guidance", type=float, default=7.5, help="text-free guidance weight of the edit row (default 7.5)")
+    p.add_argument("--sweep-steps", default="10,25,50", help="steps of the trade-off sweep (default 10,25,50)")
+    p.add_argument("--sweep-schedulers", default="ddim,dpm++", help="schedulers of the sweep (default ddim,dpm++)")
+    p.add_argument("--sweep-n", type=int, default=32, help="images in the sweep, 0 = no sweep (default 32)")
+    p.add_argument("--batch-size", type=int, default=50, help="images per pipeline call (default 50)")
+    p.add_argument("--protocol", default="http", choices=("http", "grpc"), help="for triton=HOST:PORT (default http)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="vilex-eval", help="folder for the results (default vilex-eval)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import EvalConfig, run_eval
+
+    ckpt = args.ckpt
+    if ckpt == "toy":
+        from ..toyworld.shipped import checkpoint_path
+
+        ckpt = str(checkpoint_path())
+    config = EvalConfig(checkpoint=ckpt, out=args.out, backends=_list(args.backend), tokens=_list(args.tokens),
+                        n=args.n, images=args.images, probe=args.probe, steps=args.steps, guidance=args.guidance,
+                        edit_guidance=args.edit_guidance, sweep_steps=_ints("--sweep-steps", args.sweep_steps),
+                        sweep_schedulers=_list(args.sweep_schedulers), sweep_n=args.sweep_n,
+                        batch_size=args.batch_size, seed=args.seed, protocol=args.protocol)
+    run_eval(config)
+    print(f"wrote {args.out}/results.json, results.md, grid.png" + (", tradeoff.png" if args.sweep_n else ""))

@@ -1,0 +1,97 @@
+"""`vilex toyworld ...`: the miniature world where ViLex is trained and measured on a CPU.
+
+    vilex toyworld make-data DIR [--n 20000] [--split train]     scenes as name.png + name.txt (captions)
+    vilex toyworld train-base OUT [--vae-steps ...]              the text-to-image base, from scratch
+    vilex toyworld new-vilex BASE OUT [--pooler cross|perceiver] an untrained ViLex encoder on a trained base
+    vilex toyworld train-probe OUT                               the attribute probe (a small CNN)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..errors import ViLexUsageError, check_range
+
+POOLERS = ("cross", "perceiver")
+
+
+def add_parser(subparsers) -> None:
+    toy = subparsers.add_parser("toyworld", help="the toy world: scenes, a base model trained from scratch, a probe")
+    sub = toy.add_subparsers(dest="toyworld_command", required=True)
+
+    p = sub.add_parser("make-data", help="write scenes as DIR/NNNNNN.png + .txt captions + scenes.jsonl")
+    p.add_argument("out", metavar="DIR")
+    p.add_argument("--n", type=int, default=20_000, help="number of scenes (default 20000)")
+    p.add_argument("--split", default="train", help="train | probe | heldout | test (each its own seeds; default train)")
+    p.set_defaults(func=cmd_make_data)
+
+    from .train_base import BaseConfig
+
+    p = sub.add_parser("train-base", help="train the toy text-to-image base (VAE, text encoder, UNet) from scratch",
+                       description="Train the VAE, then the CLIP text encoder and UNet on captions; resumable: run the "
+                                   "same command again to continue. Writes OUT/pipeline, a ViLex checkpoint.")
+    p.add_argument("out", metavar="OUT")
+    for field in dataclasses.fields(BaseConfig):
+        if field.name != "out":
+            p.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=type(field.default),
+                           default=field.default, help=f"(default {field.default})")
+    p.set_defaults(func=cmd_train_base)
+
+    p = sub.add_parser("new-vilex", help="an untrained ViLex encoder on a trained base's frozen components")
+    p.add_argument("base", metavar="BASE", help="a ViLex checkpoint whose text encoder, UNet and VAE are used")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--pooler", default="cross", help="cross (queries attend to patches) | perceiver (to patches and "
+                                                      "each other); default cross")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_new_vilex)
+
+    p = sub.add_parser("train-probe", help="train the attribute probe that `vilex eval` reads scenes with")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_probe)
+
+
+def cmd_make_data(args) -> None:
+    from ..outputs import atomic_folder
+    from .scenes import SPLITS, fingerprint, make_scenes
+
+    if args.split not in SPLITS:
+        raise ViLexUsageError(f"--split must be one of {', '.join(SPLITS)}, got {args.split!r}")
+    check_range("--n", args.n, 1, 10**6)
+    scenes = make_scenes(args.n, SPLITS[args.split])
+    with atomic_folder(args.out, must_be_new=True) as staging:
+        lines = []
+        for i, scene in enumerate(scenes):
+            scene.render().save(staging / f"{i:06d}.png")
+            (staging / f"{i:06d}.txt").write_text(scene.caption + "\n")
+            lines.append(json.dumps(scene.to_json()))
+        (staging / "scenes.jsonl").write_text("\n".join(lines) + "\n")
+    print(f"wrote {len(scenes)} {args.split} scenes to {args.out} (fingerprint {fingerprint(scenes)[:16]})")
+
+
+def cmd_train_base(args) -> None:
+    from .train_base import BaseConfig, train_base
+
+    names = [f.name for f in dataclasses.fields(BaseConfig)]
+    train_base(BaseConfig(**{name: getattr(args, name) for name in names}))
+
+
+def cmd_new_vilex(args) -> None:
+    from .train_base import new_vilex_checkpoint
+
+    if args.pooler not in POOLERS:
+        raise ViLexUsageError(f"--pooler must be one of {', '.join(POOLERS)}, got {args.pooler!r}")
+    out = new_vilex_checkpoint(args.base, args.out, pooler_self_attention=args.pooler == "perceiver", seed=args.seed)
+    print(f"wrote ViLex checkpoint {out} ({args.pooler} pooler, untrained) on the base {args.base}")
+
+
+def cmd_train_probe(args) -> None:
+    from .probe import train_probe
+
+    check_range("--steps", args.steps, 1)
+    report = train_probe(args.out, steps=args.steps, seed=args.seed)
+    accuracy = ", ".join(f"{k} {v:.3f}" for k, v in report["test_accuracy"].items())
+    print(f"wrote the probe to {args.out}; on 1000 held-out test scenes: {accuracy}")

@@ -1,0 +1,240 @@
+"""Seeded procedural scenes: RGB images of simple shapes on simple backgrounds, with captions and the
+ground-truth attributes that made them.
+
+    scene = make_scene(seed=7)            # one scene from its own seed
+    scenes = make_scenes(1000, SPLITS["train"])   # a split: scene i has seed split_seed * 10**7 + i
+
+Every scene holds 1-3 objects. Object 0 is the *main* object: always larger than the others and drawn
+last, so it is never hidden. Each object has a shape, a named color (with a per-object shade drawn around
+the named color), a size and a centre drawn from continuous ranges; the background is flat, a vertical
+gradient or stripes, in a named color. Captions use coarse words only, as real captions do:
+
+    "a large red circle at the top left and a small green square at the bottom on a blue striped background"
+
+Exact position, size and shade are left out of the caption; they are what an image carries and a caption
+does not, and what ViLex tokens can carry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+
+IMAGE_SIZE = 64
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLORS = {  # named color -> its RGB; each object's shade is drawn within +-SHADE_JITTER of it per channel
+    "red": (210, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 215),
+    "yellow": (235, 205, 40),
+    "purple": (135, 55, 185),
+    "orange": (240, 130, 30),
+    "white": (235, 235, 235),
+    "black": (30, 30, 30),
+}
+COLOR_NAMES = tuple(COLORS)
+BACKGROUNDS = ("flat", "gradient", "striped")
+SIZES = ("small", "large")
+# 3 x 3 cells of the image; the caption's position words
+CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+SHADE_JITTER = 20
+MAIN_RADIUS = (7.0, 15.0)  # main object; "small" below LARGE_FROM
+LARGE_FROM = 11.0
+OTHER_RADIUS = (3.5, 6.0)  # the other objects are always "small"
+OBJECT_COUNTS = (1, 2, 3)
+OBJECT_COUNT_WEIGHTS = (0.5, 0.3, 0.2)
+STRIPE_PERIOD = (12.0, 20.0)  # pixels per dark + light stripe pair
+SUPERSAMPLE = 4  # shapes are drawn 4x larger and downsampled: anti-aliased edges
+SPLITS = {"train": 1, "probe": 2, "heldout": 3, "test": 4}  # split -> split seed; held-out splits never overlap
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    rgb: tuple[int, int, int]  # the drawn shade
+    x: float  # centre, pixels from the left
+    y: float  # centre, pixels from the top
+    radius: float  # half the extent, pixels
+
+    @property
+    def size(self) -> str:
+        return "large" if self.radius >= LARGE_FROM else "small"
+
+    @property
+    def cell(self) -> str:
+        return CELLS[cell_index(self.x, self.y)]
+
+
+@dataclass(frozen=True)
+class Scene:
+    seed: int
+    objects: tuple[SceneObject, ...]  # objects[0] is the main object
+    background: str  # flat | gradient | striped
+    background_color: str
+    background_rgb: tuple[int, int, int]
+    stripe_period: float
+    stripe_phase: float
+    stripes_vertical: bool
+
+    @property
+    def main(self) -> SceneObject:
+        return self.objects[0]
+
+    @property
+    def caption(self) -> str:
+        return caption_of(self)
+
+    def attributes(self) -> dict:
+        """The main object's and the background's categorical attributes, as class indices for the probe."""
+        return {"shape": SHAPES.index(self.main.shape), "color": COLOR_NAMES.index(self.main.color),
+                "cell": CELLS.index(self.main.cell), "size": SIZES.index(self.main.size),
+                "background": BACKGROUNDS.index(self.background),
+                "background_color": COLOR_NAMES.index(self.background_color)}
+
+    def render(self) -> PIL.Image.Image:
+        return render(self)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def cell_index(x: float, y: float) -> int:
+    column = min(int(x * 3 // IMAGE_SIZE), 2)
+    row = min(int(y * 3 // IMAGE_SIZE), 2)
+    return row * 3 + column
+
+
+def _jittered(rng: np.random.Generator, color: str) -> tuple[int, int, int]:
+    base = np.array(COLORS[color])
+    return tuple(int(v) for v in np.clip(base + rng.integers(-SHADE_JITTER, SHADE_JITTER + 1, 3), 0, 255))
+
+
+def make_scene(seed: int) -> Scene:
+    """The scene of `seed`: the same seed gives the same scene on every machine (numpy's PCG64)."""
+    rng = np.random.default_rng(seed)
+    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    background_color = COLOR_NAMES[rng.integers(len(COLOR_NAMES))]
+    count = int(rng.choice(OBJECT_COUNTS, p=OBJECT_COUNT_WEIGHTS))
+    # Objects never take the background's color, so every object is visible.
+    object_colors = [c for c in COLOR_NAMES if c != background_color]
+    objects = []
+    for i in range(count):
+        radius = float(rng.uniform(*(MAIN_RADIUS if i == 0 else OTHER_RADIUS)))
+        margin = radius + 1.0  # wholly inside the image
+        color = object_colors[rng.integers(len(object_colors))]
+        objects.append(SceneObject(
+            shape=SHAPES[rng.integers(len(SHAPES))], color=color, rgb=_jittered(rng, color),
+            x=float(rng.uniform(margin, IMAGE_SIZE - margin)), y=float(rng.uniform(margin, IMAGE_SIZE - margin)),
+            radius=radius))
+    return Scene(seed=seed, objects=tuple(objects), background=background, background_color=background_color,
+                 background_rgb=_jittered(rng, background_color), stripe_period=float(rng.uniform(*STRIPE_PERIOD)),
+                 stripe_phase=float(rng.uniform(0, 1)), stripes_vertical=bool(rng.integers(2)))
+
+
+def scene_seed(split_seed: int, index: int) -> int:
+    return split_seed * 10**7 + index
+
+
+def make_scenes(count: int, split_seed: int, start: int = 0) -> list[Scene]:
+    return [make_scene(scene_seed(split_seed, i)) for i in range(start, start + count)]
+
+
+# ---- captions ------------------------------------------------------------------------------------------
+def _position_phrase(cell: str) -> str:
+    return "in the center" if cell == "center" else f"at the {cell}"
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def describe_object(obj: SceneObject) -> str:
+    return f"a {obj.size} {obj.color} {obj.shape} {_position_phrase(obj.cell)}"
+
+
+def caption_of(scene: Scene) -> str:
+    objects = " and ".join(describe_object(o) for o in scene.objects)
+    background = {"flat": "plain", "gradient": "gradient", "striped": "striped"}[scene.background]
+    return f"{objects} on {_article(scene.background_color)} {scene.background_color} {background} background"
+
+
+def caption_vocabulary() -> list[str]:
+    """Every word a caption can use (the toy tokenizer makes each one a single token)."""
+    words = {"a", "an", "at", "the", "in", "and", "on", "background", "plain", "gradient", "striped"}
+    words |= set(SHAPES) | set(COLOR_NAMES) | set(SIZES)
+    for cell in CELLS:
+        words |= set(cell.split())
+    return sorted(words)
+
+
+# ---- rendering -----------------------------------------------------------------------------------------
+def _background(scene: Scene) -> np.ndarray:
+    """(H, W, 3) float32 in 0..255."""
+    rgb = np.array(scene.background_rgb, dtype=np.float32)
+    H = W = IMAGE_SIZE
+    if scene.background == "flat":
+        return np.broadcast_to(rgb, (H, W, 3)).copy()
+    if scene.background == "gradient":
+        # top: the color; bottom: 45% darker
+        fade = np.linspace(1.0, 0.55, H, dtype=np.float32)[:, None, None]  # (H, 1, 1)
+        return np.broadcast_to(rgb * fade, (H, W, 3)).copy()
+    coordinate = np.arange(W if scene.stripes_vertical else H, dtype=np.float32) + 0.5
+    # A smooth (anti-aliased) square wave between the color and a 40% darker version of it.
+    wave = np.sin(2 * np.pi * (coordinate / scene.stripe_period + scene.stripe_phase))
+    light = np.clip(wave * 3.0, -1.0, 1.0) * 0.5 + 0.5  # (L,) in 0..1
+    factor = 0.6 + 0.4 * light
+    factor = factor[None, :, None] if scene.stripes_vertical else factor[:, None, None]
+    return np.broadcast_to(rgb * factor, (H, W, 3)).copy()
+
+
+def _polygon(obj: SceneObject, scale: float) -> list[tuple[float, float]] | None:
+    x, y, r = obj.x * scale, obj.y * scale, obj.radius * scale
+    if obj.shape == "square":
+        s = r * 0.85  # a square of the same visual weight as the circle
+        return [(x - s, y - s), (x + s, y - s), (x + s, y + s), (x - s, y + s)]
+    if obj.shape == "triangle":
+        return [(x, y - r), (x + r * 0.95, y + r * 0.8), (x - r * 0.95, y + r * 0.8)]
+    if obj.shape == "diamond":
+        return [(x, y - r), (x + r, y), (x, y + r), (x - r, y)]
+    if obj.shape == "cross":
+        a, b = r, r * 0.33
+        return [(x - b, y - a), (x + b, y - a), (x + b, y - b), (x + a, y - b), (x + a, y + b), (x + b, y + b),
+                (x + b, y + a), (x - b, y + a), (x - b, y + b), (x - a, y + b), (x - a, y - b), (x - b, y - b)]
+    return None  # circle
+
+
+def object_mask(obj: SceneObject) -> np.ndarray:
+    """(H, W) float32 coverage of the object in 0..1 (anti-aliased)."""
+    size = IMAGE_SIZE * SUPERSAMPLE
+    canvas = PIL.Image.new("L", (size, size), 0)
+    draw = PIL.ImageDraw.Draw(canvas)
+    polygon = _polygon(obj, SUPERSAMPLE)
+    if polygon is None:
+        x, y, r = obj.x * SUPERSAMPLE, obj.y * SUPERSAMPLE, obj.radius * SUPERSAMPLE
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
+    else:
+        draw.polygon(polygon, fill=255)
+    small = canvas.resize((IMAGE_SIZE, IMAGE_SIZE), PIL.Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def render(scene: Scene) -> PIL.Image.Image:
+    image = _background(scene)  # (H, W, 3)
+    for obj in reversed(scene.objects):  # the main object (index 0) last, on top
+        coverage = object_mask(obj)[..., None]  # (H, W, 1)
+        image = image * (1 - coverage) + np.array(obj.rgb, dtype=np.float32) * coverage
+    return PIL.Image.fromarray(np.round(image).clip(0, 255).astype(np.uint8), "RGB")
+
+
+def fingerprint(scenes: list[Scene]) -> str:
+    """sha256 of the scenes' definitions (seeds and attributes): names a data set exactly."""
+    digest = hashlib.sha256()
+    for scene in scenes:
+        digest.update(json.dumps(scene.to_json(), sort_keys=True).encode())
+    return digest.hexdigest()

@@ -1,0 +1,296 @@
+"""Train the toy world's text-to-image base from scratch: the VAE, then the text encoder and UNet on captions.
+
+    vilex toyworld train-base OUT [--vae-steps 1500] [--unet-steps 4000] [--seed 0]
+
+1. scenes: `num_scenes` training scenes rendered once (split "train"), held in memory as uint8
+2. VAE stage: AutoencoderKL on random 32x32 crops (the VAE is convolutional, so crops teach it the same
+   job at a quarter of the cost), loss MSE + L1 + a small KL term; then the latent scaling factor is set
+   to 1 / std of the latents, as Stable Diffusion's 0.18215 was
+3. text-to-image stage: every scene's latent distribution is encoded once with the frozen VAE; the CLIP
+   text encoder and the UNet train jointly on the DDPM epsilon loss, the caption replaced by the empty
+   prompt 10% of the time (classifier-free guidance), with an EMA of both
+4. OUT/pipeline: a ViLex checkpoint (the trained base + an untrained ViLex encoder) for `vilex train`
+
+Each stage saves a checkpoint every `checkpoint_every` steps (weights, EMA, optimizer, RNG) through
+`vilex.training.checkpoint`, so a killed run continues where it stopped with the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file
+
+from ..bridge import TextEncoderFromEmbeds
+from ..errors import ViLexUsageError, check_range
+from ..outputs import atomic_folder
+from ..pipeline import ViLexPipeline
+from ..training import checkpoint as ckpt
+from ..training.objective import training_noise_scheduler
+from . import components
+from .scenes import SPLITS, fingerprint, make_scenes
+
+VAE_KL_WEIGHT = 1e-6
+CAPTION_DROPOUT = 0.1
+CONFIG_FILE = "base_config.json"
+
+
+@dataclass
+class BaseConfig:
+    out: str
+    seed: int = 0
+    num_scenes: int = 20_000
+    vae_steps: int = 1500
+    vae_batch_size: int = 16
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    unet_steps: int = 4000
+    unet_batch_size: int = 32
+    unet_lr: float = 5e-4
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    log_every: int = 50
+
+    def validate(self) -> "BaseConfig":
+        for name in ("num_scenes", "vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size", "checkpoint_every",
+                     "log_every"):
+            check_range(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        check_range("--vae-crop", self.vae_crop, 8, 64)
+        if self.vae_crop % 4:
+            raise ViLexUsageError(f"--vae-crop must be a multiple of 4 (the VAE's factor), got {self.vae_crop}")
+        check_range("--warmup-steps", self.warmup_steps, 0, min(self.vae_steps, self.unet_steps))
+        check_range("--ema-decay", self.ema_decay, 0.0, 1.0)
+        return self
+
+
+def scheduler() -> DDIMScheduler:
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def render_pixels(scenes) -> torch.Tensor:
+    """Scenes -> (N, 3, 64, 64) uint8."""
+    return torch.from_numpy(np.stack([np.asarray(s.render()) for s in scenes])).permute(0, 3, 1, 2).contiguous()
+
+
+def to_unit(pixels_uint8: torch.Tensor) -> torch.Tensor:
+    return pixels_uint8.float() / 127.5 - 1.0  # the VAE's [-1, 1]
+
+
+class Stage:
+    """One resumable training stage: modules, an AdamW optimizer, an optional EMA and a CPU generator,
+    saved together under OUT/<name>/checkpoints."""
+
+    def __init__(self, out: Path, name: str, modules: dict[str, torch.nn.Module], lr: float, seed: int,
+                 ema_decay: float | None):
+        self.folder = out / name
+        self.modules = modules
+        self.parameters = [p for m in modules.values() for p in m.parameters()]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.0)
+        self.base_lr = lr
+        self.ema = EMAModel(self.parameters, decay=ema_decay) if ema_decay else None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step = 0
+        ckpt.remove_partial(self.folder)
+        latest = ckpt.latest_checkpoint(self.folder)
+        if latest is not None:
+            self._load(latest)
+
+    def _load(self, folder: Path) -> None:
+        weights = load_file(str(folder / "trainable.safetensors"))
+        for name, module in self.modules.items():
+            module.load_state_dict({k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")})
+        meta = json.loads((folder / ckpt.STATE_FILE).read_text())
+        self.optimizer.load_state_dict(ckpt.optimizer_from_files(load_file(str(folder / "optimizer.safetensors")),
+                                                                 meta["optimizer"]))
+        if self.ema is not None:
+            ema = load_file(str(folder / "ema.safetensors"))
+            self.ema.shadow_params = [ema[str(i)] for i in range(len(self.parameters))]
+            self.ema.optimization_step = meta["ema_optimization_step"]
+        ckpt.restore_rng(load_file(str(folder / "rng-0.safetensors")), self.generator)
+        self.step = meta["step"]
+        print(f"{self.folder.name}: resumed at step {self.step} from {folder}", flush=True)
+
+    def save(self) -> None:
+        staging = ckpt.staging_folder(self.folder, self.step)
+        staging.mkdir(parents=True, exist_ok=True)
+        ckpt.save_tensors(staging / "trainable.safetensors",
+                          {f"{n}.{k}": v for n, m in self.modules.items() for k, v in m.state_dict().items()})
+        tensors, optimizer_meta = ckpt.optimizer_to_files(self.optimizer.state_dict())
+        ckpt.save_tensors(staging / "optimizer.safetensors", tensors)
+        meta = {"step": self.step, "optimizer": optimizer_meta}
+        if self.ema is not None:
+            ckpt.save_tensors(staging / "ema.safetensors", {str(i): p for i, p in enumerate(self.ema.shadow_params)})
+            meta["ema_optimization_step"] = self.ema.optimization_step
+        ckpt.save_tensors(staging / "rng-0.safetensors", ckpt.rng_tensors(self.generator))
+        ckpt.save_json(staging / ckpt.STATE_FILE, meta)
+        ckpt.commit(staging, self.folder / ckpt.CHECKPOINTS / ckpt.checkpoint_name(self.step))
+        ckpt.prune(self.folder, 1)
+
+    def update(self, loss: torch.Tensor, lr_scale: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * lr_scale
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.step(self.parameters)
+        self.step += 1
+
+    def finish(self) -> None:
+        """Put the EMA weights (when kept) into the modules."""
+        if self.ema is not None:
+            self.ema.copy_to(self.parameters)
+
+
+def _log(stage: str, step: int, total: int, loss: float, started: float) -> None:
+    print(json.dumps({"stage": stage, "step": step, "of": total, "loss": round(loss, 5),
+                      "elapsed_s": round(time.time() - started, 1)}), flush=True)
+
+
+# ---- 2. the VAE --------------------------------------------------------------------------------------
+def train_vae(config: BaseConfig, pixels: torch.Tensor):
+    vae = components.toy_vae()
+    stage = Stage(Path(config.out), "vae", {"vae": vae}, config.vae_lr, config.seed, ema_decay=None)
+    started, N, S, C = time.time(), pixels.shape[0], pixels.shape[-1], config.vae_crop
+    vae.train()
+    while stage.step < config.vae_steps:
+        g = stage.generator
+        index = torch.randint(0, N, (config.vae_batch_size,), generator=g)
+        top, left = (int(v) for v in torch.randint(0, S - C + 1, (2,), generator=g))
+        batch = to_unit(pixels[index, :, top:top + C, left:left + C])  # (B, 3, C, C)
+        posterior = vae.encode(batch).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        reconstruction = vae.decode(z).sample
+        loss = (F.mse_loss(reconstruction, batch) + F.l1_loss(reconstruction, batch)
+                + VAE_KL_WEIGHT * posterior.kl().mean())
+        stage.update(loss, lr_factor(stage.step, config.warmup_steps, config.vae_steps))
+        if stage.step % config.log_every == 0 or stage.step == config.vae_steps:
+            _log("vae", stage.step, config.vae_steps, loss.item(), started)
+        if stage.step % config.checkpoint_every == 0 or stage.step == config.vae_steps:
+            stage.save()
+    vae.eval()
+    # 1 / std of the latents (posterior means of 1,024 scenes), so the UNet sees unit-variance latents.
+    with torch.no_grad():
+        sample = to_unit(pixels[:1024])
+        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in sample.split(128)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae
+
+
+# ---- 3. the text encoder and UNet ----------------------------------------------------------------------
+@torch.no_grad()
+def encode_all(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every scene's latent posterior (mean, std), (N, 4, 16, 16) each, unscaled."""
+    means, stds = [], []
+    for chunk in pixels.split(256):
+        posterior = vae.encode(to_unit(chunk)).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_text_to_image(config: BaseConfig, vae, captions: list[str], pixels: torch.Tensor):
+    tokenizer = components.toy_tokenizer()
+    torch.manual_seed(config.seed + 1)  # the initial weights
+    text_encoder = components.toy_text_encoder(tokenizer)
+    unet = components.toy_unet()
+    pipeline_scheduler = scheduler()
+    noise_scheduler = training_noise_scheduler(pipeline_scheduler.config)
+    stage = Stage(Path(config.out), "text_to_image", {"text_encoder": text_encoder, "unet": unet}, config.unet_lr,
+                  config.seed + 2, ema_decay=config.ema_decay)
+    vae.eval()
+    means, stds = encode_all(vae, pixels)
+    scaling = float(vae.config.scaling_factor)
+    # The same soft-prompt path as inference: [BOS] words [EOS] [PAD], through the embedding table.
+    probe_pipeline = _assemble(tokenizer, text_encoder, unet, vae, pipeline_scheduler)
+    prompt_builder = probe_pipeline.prompt_builder
+    encoder = TextEncoderFromEmbeds(text_encoder)
+    text_encoder.train()
+    unet.train()
+    started, N, T = time.time(), means.shape[0], noise_scheduler.config.num_train_timesteps
+    while stage.step < config.unet_steps:
+        g = stage.generator
+        index = torch.randint(0, N, (config.unet_batch_size,), generator=g)
+        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=g)) * scaling
+        keep = torch.rand(len(index), generator=g) >= CAPTION_DROPOUT
+        prompts = [captions[i] if k else "" for i, k in zip(index.tolist(), keep.tolist())]
+        noise = torch.randn(latents.shape, generator=g)
+        timesteps = torch.randint(0, T, (len(index),), generator=g)
+        prompt_embeds = encoder(prompt_builder(None, prompts))  # (B, 77, D)
+        prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, prompt_embeds).sample
+        loss = F.mse_loss(prediction, noise)
+        stage.update(loss, lr_factor(stage.step, config.warmup_steps, config.unet_steps))
+        if stage.step % config.log_every == 0 or stage.step == config.unet_steps:
+            _log("text_to_image", stage.step, config.unet_steps, loss.item(), started)
+        if stage.step % config.checkpoint_every == 0 or stage.step == config.unet_steps:
+            stage.save()
+    stage.finish()
+    text_encoder.eval()
+    unet.eval()
+    return tokenizer, text_encoder, unet, pipeline_scheduler
+
+
+def _assemble(tokenizer, text_encoder, unet, vae, pipeline_scheduler, pooler_self_attention: bool = False,
+              seed: int = 0) -> ViLexPipeline:
+    torch.manual_seed(seed)
+    std = float(text_encoder.get_input_embeddings().weight.detach().std())
+    vilex = components.toy_vilex(std, pooler_self_attention=pooler_self_attention)
+    return ViLexPipeline(vilex=vilex, image_processor=components.toy_image_processor(), text_encoder=text_encoder,
+                         tokenizer=tokenizer, unet=unet, vae=vae, scheduler=pipeline_scheduler)
+
+
+def new_vilex_checkpoint(base: str, out: str, pooler_self_attention: bool = False, seed: int = 0) -> Path:
+    """A ViLex checkpoint on a trained base's frozen components, with a new untrained ViLex encoder."""
+    source = ViLexPipeline.from_pretrained(base)
+    pipeline = _assemble(source.tokenizer, source.text_encoder, source.unet, source.vae, source.scheduler,
+                         pooler_self_attention=pooler_self_attention, seed=seed)
+    with atomic_folder(Path(out), must_be_new=True) as staging:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+    return Path(out)
+
+
+# ---- 1-4. the whole base -----------------------------------------------------------------------------
+def train_base(config: BaseConfig) -> Path:
+    config.validate()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / CONFIG_FILE
+    if saved.is_file() and json.loads(saved.read_text()) != asdict(config):
+        raise ViLexUsageError(f"OUT '{out}' holds a run with other options ({saved}); give a new OUT or the same options")
+    saved.write_text(json.dumps(asdict(config), indent=1))
+    started = time.time()
+    scenes = make_scenes(config.num_scenes, SPLITS["train"])
+    pixels = render_pixels(scenes)
+    print(f"rendered {len(scenes)} scenes in {time.time() - started:.0f} s; data fingerprint {fingerprint(scenes)}",
+          flush=True)
+    torch.manual_seed(config.seed)
+    vae = train_vae(config, pixels)
+    tokenizer, text_encoder, unet, pipeline_scheduler = train_text_to_image(
+        config, vae, [s.caption for s in scenes], pixels)
+    pipeline = _assemble(tokenizer, text_encoder, unet, vae, pipeline_scheduler, seed=config.seed)
+    final = out / "pipeline"
+    with atomic_folder(final, must_be_new=False) as staging:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+    report = {"data_fingerprint": fingerprint(scenes), "wall_time_s": round(time.time() - started, 1),
+              "vae_scaling_factor": vae.config.scaling_factor, "config": asdict(config)}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote the toy base as a ViLex checkpoint {final} in {report['wall_time_s']:.0f} s", flush=True)
+    return final
