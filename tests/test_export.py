@@ -423,13 +423,14 @@ def test_cli_export_usage_errors_exit_2(export_ckpt, tmp_path, capsys):
 def test_demo_exports_and_compares_pytorch_with_onnx(tmp_path, capsys):
     from vilex.demo import ensure_export, run_demo
 
-    grid = run_demo(out=tmp_path / "demo", cache=tmp_path / "cache", steps=1)
+    grid = run_demo(out=tmp_path / "demo", cache=tmp_path / "cache", steps=1, checkpoint="tiny", eval_images=4)
     printed = capsys.readouterr().out
-    assert grid.is_file() and "[3/5] ONNX graphs at" in printed and "exported and validated" in printed
+    assert grid.is_file() and "[3/6] ONNX graphs at" in printed and "exported and validated" in printed
+    assert "| torch | vilex-75 |" in printed and "| torch | caption |" in printed  # the fidelity table
     line = next(line for line in printed.splitlines() if "PyTorch vs ONNX: max |diff|" in line)
     assert float(line.split("max |diff|")[1].split()[0]) < 1e-4
     assert "stage timings (onnxruntime, CPU):" in printed
-    engines, exported = ensure_export(tmp_path / "cache" / "tiny-seed0", tmp_path / "cache")
+    engines, exported = ensure_export(tmp_path / "cache" / "tiny-seed0", tmp_path / "cache", name="tiny")
     assert not exported and EngineFolder.open(engines).verify() == []  # the second run reuses the export
 
 

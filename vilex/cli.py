@@ -201,7 +201,8 @@ def cmd_reconstruct(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(out=Path(args.out), cache=Path(args.cache), steps=args.steps)
+    run_demo(out=Path(args.out), cache=Path(args.cache), steps=args.steps, checkpoint=args.checkpoint,
+             eval_images=args.eval_images)
 
 
 # Commands that live with their own part of the project: each module has `add_parser(subparsers)`,
@@ -218,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="make a new, untrained ViLex checkpoint")
     p.add_argument("out")
-    p.add_argument("--preset", choices=("tiny", "small", "sd15"), default=None, help="built-in preset (default tiny)")
+    p.add_argument("--preset", choices=("toy", "tiny", "small", "sd15"), default=None,
+                   help="built-in preset (default tiny); toy is the shipped trained toy-world checkpoint")
     p.add_argument("--base", default=None, help="local Stable Diffusion 1.x/2.x folder (diffusers layout)")
     p.add_argument("--vision", default=None, help="local transformers vision model folder (SigLIP, CLIP)")
     p.add_argument("--num-queries", type=int, default=75, help="maximum token count N, 1..75")
@@ -248,8 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_args(p)
     p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("demo", help="the main job on the built-in tiny checkpoint")
+    p = sub.add_parser("demo", help="the main job on the shipped, trained toy checkpoint")
     p.add_argument("--out", default="vilex-demo")
+    p.add_argument("--checkpoint", default="toy", choices=("toy", "tiny"),
+                   help="toy: the trained toy-world checkpoint (default); tiny: the random preset (fast)")
+    p.add_argument("--eval-images", type=int, default=32, help="held-out scenes in the printed fidelity table (default 32)")
     p.add_argument("--cache", default=os.environ.get("VILEX_CACHE", str(Path.home() / ".cache" / "vilex")))
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.set_defaults(func=cmd_demo)

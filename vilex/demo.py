@@ -1,14 +1,16 @@
-"""`vilex demo`: the main job on the built-in tiny checkpoint, deployed the way a user would deploy it.
+"""`vilex demo`: the main job on the shipped, trained toy checkpoint, deployed the way a user would deploy it.
 
-1. make (or reuse) the tiny checkpoint in a cache folder
-2. reconstruct the sample images at 1, 16 and all tokens with PyTorch (the reference)
+1. the toy checkpoint shipped in the package (or, with --checkpoint tiny, the random tiny preset)
+2. reconstruct 4 held-out toy scenes at 1, 4, 16 and all tokens with PyTorch (the reference), and make the
+   caption-only baseline and an edit (ViLex + "blue" with text-free guidance)
 3. export the checkpoint to ONNX (or reuse the export made from this very checkpoint), run the same
    reconstructions through onnxruntime in-process and print the PyTorch-vs-ONNX difference
 4. serve it: a Triton model repository from the export, a real tritonserver on free local ports, the
-   sample images reconstructed through it over HTTP (the per-request latency printed), then a burst of
+   scenes reconstructed through it over HTTP (the per-request latency printed), then a burst of
    concurrent requests that the server batches; the server is stopped
-5. write a PNG grid of the served reconstructions (rows: samples; columns: input, then each token
-   count) and print stage timings, in-process and on the server
+5. measure fidelity on held-out scenes against the baselines (a small `vilex eval`) and print the table
+6. write a PNG grid (rows: scenes; columns: input, the served reconstructions at each token count, the
+   caption baseline, the edit) and print stage timings, in-process and on the server
 """
 
 from __future__ import annotations
@@ -25,16 +27,18 @@ from .backends import TimedBackend, TorchBackend
 from .images import load_image, make_grid
 from .presets import ensure_preset_checkpoint
 from .outputs import atomic_folder
-from .samples import sample_paths
+
+EDIT_WORD = "blue"
+EDIT_GUIDANCE = 7.5
 
 
-def ensure_export(ckpt: Path, cache: Path) -> tuple[Path, bool]:
-    """The ONNX export of `ckpt` under cache/engines; re-exported (atomically) unless it is of this checkpoint."""
+def ensure_export(ckpt: Path, cache: Path, name: str | None = None) -> tuple[Path, bool]:
+    """The ONNX export of `ckpt` under cache/engines/NAME; re-exported (atomically) unless it is of this checkpoint."""
     from .errors import ViLexUsageError
     from .export.manifest import EngineFolder
     from .export.onnx_export import export_checkpoint
 
-    out = cache / "engines" / ckpt.name
+    out = cache / "engines" / (name or ckpt.name)
     replace = (out / "manifest.json").is_file()
     if replace:
         try:
@@ -140,28 +144,66 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_demo(out: Path, cache: Path, steps: int = 25) -> Path:
+def demo_inputs(out: Path, count: int = 4) -> list[Path]:
+    """The first `count` held-out toy scenes (never trained on), written as PNGs: the served requests send
+    these files' bytes, as a client would."""
+    from .toyworld.scenes import SPLITS, make_scenes
+
+    folder = out / "inputs"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, scene in enumerate(make_scenes(count, SPLITS["heldout"])):
+        path = folder / f"heldout-{i}.png"
+        scene.render().save(path)
+        (folder / f"heldout-{i}.txt").write_text(scene.caption + "\n")
+        paths.append(path)
+    return paths
+
+
+def demo_checkpoint(cache: Path, checkpoint: str) -> Path:
+    """'toy': the trained toy checkpoint shipped in the package; 'tiny': the random preset (fast, for tests)."""
+    from .errors import ViLexUsageError
+    from .toyworld.shipped import checkpoint_path
+
+    if checkpoint == "toy":
+        return checkpoint_path()
+    if checkpoint == "tiny":
+        return ensure_preset_checkpoint(cache, "tiny")
+    raise ViLexUsageError(f"--checkpoint must be toy or tiny, got {checkpoint!r}")
+
+
+def run_demo(out: Path, cache: Path, steps: int = 25, checkpoint: str = "toy", eval_images: int = 32) -> Path:
     from .backends.onnxruntime import OnnxRuntimeBackend
     from .cli import load_pipeline
+    from .evaluation.evaluate import EvalConfig, Evaluation, markdown
 
     # 1. Checkpoint
     start = time.perf_counter()
-    ckpt = ensure_preset_checkpoint(cache, "tiny")
+    ckpt = demo_checkpoint(cache, checkpoint)
     pipeline = load_pipeline(str(ckpt))
-    print(f"[1/5] tiny checkpoint at {ckpt} ({time.perf_counter() - start:.2f} s)")
+    print(f"[1/6] {checkpoint} checkpoint at {ckpt} ({time.perf_counter() - start:.2f} s)")
 
-    # 2. Reconstruct at 1, 16 and N tokens with PyTorch
-    paths = sample_paths()
+    # 2. Reconstruct held-out scenes at 1, 4, 16 and all tokens with PyTorch; the caption baseline and an edit
+    out.mkdir(parents=True, exist_ok=True)
+    paths = demo_inputs(out)
     images = [load_image(p) for p in paths]
-    token_counts = [1, 16, pipeline.num_queries]
+    captions = [p.with_suffix(".txt").read_text().strip() for p in paths]
+    token_counts = [k for k in (1, 4, 16) if k < pipeline.num_queries] + [pipeline.num_queries]
     torch_backend = TimedBackend(TorchBackend(pipeline))
-    print("[2/5] reconstructing with PyTorch")
+    print(f"[2/6] reconstructing {len(images)} held-out scenes with PyTorch")
     torch_columns = reconstruct_columns(pipeline.set_backend(torch_backend), images, token_counts, steps, "PyTorch")
+    generators = [torch.Generator().manual_seed(0) for _ in images]
+    caption_column = pipeline.generate(None, prompt=captions, num_inference_steps=steps, generator=generators,
+                                       output_type="np", progress=False).images
+    generators = [torch.Generator().manual_seed(0) for _ in images]
+    edit_column = pipeline(images, prompt=EDIT_WORD, text_guidance_scale=EDIT_GUIDANCE, num_inference_steps=steps,
+                           generator=generators, output_type="np", progress=False).images
+    print(f"      PyTorch: the captions alone, and ViLex + {EDIT_WORD!r} with text-free guidance {EDIT_GUIDANCE}")
 
     # 3. ONNX export, and the same through onnxruntime in-process
     start = time.perf_counter()
-    engines, exported = ensure_export(ckpt, cache)
-    print(f"[3/5] ONNX graphs at {engines} ({'exported and validated' if exported else 'reused'} "
+    engines, exported = ensure_export(ckpt, cache, name=checkpoint)
+    print(f"[3/6] ONNX graphs at {engines} ({'exported and validated' if exported else 'reused'} "
           f"in {time.perf_counter() - start:.2f} s)")
     ort_backend = TimedBackend(OnnxRuntimeBackend(engines))
     ort_columns = reconstruct_columns(pipeline.set_backend(ort_backend), images, token_counts, steps, "onnxruntime")
@@ -170,20 +212,29 @@ def run_demo(out: Path, cache: Path, steps: int = 25) -> Path:
     print(f"      PyTorch vs ONNX: max |diff| {max_diff:.2e} on images in [0, 1] ({levels} of 255 levels in the PNGs)")
 
     # 4. Serve: repository, tritonserver, requests over HTTP, stop
-    print("[4/5] serving with Triton")
+    print("[4/6] serving with Triton")
     served_columns, statistics = serve_and_reconstruct(engines, cache, paths, token_counts, steps)
     served_levels = max(int(np.abs(s.astype(int) - to_uint8(o)).max()) for s, o in zip(served_columns, ort_columns))
     print(f"      served vs in-process onnxruntime: max |diff| {served_levels} of 255 levels")
 
-    # 5. Grid (the served reconstructions) and timings
+    # 5. Fidelity on held-out scenes (PyTorch), against the baselines
+    print(f"[5/6] fidelity on {eval_images} held-out scenes (PyTorch, {steps} steps; the full table for the shipped "
+          f"checkpoint, on 200 scenes, is in vilex/toyworld/weights/MODEL_CARD.md)")
+    pipeline.set_backend(TorchBackend(pipeline))
+    evaluation = Evaluation(EvalConfig(checkpoint=str(ckpt), out=str(out), n=eval_images, steps=steps, sweep_n=0,
+                                       batch_size=eval_images), pipeline=pipeline)
+    print(markdown(evaluation.run(log=lambda line: None)))
+
+    # 6. Grid (the served reconstructions, then the in-process caption baseline and edit) and timings
     height, width = served_columns[0].shape[1:3]
     rows = [[image.resize((width, height))] + [PIL.Image.fromarray(column[i]) for column in served_columns]
+            + [PIL.Image.fromarray(to_uint8(caption_column[i])), PIL.Image.fromarray(to_uint8(edit_column[i]))]
             for i, image in enumerate(images)]
+    labels = ["input"] + [f"served {k} tok" for k in token_counts] + ["caption only", f"+ '{EDIT_WORD}'"]
     with atomic_folder(out) as staging:
-        make_grid(rows).save(staging / "grid.png")
+        make_grid(rows, labels=labels, scale=2).save(staging / "grid.png")
     grid = out / "grid.png"
-    print(f"[5/5] grid of the served reconstructions (rows: {', '.join(p.stem for p in paths)}; "
-          f"columns: input, {', '.join(map(str, token_counts))} tokens)")
+    print(f"[6/6] grid (rows: held-out scenes; columns: {', '.join(labels)})")
     print(f"      {grid.resolve()}")
     print_timings("stage timings (PyTorch, CPU):", torch_backend)
     print_timings("stage timings (onnxruntime, CPU):", ort_backend)

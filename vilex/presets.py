@@ -1,6 +1,8 @@
-"""Named presets: new, untrained ViLex pipelines built from configs with a fixed seed (no download).
+"""Named presets: the shipped trained toy checkpoint, and new, untrained ViLex pipelines built from configs with
+a fixed seed (no download).
 
-    tiny   every component tiny (a few MB): tests, CI and the demo
+    toy    the trained toy-world checkpoint shipped in the package (vilex/toyworld/weights): the demo's default
+    tiny   every component tiny (a few MB), random: fast tests and CI
     small  the Stable Diffusion structure (same block types, attention, VAE factor 8), CPU-sized
     sd15   the real SD 1.5 UNet / VAE / CLIP-text shapes with a SigLIP-so400m-shaped vision encoder,
            random weights: GPU latency work without downloading weights
@@ -22,7 +24,7 @@ from .model import ViLexModel
 from .pipeline import ViLexPipeline, load_scheduler
 from .tokenizer import build_clip_tokenizer
 
-PRESETS = ("tiny", "small", "sd15")
+PRESETS = ("toy", "tiny", "small", "sd15")
 
 
 def _sd_scheduler() -> DDIMScheduler:
@@ -103,10 +105,17 @@ def sd15(seed: int = 0) -> ViLexPipeline:
                      pooler=dict(pooler_width=1024, pooler_depth=3, pooler_heads=16))
 
 
+def toy(seed: int = 0) -> ViLexPipeline:
+    """The trained toy checkpoint (its weights are fixed: `seed` does not apply)."""
+    from .toyworld.shipped import checkpoint_path
+
+    return ViLexPipeline.from_pretrained(checkpoint_path())
+
+
 def build_preset(name: str, seed: int = 0) -> ViLexPipeline:
     if name not in PRESETS:
         raise ViLexUsageError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
-    return {"tiny": tiny, "small": small, "sd15": sd15}[name](seed)
+    return {"toy": toy, "tiny": tiny, "small": small, "sd15": sd15}[name](seed)
 
 
 def from_local(sd_dir: str | os.PathLike, vision_dir: str | os.PathLike, num_queries: int = 75,

@@ -32,21 +32,35 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
+def _apply_merges(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly join the adjacent pair of lowest merge rank."""
+    while len(parts) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return parts
+
+
 def build_clip_tokenizer(model_max_length: int = 77, words: Sequence[str] = COMMON_WORDS) -> CLIPTokenizer:
     """A CLIP BPE tokenizer in which each of `words` is a single token (the toy world passes its caption
-    vocabulary)."""
+    vocabulary).
+
+    BPE applies the lowest-ranked merge present first, so a word's own merges must start from the pieces the
+    earlier words' merges already cut it into; its new merges then join those pieces left to right. New
+    merges rank after all earlier ones, so they never break an earlier word.
+    """
     symbols = list(_bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols]
-    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = parts[0]
-        for part in parts[1:]:
-            merge = (merged, part)
-            merged = merged + part
-            if merge not in merges:
-                merges.append(merge)
-                vocab_list.append(merged)
+        pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            ranks[(merged, piece)] = len(ranks)
+            merged = merged + piece
+            vocab_list.append(merged)
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=model_max_length)

@@ -21,7 +21,6 @@ the rows differ only in their conditioning: differences between rows are paired,
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -118,21 +117,20 @@ class LocalRunner:
 
 
 class TritonRunner:
-    """Whole requests to a running `vilex serve` (reconstruct with a token count; the server's scheduler)."""
+    """Whole requests to a running `vilex serve`: one reconstruct request per image (raw RGB pixels), from
+    `workers` client threads so the server can batch them; the server's own scheduler."""
 
-    def __init__(self, url: str, protocol: str):
-        from ..serving.client import TritonClient
-
-        self.client = TritonClient(url, protocol=protocol)
+    def __init__(self, url: str, protocol: str, workers: int = 4):
+        self.url, self.protocol, self.workers = url, protocol, workers
         self.supports: set[str] = set()
 
     def reconstruct(self, images, k, steps, guidance, seed) -> np.ndarray:
-        encoded = []
-        for image in images:
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            encoded.append(buffer.getvalue())
-        return self.client.reconstruct(encoded, num_tokens=k, steps=steps, guidance=guidance, seed=seed) / 255.0
+        from ..serving.client import map_concurrently
+
+        def request(client, image):
+            return client.reconstruct([image], num_tokens=k, steps=steps, guidance=guidance, seed=seed)[0]
+
+        return np.stack(map_concurrently(self.url, self.protocol, request, list(images), self.workers)) / 255.0
 
 
 def parse_backend(spec: str) -> tuple[str, str | None]:
@@ -228,7 +226,9 @@ def _latency_ms(function) -> float:
 
 
 class Evaluation:
-    def __init__(self, config: EvalConfig):
+    """pipeline: an already loaded pipeline of config.checkpoint (the demo passes its own)."""
+
+    def __init__(self, config: EvalConfig, pipeline=None):
         from ..cli import load_pipeline
 
         self.config = config
@@ -240,7 +240,7 @@ class Evaluation:
             if name not in SCHEDULERS:
                 raise ViLexUsageError(f"--sweep-schedulers takes {', '.join(SCHEDULERS)}, got {name!r}")
         self.specs = [parse_backend(s) for s in config.backends]
-        self.pipeline = load_pipeline(config.checkpoint)
+        self.pipeline = pipeline or load_pipeline(config.checkpoint)
         self.token_counts = parse_tokens(config.tokens, self.pipeline.num_queries)
         if config.images:
             self.references = folder_references(config.images, config.n, self.pipeline.default_size)

@@ -29,7 +29,11 @@ def psnr(reconstructions: np.ndarray, references: np.ndarray) -> np.ndarray:
 
 
 def ssim(reconstructions: np.ndarray, references: np.ndarray) -> np.ndarray:
-    """(B,) SSIM per image (Wang et al. 2004, Gaussian window 11, sigma 1.5, mean over channels)."""
+    """(B,) SSIM per image (Wang et al. 2004, Gaussian window 11, sigma 1.5, mean over channels).
+
+    torchmetrics pads by reflection and averages the SSIM map over every pixel; skimage and Wang et al.'s
+    MATLAB code average only windows wholly inside the image, which reads 0.01-0.03 higher on 64 px scenes.
+    Compare SSIM figures only with figures of the same convention."""
     r, x = to_tensor(reconstructions), to_tensor(references)
     return structural_similarity_index_measure(r, x, data_range=1.0, reduction="none").numpy()
 
