@@ -36,6 +36,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--sweep-steps", default="10,25,50", help="steps of the trade-off sweep (default 10,25,50)")
     p.add_argument("--sweep-schedulers", default="ddim,dpm++", help="schedulers of the sweep (default ddim,dpm++)")
     p.add_argument("--sweep-n", type=int, default=32, help="images in the sweep, 0 = no sweep (default 32)")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="ViLex rows only: no caption, unconditional, random-token or edit rows")
     p.add_argument("--batch-size", type=int, default=50, help="images per pipeline call (default 50)")
     p.add_argument("--protocol", default="http", choices=("http", "grpc"), help="for triton=HOST:PORT (default http)")
     p.add_argument("--seed", type=int, default=0)
@@ -55,6 +57,7 @@ def cmd_eval(args) -> None:
                         n=args.n, images=args.images, probe=args.probe, steps=args.steps, guidance=args.guidance,
                         edit_guidance=args.edit_guidance, sweep_steps=_ints("--sweep-steps", args.sweep_steps),
                         sweep_schedulers=_list(args.sweep_schedulers), sweep_n=args.sweep_n,
-                        batch_size=args.batch_size, seed=args.seed, protocol=args.protocol)
+                        batch_size=args.batch_size, seed=args.seed, protocol=args.protocol,
+                        baselines=args.baselines)
     run_eval(config)
     print(f"wrote {args.out}/results.json, results.md, grid.png" + (", tradeoff.png" if args.sweep_n else ""))

@@ -49,7 +49,7 @@ def add_parser(subparsers) -> None:
 
     p = sub.add_parser("train-probe", help="train the attribute probe that `vilex eval` reads scenes with")
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_probe)
 
