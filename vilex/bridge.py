@@ -58,6 +58,10 @@ class PromptBuilder:
     def max_text_tokens(self, num_vilex_tokens: int) -> int:
         return self.max_length - 2 - num_vilex_tokens
 
+    def max_vilex_tokens(self, prompt: str | None) -> int:
+        """How many ViLex tokens fit beside `prompt`."""
+        return self.max_length - 2 - (len(self.text_ids(prompt)) if prompt else 0)
+
     def check_fits(self, prompt: str | None, num_vilex_tokens: int) -> int:
         """Raise a ViLexUsageError unless the prompt fits next to the tokens; return its token count."""
         n_text = len(self.text_ids(prompt)) if prompt else 0

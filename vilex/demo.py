@@ -196,8 +196,9 @@ def run_demo(out: Path, cache: Path, steps: int = 25, checkpoint: str = "toy", e
     caption_column = pipeline.generate(None, prompt=captions, num_inference_steps=steps, generator=generators,
                                        output_type="np", progress=False).images
     generators = [torch.Generator().manual_seed(0) for _ in images]
-    edit_column = pipeline(images, prompt=EDIT_WORD, text_guidance_scale=EDIT_GUIDANCE, num_inference_steps=steps,
-                           generator=generators, output_type="np", progress=False).images
+    edit_tokens = min(pipeline.num_queries, pipeline.prompt_builder.max_vilex_tokens(EDIT_WORD))  # tiny: 75 + 1 > 75
+    edit_column = pipeline(images, num_tokens=edit_tokens, prompt=EDIT_WORD, text_guidance_scale=EDIT_GUIDANCE,
+                           num_inference_steps=steps, generator=generators, output_type="np", progress=False).images
     print(f"      PyTorch: the captions alone, and ViLex + {EDIT_WORD!r} with text-free guidance {EDIT_GUIDANCE}")
 
     # 3. ONNX export, and the same through onnxruntime in-process

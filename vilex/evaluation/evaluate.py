@@ -303,8 +303,10 @@ class Evaluation:
                                                                           c.seed), None
         if refs.scenes is not None:
             words, colors = edit_targets(refs.scenes, c.seed)
-            yield "edit: vilex + color word", tokens.shape[1], lambda i: runner.generate(
-                tokens[i], [words[j] for j in i], c.steps, c.guidance, c.seed, text_guidance=c.edit_guidance), colors
+            # All tokens, or the longest prefix that fits beside the longest color word (75-token checkpoints).
+            k = min([tokens.shape[1]] + [self.pipeline.prompt_builder.max_vilex_tokens(w) for w in set(words)])
+            yield "edit: vilex + color word", k, lambda i: runner.generate(
+                tokens[i, :k], [words[j] for j in i], c.steps, c.guidance, c.seed, text_guidance=c.edit_guidance), colors
 
     def run_backend(self, name: str, where: str | None, log) -> None:
         runner = self.runner(name, where)
