@@ -18,7 +18,6 @@ Each stage saves a checkpoint every `checkpoint_every` steps (weights, EMA, opti
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from ..outputs import atomic_folder
 from ..pipeline import ViLexPipeline
 from ..training import checkpoint as ckpt
 from ..training.objective import training_noise_scheduler
+from ..training.trainer import lr_factor
 from . import components
 from .scenes import SPLITS, fingerprint, make_scenes
 
@@ -78,12 +78,6 @@ def scheduler() -> DDIMScheduler:
                          set_alpha_to_one=False, steps_offset=1)
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def render_pixels(scenes) -> torch.Tensor:
     """Scenes -> (N, 3, 64, 64) uint8."""
     return torch.from_numpy(np.stack([np.asarray(s.render()) for s in scenes])).permute(0, 3, 1, 2).contiguous()
@@ -97,9 +91,13 @@ class Stage:
     """One resumable training stage: modules, an AdamW optimizer, an optional EMA and a CPU generator,
     saved together under OUT/<name>/checkpoints."""
 
-    def __init__(self, out: Path, name: str, modules: dict[str, torch.nn.Module], lr: float, seed: int,
-                 ema_decay: float | None):
-        self.folder = out / name
+    def __init__(self, config: BaseConfig, name: str, modules: dict[str, torch.nn.Module], lr: float, seed: int,
+                 total_steps: int, ema_decay: float | None):
+        self.config = config
+        self.name = name
+        self.total_steps = total_steps
+        self.started = time.time()
+        self.folder = Path(config.out) / name
         self.modules = modules
         self.parameters = [p for m in modules.values() for p in m.parameters()]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.0)
@@ -143,9 +141,16 @@ class Stage:
         ckpt.commit(staging, self.folder / ckpt.CHECKPOINTS / ckpt.checkpoint_name(self.step))
         ckpt.prune(self.folder, 1)
 
-    def update(self, loss: torch.Tensor, lr_scale: float) -> None:
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def update(self, loss: torch.Tensor) -> None:
+        """One AdamW step at this step's learning rate (warmup, cosine), the EMA, then a log line and a
+        checkpoint when they are due."""
+        scale = lr_factor(self.step, self.config.warmup_steps, self.total_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.base_lr * lr_scale
+            group["lr"] = self.base_lr * scale
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
@@ -153,6 +158,13 @@ class Stage:
         if self.ema is not None:
             self.ema.step(self.parameters)
         self.step += 1
+        last = self.step == self.total_steps
+        if self.step % self.config.log_every == 0 or last:
+            print(json.dumps({"stage": self.name, "step": self.step, "of": self.total_steps,
+                              "loss": round(loss.item(), 5), "elapsed_s": round(time.time() - self.started, 1)}),
+                  flush=True)
+        if self.step % self.config.checkpoint_every == 0 or last:
+            self.save()
 
     def finish(self) -> None:
         """Put the EMA weights (when kept) into the modules."""
@@ -160,18 +172,13 @@ class Stage:
             self.ema.copy_to(self.parameters)
 
 
-def _log(stage: str, step: int, total: int, loss: float, started: float) -> None:
-    print(json.dumps({"stage": stage, "step": step, "of": total, "loss": round(loss, 5),
-                      "elapsed_s": round(time.time() - started, 1)}), flush=True)
-
-
 # ---- 2. the VAE --------------------------------------------------------------------------------------
 def train_vae(config: BaseConfig, pixels: torch.Tensor):
     vae = components.toy_vae()
-    stage = Stage(Path(config.out), "vae", {"vae": vae}, config.vae_lr, config.seed, ema_decay=None)
-    started, N, S, C = time.time(), pixels.shape[0], pixels.shape[-1], config.vae_crop
+    stage = Stage(config, "vae", {"vae": vae}, config.vae_lr, config.seed, config.vae_steps, ema_decay=None)
+    N, S, C = pixels.shape[0], pixels.shape[-1], config.vae_crop
     vae.train()
-    while stage.step < config.vae_steps:
+    while not stage.done:
         g = stage.generator
         index = torch.randint(0, N, (config.vae_batch_size,), generator=g)
         top, left = (int(v) for v in torch.randint(0, S - C + 1, (2,), generator=g))
@@ -181,11 +188,7 @@ def train_vae(config: BaseConfig, pixels: torch.Tensor):
         reconstruction = vae.decode(z).sample
         loss = (F.mse_loss(reconstruction, batch) + F.l1_loss(reconstruction, batch)
                 + VAE_KL_WEIGHT * posterior.kl().mean())
-        stage.update(loss, lr_factor(stage.step, config.warmup_steps, config.vae_steps))
-        if stage.step % config.log_every == 0 or stage.step == config.vae_steps:
-            _log("vae", stage.step, config.vae_steps, loss.item(), started)
-        if stage.step % config.checkpoint_every == 0 or stage.step == config.vae_steps:
-            stage.save()
+        stage.update(loss)
     vae.eval()
     # 1 / std of the latents (posterior means of 1,024 scenes), so the UNet sees unit-variance latents.
     with torch.no_grad():
@@ -214,8 +217,8 @@ def train_text_to_image(config: BaseConfig, vae, captions: list[str], pixels: to
     unet = components.toy_unet()
     pipeline_scheduler = scheduler()
     noise_scheduler = training_noise_scheduler(pipeline_scheduler.config)
-    stage = Stage(Path(config.out), "text_to_image", {"text_encoder": text_encoder, "unet": unet}, config.unet_lr,
-                  config.seed + 2, ema_decay=config.ema_decay)
+    stage = Stage(config, "text_to_image", {"text_encoder": text_encoder, "unet": unet}, config.unet_lr,
+                  config.seed + 2, config.unet_steps, ema_decay=config.ema_decay)
     vae.eval()
     means, stds = encode_all(vae, pixels)
     scaling = float(vae.config.scaling_factor)
@@ -225,8 +228,8 @@ def train_text_to_image(config: BaseConfig, vae, captions: list[str], pixels: to
     encoder = TextEncoderFromEmbeds(text_encoder)
     text_encoder.train()
     unet.train()
-    started, N, T = time.time(), means.shape[0], noise_scheduler.config.num_train_timesteps
-    while stage.step < config.unet_steps:
+    N, T = means.shape[0], noise_scheduler.config.num_train_timesteps
+    while not stage.done:
         g = stage.generator
         index = torch.randint(0, N, (config.unet_batch_size,), generator=g)
         latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=g)) * scaling
@@ -236,12 +239,7 @@ def train_text_to_image(config: BaseConfig, vae, captions: list[str], pixels: to
         timesteps = torch.randint(0, T, (len(index),), generator=g)
         prompt_embeds = encoder(prompt_builder(None, prompts))  # (B, 77, D)
         prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, prompt_embeds).sample
-        loss = F.mse_loss(prediction, noise)
-        stage.update(loss, lr_factor(stage.step, config.warmup_steps, config.unet_steps))
-        if stage.step % config.log_every == 0 or stage.step == config.unet_steps:
-            _log("text_to_image", stage.step, config.unet_steps, loss.item(), started)
-        if stage.step % config.checkpoint_every == 0 or stage.step == config.unet_steps:
-            stage.save()
+        stage.update(F.mse_loss(prediction, noise))
     stage.finish()
     text_encoder.eval()
     unet.eval()
