@@ -1,8 +1,8 @@
 """The shipped, trained toy checkpoint: what it is, that it keeps an image's meaning, and that `vilex train`
 on its frozen base learns (fidelity measured, not loss).
 
-Reconstructions here use few denoising steps and few scenes, so the margins asserted are well inside what
-the full evaluation (200 scenes, 25 steps; the model card) shows.
+Reconstructions here use few scenes, so the margins asserted are well inside what the full evaluation
+(200 scenes; the model card) shows.
 """
 
 from __future__ import annotations
@@ -15,24 +15,19 @@ import torch
 
 from vilex import ViLexPipeline
 from vilex.cli import main
-from vilex.evaluation.metrics import psnr
+from vilex.evaluation.metrics import to_tensor
 from vilex.pipeline import PICKLE_SUFFIXES
+from vilex.toyworld.probe import load_probe
 from vilex.toyworld.scenes import SPLITS, make_scenes
 from vilex.toyworld.shipped import WEIGHTS, checkpoint_path, probe_path
 
-STEPS = 10
+STEPS = 25
 
 
 def held_out(n: int):
     scenes = make_scenes(n, SPLITS["heldout"])
     images = [s.render() for s in scenes]
     return scenes, images, np.stack([np.asarray(i) for i in images]).astype(np.float32) / 255.0
-
-
-def reconstruct(pipeline, images, num_tokens=None) -> np.ndarray:
-    generators = [torch.Generator().manual_seed(0) for _ in images]
-    return pipeline(images, num_tokens=num_tokens, num_inference_steps=STEPS, generator=generators,
-                    output_type="np", progress=False).images
 
 
 @pytest.fixture(scope="module")
@@ -59,34 +54,43 @@ def test_init_preset_toy_copies_the_shipped_checkpoint(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_vilex_reconstructs_better_than_the_caption_and_noise(toy_pipeline):
-    scenes, images, reference = held_out(8)
-    vilex = psnr(reconstruct(toy_pipeline, images), reference).mean()
+def color_agreement(pipeline, probe, images, reference, num_tokens=None, vilex_tokens=None) -> float:
+    """Share of scenes where the probe reads the same main-object color from the reconstruction as from the input."""
     generators = [torch.Generator().manual_seed(0) for _ in images]
-    caption = toy_pipeline.generate(None, prompt=[s.caption for s in scenes], num_inference_steps=STEPS,
-                                    generator=generators, output_type="np", progress=False).images
-    tokens = toy_pipeline.tokenize(images)
+    if vilex_tokens is None:
+        vilex_tokens = pipeline.tokenize(images, num_tokens=num_tokens)
+    output = pipeline.generate(vilex_tokens, num_inference_steps=STEPS, generator=generators, output_type="np",
+                               progress=False).images
+    read = probe.read(to_tensor(np.round(output * 255) / 255))["color"]
+    return float((read == probe.read(to_tensor(reference))["color"]).float().mean())
+
+
+def test_vilex_tokens_carry_the_main_objects_color(toy_pipeline):
+    """The shipped checkpoint's 16-token reconstructions keep the main object's color far above chance (1 in 7
+    colors) and far above random tokens of the same scale (the full table: the model card)."""
+    _, images, reference = held_out(16)
+    probe = load_probe(probe_path())
+    vilex = color_agreement(toy_pipeline, probe, images, reference, num_tokens=16)
+    tokens = toy_pipeline.tokenize(images, num_tokens=16)
     random_tokens = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(1)) * tokens.std()
-    generators = [torch.Generator().manual_seed(0) for _ in images]
-    noise = toy_pipeline.generate(random_tokens, num_inference_steps=STEPS, generator=generators,
-                                  output_type="np", progress=False).images
-    assert vilex > psnr(caption, reference).mean() + 2.0
-    assert vilex > psnr(noise, reference).mean() + 4.0
+    noise = color_agreement(toy_pipeline, probe, images, reference, vilex_tokens=random_tokens)
+    assert vilex >= 0.5 and vilex >= noise + 0.25, (vilex, noise)
 
 
 def test_short_vilex_training_on_the_shipped_base_improves_reconstructions(tmp_path):
     """`vilex train` (the CLI, CI-sized) on a new, untrained ViLex encoder over the shipped frozen base:
-    held-out reconstructions get measurably closer to their inputs."""
+    held-out reconstructions keep the main object's color more often than before training."""
     assert main(["toyworld", "new-vilex", str(checkpoint_path()), str(tmp_path / "untrained"), "--seed", "1"]) == 0
     assert main(["toyworld", "make-data", str(tmp_path / "data"), "--n", "256"]) == 0
     assert main(["train", str(tmp_path / "untrained"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
                  "--train-vision", "--vision-lr", "1e-3", "--pooler-lr", "1e-3", "--max-steps", "60",
                  "--warmup-steps", "5", "--batch-size", "16", "--caption-prob", "0", "--num-workers", "0",
                  "--holdout", "0", "--no-progress"]) == 0
-    _, images, reference = held_out(8)
-    before = ViLexPipeline.from_pretrained(tmp_path / "untrained")
-    after = ViLexPipeline.from_pretrained(tmp_path / "run" / "pipeline")
-    gain = psnr(reconstruct(after, images), reference).mean() - psnr(reconstruct(before, images), reference).mean()
-    assert gain > 1.0, f"PSNR gain after 60 steps: {gain:.2f} dB"
+    _, images, reference = held_out(16)
+    probe = load_probe(probe_path())
+    before = color_agreement(ViLexPipeline.from_pretrained(tmp_path / "untrained"), probe, images, reference)
+    after = color_agreement(ViLexPipeline.from_pretrained(tmp_path / "run" / "pipeline"), probe, images, reference)
+    print(f"color agreement before {before:.2f}, after {after:.2f}")
+    assert after >= before + 0.2, (before, after)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["steps"] == 60
