@@ -83,14 +83,14 @@ def test_short_vilex_training_on_the_shipped_base_improves_reconstructions(tmp_p
     assert main(["toyworld", "new-vilex", str(checkpoint_path()), str(tmp_path / "untrained"), "--seed", "1"]) == 0
     assert main(["toyworld", "make-data", str(tmp_path / "data"), "--n", "256"]) == 0
     assert main(["train", str(tmp_path / "untrained"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
-                 "--train-vision", "--vision-lr", "1e-3", "--pooler-lr", "1e-3", "--max-steps", "60",
-                 "--warmup-steps", "5", "--batch-size", "16", "--caption-prob", "0", "--num-workers", "0",
+                 "--train-vision", "--vision-lr", "1e-3", "--pooler-lr", "1e-3", "--max-steps", "120",
+                 "--warmup-steps", "10", "--batch-size", "16", "--caption-prob", "0", "--num-workers", "0",
                  "--holdout", "0", "--no-progress"]) == 0
-    _, images, reference = held_out(16)
+    _, images, reference = held_out(32)
     probe = load_probe(probe_path())
     before = color_agreement(ViLexPipeline.from_pretrained(tmp_path / "untrained"), probe, images, reference)
     after = color_agreement(ViLexPipeline.from_pretrained(tmp_path / "run" / "pipeline"), probe, images, reference)
     print(f"color agreement before {before:.2f}, after {after:.2f}")
-    assert after >= before + 0.2, (before, after)
+    assert after >= before + 0.15, (before, after)  # 5 of 32 scenes; 800 steps reach 0.81 (the model card)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["steps"] == 60
+    assert report["steps"] == 120
