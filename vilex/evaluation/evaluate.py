@@ -71,11 +71,11 @@ class References:
 
 
 def toy_references(n: int) -> References:
-    from ..toyworld.scenes import SPLITS, make_scenes
+    from ..toyworld.scenes import SPLITS, make_scenes, render_all
 
     scenes = make_scenes(n, SPLITS["heldout"])
-    images = [s.render() for s in scenes]
-    return References(images, np.stack([np.asarray(i) for i in images]).astype(np.float32) / 255.0,
+    pixels = render_all(scenes)
+    return References([PIL.Image.fromarray(p) for p in pixels], pixels.astype(np.float32) / 255.0,
                       [s.caption for s in scenes], scenes)
 
 
@@ -97,7 +97,7 @@ class LocalRunner:
     def __init__(self, pipeline, backend):
         self.pipeline = pipeline.set_backend(backend)
         self.original_scheduler = pipeline.scheduler
-        self.supports = {"baselines", "edit", "schedulers"}
+        self.sweeps = True  # schedulers can be swapped in this process
 
     def set_scheduler(self, name: str | None) -> None:
         import diffusers
@@ -125,7 +125,7 @@ class TritonRunner:
 
     def __init__(self, url: str, protocol: str, workers: int = 4):
         self.url, self.protocol, self.workers = url, protocol, workers
-        self.supports: set[str] = set()
+        self.sweeps = False  # the server keeps its scheduler
 
     def reconstruct(self, images, k, steps, guidance, seed) -> np.ndarray:
         from ..serving.client import map_concurrently
@@ -325,7 +325,7 @@ class Evaluation:
             log(format_row(row))
             if first:
                 self.grid_columns[condition] = images[:GRID_ROWS]
-        if "schedulers" in runner.supports and self.config.sweep_n:
+        if runner.sweeps and self.config.sweep_n:
             self.sweep(runner, name if where is None else f"{name}={where}", log)
 
     # ---- 3. the trade-off --------------------------------------------------------------------------------

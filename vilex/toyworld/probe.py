@@ -24,7 +24,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..outputs import atomic_folder
-from .scenes import BACKGROUNDS, CELLS, COLOR_NAMES, IMAGE_SIZE, SHAPES, SIZES, SPLITS, fingerprint, make_scenes
+from .scenes import (BACKGROUNDS, CELLS, COLOR_NAMES, IMAGE_SIZE, SHAPES, SIZES, SPLITS, fingerprint, make_scenes,
+                     render_all)
 
 ATTRIBUTES = {"shape": SHAPES, "color": COLOR_NAMES, "cell": CELLS, "size": SIZES, "background": BACKGROUNDS,
               "background_color": COLOR_NAMES}
@@ -79,9 +80,7 @@ def targets_of(scenes) -> dict[str, torch.Tensor]:
 
 def scenes_to_images(scenes) -> torch.Tensor:
     """(B, 3, 64, 64) float in [0, 1]."""
-    import numpy as np
-
-    return torch.from_numpy(np.stack([np.asarray(s.render()) for s in scenes])).permute(0, 3, 1, 2).float() / 255
+    return torch.from_numpy(render_all(scenes)).permute(0, 3, 1, 2).float() / 255
 
 
 def _degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -232,6 +232,11 @@ def render(scene: Scene) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.round(image).clip(0, 255).astype(np.uint8), "RGB")
 
 
+def render_all(scenes: list[Scene]) -> np.ndarray:
+    """Scenes -> (N, 64, 64, 3) uint8."""
+    return np.stack([np.asarray(s.render()) for s in scenes])
+
+
 def fingerprint(scenes: list[Scene]) -> str:
     """sha256 of the scenes' definitions (seeds and attributes): names a data set exactly."""
     digest = hashlib.sha256()

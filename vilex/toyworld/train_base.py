@@ -22,7 +22,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
@@ -37,7 +36,7 @@ from ..training import checkpoint as ckpt
 from ..training.objective import training_noise_scheduler
 from ..training.trainer import lr_factor
 from . import components
-from .scenes import SPLITS, fingerprint, make_scenes
+from .scenes import SPLITS, fingerprint, make_scenes, render_all
 
 VAE_KL_WEIGHT = 1e-6
 CAPTION_DROPOUT = 0.1
@@ -80,7 +79,7 @@ def scheduler() -> DDIMScheduler:
 
 def render_pixels(scenes) -> torch.Tensor:
     """Scenes -> (N, 3, 64, 64) uint8."""
-    return torch.from_numpy(np.stack([np.asarray(s.render()) for s in scenes])).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(render_all(scenes)).permute(0, 3, 1, 2).contiguous()
 
 
 def to_unit(pixels_uint8: torch.Tensor) -> torch.Tensor:
