@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from vilex.export.contract import DEFAULT_GUIDANCE_BRANCHES, ExportOptions, ModelDims, build_contracts
+from vilex.engines.contract import DEFAULT_GUIDANCE_BRANCHES, ExportOptions, ModelDims, build_contracts
 from vilex.export.validate import sample_inputs
 from vilex.backends import StageBackend
 from vilex.stages import STAGE_NAMES
@@ -128,9 +128,9 @@ def load_backend(name: str, ckpt: Path, engines: Path | None) -> BenchBackend:
         return BenchBackend(name, pipeline, precision, _sync(), device)
     if engines is None:
         raise Unavailable(f"{name} needs an export folder (--engines, or let the benchmark export)")
-    from vilex.export.runtime import pipeline_from_engines
+    from vilex.engines.host import pipeline_from_engines
 
-    from vilex.export.manifest import EngineFolder
+    from vilex.engines.folder import EngineFolder
 
     folder = EngineFolder.open(engines)
     if name.startswith("onnxruntime"):

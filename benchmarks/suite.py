@@ -41,7 +41,7 @@ def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: Ben
     ckpt = Path(ckpt) if ckpt else ensure_preset_checkpoint(cache, preset)
     needs_export = any(not b.startswith("torch") for b in backends)
     if needs_export and engines is None:
-        from vilex.export.contract import ExportOptions
+        from vilex.engines.contract import ExportOptions
         from vilex.export.onnx_export import export_checkpoint
 
         engines = out / "engines"
@@ -51,7 +51,7 @@ def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: Ben
                           replace=True)
     if "tensorrt" in backends and engines is not None:
         try:
-            from vilex.export.manifest import EngineFolder
+            from vilex.engines.folder import EngineFolder
             from vilex.export.tensorrt_build import build_engines
 
             build_engines(EngineFolder.open(engines), fp16=precision == "fp16")

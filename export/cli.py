@@ -7,7 +7,7 @@ import sys
 
 from vilex.errors import ViLexUsageError
 
-from .contract import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
+from vilex.engines.contract import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
 
 
 def add_size_args(parser: argparse.ArgumentParser, exporting: bool) -> None:
@@ -50,7 +50,7 @@ def size_overrides(args) -> dict:
 
 
 def cmd_export(args) -> None:
-    from .contract import ExportOptions
+    from vilex.engines.contract import ExportOptions
     from .onnx_export import export_checkpoint
     from .validate import ExportError
 
@@ -66,7 +66,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_build_engines(args) -> None:
-    from .manifest import EngineFolder
+    from vilex.engines.folder import EngineFolder
     from .tensorrt_build import BuildError, build_engines
 
     folder = EngineFolder.open(args.engines, what="ENGINES")

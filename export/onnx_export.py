@@ -1,11 +1,11 @@
 """`vilex export`: a checkpoint -> validated ONNX graphs, host-side files and a manifest in engines/NAME.
 
     1. check the checkpoint and the output folder (before anything slow)
-    2. load the pipeline in fp32 and derive the contracts (export/contract.py)
+    2. load the pipeline in fp32 and derive the contracts (vilex/engines/contract.py)
     3. per graph: trace the stage wrapper (vilex/stages.py) with torch.onnx.export, check it with
        onnx.checker, convert to fp16 where asked (FP16_POLICY), optionally optimize for onnxruntime
     4. validate every graph file against PyTorch at two batch sizes (export/validate.py)
-    5. write the host-side files (export/runtime.py) and manifest.json
+    5. write the host-side files (vilex/engines/host.py) and manifest.json
     6. move the finished folder into place: a new folder, or with `replace` an atomic swap of a
        previous export (the old folder is renamed away, the new one renamed in, the old one deleted),
        so engines/NAME is always one complete export, never a mix
@@ -30,44 +30,16 @@ import torch
 from vilex.errors import ViLexUsageError
 from vilex.outputs import swap_folder_into_place
 
-from .contract import GRAPH_NAMES, ExportOptions, GraphContract, ModelDims, build_contracts
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, EngineFolder, checkpoint_files, folder_files, tree_sha256, write_json_atomic
+from vilex.engines.contract import GRAPH_NAMES, ExportOptions, GraphContract, ModelDims, build_contracts
+from vilex.engines.folder import FORMAT, FORMAT_VERSION, MANIFEST, EngineFolder, checkpoint_files, folder_files, tree_sha256, write_json_atomic
+from vilex.engines.host import save_host_files
+from vilex.engines.precision import FP16_POLICY
+
+from .graphs import EXTERNAL_DATA_THRESHOLD, convert_to_fp16, save_graph
 from .validate import ExportError, sample_inputs, validate_graph
 
-# Protobuf cannot serialize a message of 2 GiB or more; graphs whose weights come near that keep their
-# weights in one `<graph>.onnx.data` file next to the graph (64 MiB left for the graph structure).
-EXTERNAL_DATA_THRESHOLD = 2**31 - 64 * 2**20
-# Initializers at least this large are left out of the copy that shape inference sees (see infer_shapes_large).
-_SHAPE_INFERENCE_STRIP_BYTES = 1024
 TRACE_SEED = 0
 
-
-@dataclass(frozen=True)
-class Fp16Policy:
-    """How a graph is converted for `--precision fp16`. Inputs and outputs always stay fp32
-    (keep_io_types), so callers and the contract do not change with the precision."""
-
-    convert: bool
-    keep_fp32: str  # what stays fp32 and why (written to the manifest)
-    node_prefixes: tuple[str, ...] = ()  # nodes whose name starts with one of these stay fp32 ...
-    with_ancestors: bool = False  # ... together with every node that feeds them
-    op_block_list: tuple[str, ...] = ()  # extra op types kept fp32 (onnxruntime's default list always applies)
-
-
-FP16_POLICY: dict[str, Fp16Policy] = {
-    "vilex_encoder": Fp16Policy(True, "inputs/outputs only"),
-    "text_encoder": Fp16Policy(True, "inputs/outputs only"),
-    "unet": Fp16Policy(
-        True,
-        "the timestep path (timestep input -> sinusoidal projection -> time-embedding MLP): timesteps up to "
-        "999, some fractional, times the projection's frequencies need more than fp16's 11 significant bits "
-        "before sin/cos",
-        node_prefixes=("/unet/time_proj/", "/unet/time_embedding/"), with_ancestors=True),
-    "vae_decoder": Fp16Policy(
-        False,
-        "the whole graph: Stable Diffusion VAE decoders overflow fp16 in their last up-blocks (why diffusers "
-        "has `force_upcast`); it runs once per image, so fp32 costs little next to the UNet's steps"),
-}
 
 VARIANTS = ("onnx", "ort")
 
@@ -125,75 +97,6 @@ def export_graph(module: torch.nn.Module, contract: GraphContract, path: Path,
     return save_graph(model, path, external_data_threshold)
 
 
-def initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
-
-
-def save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
-    """Save (one file, or graph + one external-data file) and run onnx.checker on the saved file.
-
-    Saving with external data moves the weights out of `model` (onnx clears them in place): load the
-    file again to use the graph afterwards."""
-    domains = {node.domain for node in model.graph.node if node.domain not in ("", "ai.onnx")}
-    imported = {opset.domain for opset in model.opset_import}
-    for domain in sorted(domains - imported):  # fused onnxruntime ops (com.microsoft) need their opset declared
-        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
-    data_path = path.with_name(path.name + ".data")
-    data_path.unlink(missing_ok=True)
-    external = initializer_bytes(model) > external_data_threshold
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=data_path.name, size_threshold=1024)
-    # The path form of the checker follows external data and is not bound by protobuf's 2 GB limit.
-    onnx.checker.check_model(str(path), full_check=True)
-    return [path, data_path] if external else [path]
-
-
-def infer_shapes_large(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx shape inference for graphs of any size: it runs on a copy without the large initializers'
-    data (inference needs their dims and types, not their values) and the value_info is copied back."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for tensor in light.graph.initializer:
-        if len(tensor.raw_data) >= _SHAPE_INFERENCE_STRIP_BYTES:
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.DEFAULT
-    inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(inferred.graph.value_info)
-    return model
-
-
-def fp32_nodes(model: onnx.ModelProto, policy: Fp16Policy) -> list[str]:
-    """Names of the nodes the policy keeps fp32: by name prefix, plus their ancestors if asked."""
-    nodes = list(model.graph.node)
-    chosen = {n.name for n in nodes if n.name.startswith(policy.node_prefixes)} if policy.node_prefixes else set()
-    if policy.with_ancestors and chosen:
-        producer = {output: n for n in nodes for output in n.output}
-        stack = [n for n in nodes if n.name in chosen]
-        while stack:
-            for name in stack.pop().input:
-                parent = producer.get(name)
-                if parent is not None and parent.name not in chosen:
-                    chosen.add(parent.name)
-                    stack.append(parent)
-    return sorted(chosen)
-
-
-def convert_to_fp16(model: onnx.ModelProto, policy: Fp16Policy) -> onnx.ModelProto:
-    """fp32 -> fp16 with onnxruntime's converter (it inserts the Casts around the nodes kept fp32)."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    model = infer_shapes_large(model)
-    model = convert_float_to_float16(
-        model, keep_io_types=True, disable_shape_infer=True,
-        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(policy.op_block_list),
-        node_block_list=fp32_nodes(model, policy))
-    converted = OnnxModel(model)
-    converted.topological_sort()  # the converter appends its Casts at the end; onnx wants producers first
-    return converted.model
-
-
 # ---- the whole checkpoint ------------------------------------------------------------------------------
 def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: ExportOptions = ExportOptions(),
                       replace: bool = False, optimize: str | None = None,
@@ -204,8 +107,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: 
     from vilex import __version__
     from vilex.pipeline import ViLexPipeline, check_checkpoint
 
-    from . import runtime
-    from .optimize import OPTIMIZE_TARGETS, optimize_for_onnxruntime
+    from .optimize import OPTIMIZE_TARGETS, optimize_for_onnxruntime  # onnxruntime.transformers loads slowly
 
     # 1. Check the inputs
     ckpt, out = check_checkpoint(ckpt), Path(out)
@@ -264,7 +166,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: 
             records[name] = record
 
         # 5. Host-side files and the manifest
-        runtime.save_host_files(pipeline, ckpt, staging / "host", sorted(source_files))
+        save_host_files(pipeline, ckpt, staging / "host", sorted(source_files))
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -299,5 +201,4 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: 
     return EngineFolder.open(out, what="--out")
 
 
-__all__ = ["ExportError", "FP16_POLICY", "Fp16Policy", "VARIANTS", "check_out", "convert_to_fp16", "export_checkpoint",
-           "export_graph", "save_graph"]
+__all__ = ["ExportError", "VARIANTS", "check_out", "export_checkpoint", "export_graph"]

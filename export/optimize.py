@@ -33,6 +33,8 @@ from pathlib import Path
 
 import onnx
 
+from .graphs import fp32_nodes, save_graph
+
 OPTIMIZE_TARGETS = ("cpu", "gpu")
 
 # onnxruntime.transformers model type per graph.
@@ -74,8 +76,6 @@ def optimize_for_onnxruntime(graph: str, src: Path, dst: Path, target: str, prec
     fused-operator counts."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
 
-    from .onnx_export import fp32_nodes, save_graph
-
     optimized = optimize_model_proto(graph, src, target)
     fused = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
     if precision == "fp16" and policy.convert:
@@ -113,7 +113,7 @@ def measure(engines: str | Path, runs: int = 10, batch: int | None = None, threa
     """Time the plain (`onnx/`) and optimized (`ort/`) graphs on CPU at the contract's opt shapes."""
     import torch
 
-    from .manifest import EngineFolder
+    from vilex.engines.folder import EngineFolder
     from .validate import sample_inputs
 
     folder = EngineFolder.open(engines)

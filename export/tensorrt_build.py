@@ -33,46 +33,17 @@ from pathlib import Path
 
 from vilex.errors import ViLexUsageError
 
-from .contract import GraphContract, build_contracts
-from .manifest import EngineFolder, sha256_file
-from .onnx_export import FP16_POLICY
+from vilex.backends.tensorrt import TensorRTUnavailableError, cuda_compute_capability, engine_file_name, import_tensorrt
+from vilex.engines.contract import GraphContract, build_contracts
+from vilex.engines.folder import EngineFolder, sha256_file
+from vilex.engines.precision import FP16_POLICY
 
 ENGINE_DIR = "tensorrt"
 SCRIPT = "build_engines.sh"
 
 
-class TensorRTUnavailableError(ViLexUsageError):
-    """TensorRT or a CUDA GPU is missing on this machine."""
-
-
 class BuildError(Exception):
     """TensorRT could not parse a graph or build an engine."""
-
-
-def import_tensorrt(purpose: str = "building engines"):
-    try:
-        import tensorrt
-    except ImportError:
-        raise TensorRTUnavailableError(
-            f"TensorRT is not installed, which {purpose} needs: install the `tensorrt` Python package from "
-            f"NVIDIA's index on a machine with an NVIDIA GPU, or use NVIDIA's TensorRT container") from None
-    return tensorrt
-
-
-def cuda_compute_capability(device: int = 0) -> str:
-    """'90' for an H100/H200 (sm_90), '86' for an A10 ..."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise TensorRTUnavailableError("no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is False); "
-                                       "TensorRT engines are built and run on an NVIDIA GPU")
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{major}{minor}"
-
-
-def engine_file_name(graph: str, precision: str, trt_version: str, compute_capability: str) -> str:
-    """What would make an engine stale is in its name: precision, TensorRT version, GPU architecture."""
-    return f"{graph}.{precision}.trt{trt_version}.sm{compute_capability}.plan"
 
 
 def timing_cache_name(trt_version: str, compute_capability: str) -> str:

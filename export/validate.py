@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .contract import GraphContract
+from vilex.engines.contract import GraphContract
 
 # Seed of the validation inputs; the exporter traces with other values, so validation inputs are fresh.
 VALIDATION_SEED = 1234

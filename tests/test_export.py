@@ -18,11 +18,13 @@ import pytest
 import torch
 
 from vilex.errors import ViLexUsageError
-from vilex.export.contract import (
+from vilex.engines.contract import (
     GRAPH_NAMES, MAX_GUIDANCE_BRANCHES, ExportOptions, GraphContract, ModelDims, build_contracts,
 )
-from vilex.export.manifest import MANIFEST, EngineFolder, checkpoint_sha256, folder_files
-from vilex.export.onnx_export import FP16_POLICY, export_checkpoint, export_graph, fp32_nodes
+from vilex.engines.folder import MANIFEST, EngineFolder, checkpoint_sha256, folder_files
+from vilex.engines.precision import FP16_POLICY
+from vilex.export.graphs import fp32_nodes
+from vilex.export.onnx_export import export_checkpoint, export_graph
 from vilex.export.validate import OutputShapeError, ToleranceError, validate_graph
 
 STEPS = 3
@@ -337,7 +339,7 @@ def test_onnxruntime_pipeline_matches_pytorch(fp32_export, reference_pipeline, s
 
 def test_pipeline_from_engines_runs_without_pytorch_weights(fp32_export, reference_pipeline, sample_images_small):
     from vilex.backends.onnxruntime import OnnxRuntimeBackend
-    from vilex.export.runtime import pipeline_from_engines
+    from vilex.engines.host import pipeline_from_engines
 
     weightless = pipeline_from_engines(fp32_export)
     weightless.set_progress_bar_config(disable=True)

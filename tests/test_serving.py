@@ -29,7 +29,7 @@ import PIL.Image
 import pytest
 
 from vilex.errors import ViLexUsageError
-from vilex.export.contract import ExportOptions, ModelDims, build_contracts
+from vilex.engines.contract import ExportOptions, ModelDims, build_contracts
 from vilex.serving.config import (PLATFORMS, check_max_batch, graph_config, pipeline_config, pipeline_parameters,
                                   source_dir, tiny_source_configs, triton_dims)
 from vilex.serving.interface import NUMPY_TO_TRITON, pipeline_models
@@ -243,7 +243,7 @@ def served(engines, tmp_path_factory):
 @pytest.fixture(scope="module")
 def in_process(engines):
     """The reference: the same export run in-process by onnxruntime, through the same pipeline loop."""
-    from vilex.export.runtime import pipeline_from_engines
+    from vilex.engines.host import pipeline_from_engines
 
     pipeline = pipeline_from_engines(engines)
     pipeline.set_progress_bar_config(disable=True)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from vilex.errors import ViLexUsageError
-from vilex.export.contract import ExportOptions
-from vilex.export.manifest import EngineFolder
+from vilex.engines.contract import ExportOptions
+from vilex.engines.folder import EngineFolder
 from vilex.export.onnx_export import export_checkpoint
 from vilex.export.tensorrt_build import (
     SCRIPT, build_script, engine_file_name, plan_builds, profile_shapes, record_engines, shapes_arg, trtexec_command,

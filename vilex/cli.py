@@ -47,7 +47,7 @@ def make_backend(args, pipeline):
     if not args.engines:
         raise ViLexUsageError(f"--backend {args.backend} needs --engines engines/NAME "
                               f"(make one with `vilex export {args.ckpt} --out engines/NAME`)")
-    from .export.manifest import EngineFolder
+    from .engines.folder import EngineFolder
 
     engines = EngineFolder.open(args.engines)
     engines.check_source(args.ckpt)

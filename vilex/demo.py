@@ -35,7 +35,7 @@ EDIT_GUIDANCE = 7.5
 def ensure_export(ckpt: Path, cache: Path, name: str | None = None) -> tuple[Path, bool]:
     """The ONNX export of `ckpt` under cache/engines/NAME; re-exported (atomically) unless it is of this checkpoint."""
     from .errors import ViLexUsageError
-    from .export.manifest import EngineFolder
+    from .engines.folder import EngineFolder
     from .export.onnx_export import export_checkpoint
 
     out = cache / "engines" / (name or ckpt.name)

@@ -1,7 +1,7 @@
 """The four stages of ViLex inference as plain modules with tensor inputs and outputs.
 
 These are both what the PyTorch backend runs and the wrappers the exporter traces, so a stage means
-the same thing on every backend (names and shapes are declared in `vilex.export.contract`):
+the same thing on every backend (names and shapes are declared in `vilex.engines.contract`):
 
     vilex_encoder  pixel_values (B, 3, H, W)                       -> vilex_tokens (B, N, D)   all N; the runtime keeps the first k
     text_encoder   inputs_embeds (B, 77, D)                        -> last_hidden_state (B, 77, D)

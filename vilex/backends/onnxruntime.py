@@ -59,7 +59,7 @@ class OnnxRuntimeBackend(StageBackend):
                  session_options=None, device_id: int = 0):
         import onnxruntime as ort
 
-        from vilex.export.manifest import EngineFolder
+        from vilex.engines.folder import EngineFolder
 
         self.engines = engines if isinstance(engines, EngineFolder) else EngineFolder.open(engines)
         available = ort.get_available_providers()

@@ -25,6 +25,36 @@ from ..errors import ViLexUsageError
 from .base import StageBackend
 
 
+class TensorRTUnavailableError(ViLexUsageError):
+    """TensorRT or a CUDA GPU is missing on this machine."""
+
+
+def import_tensorrt(purpose: str = "building engines"):
+    try:
+        import tensorrt
+    except ImportError:
+        raise TensorRTUnavailableError(
+            f"TensorRT is not installed, which {purpose} needs: install the `tensorrt` Python package from "
+            f"NVIDIA's index on a machine with an NVIDIA GPU, or use NVIDIA's TensorRT container") from None
+    return tensorrt
+
+
+def cuda_compute_capability(device: int = 0) -> str:
+    """'90' for an H100/H200 (sm_90), '86' for an A10 ..."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TensorRTUnavailableError("no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is False); "
+                                       "TensorRT engines are built and run on an NVIDIA GPU")
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}{minor}"
+
+
+def engine_file_name(graph: str, precision: str, trt_version: str, compute_capability: str) -> str:
+    """What would make an engine stale is in its name: precision, TensorRT version, GPU architecture."""
+    return f"{graph}.{precision}.trt{trt_version}.sm{compute_capability}.plan"
+
+
 def _torch_dtype(trt, dtype) -> torch.dtype:
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
              trt.DataType.INT8: torch.int8, trt.DataType.BOOL: torch.bool}
@@ -131,8 +161,7 @@ class TensorRTBackend(StageBackend):
     name = "tensorrt"
 
     def __init__(self, engines, precision: str | None = None, cuda_graph: bool = False, device_id: int = 0):
-        from vilex.export.manifest import EngineFolder
-        from vilex.export.tensorrt_build import cuda_compute_capability, engine_file_name, import_tensorrt
+        from vilex.engines.folder import EngineFolder
 
         self.trt = trt = import_tensorrt("the tensorrt backend")
         compute_capability = cuda_compute_capability(device_id)

@@ -87,8 +87,8 @@ class PipelineModel:
     """The logic of one pipeline model. `args` is what Triton passes to `initialize`."""
 
     def __init__(self, model: str, args: dict, pb_utils):
-        from vilex.export.manifest import MANIFEST, EngineFolder
-        from vilex.export.runtime import pipeline_from_engines
+        from vilex.engines.folder import MANIFEST, EngineFolder
+        from vilex.engines.host import pipeline_from_engines
 
         self.pb_utils = pb_utils
         self.model = model

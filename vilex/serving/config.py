@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vilex.errors import ViLexUsageError
-from vilex.export.contract import MAX_GUIDANCE_BRANCHES, GraphContract, TensorSpec
+from vilex.engines.contract import MAX_GUIDANCE_BRANCHES, GraphContract, TensorSpec
 
 from .interface import NUMPY_TO_TRITON, Port, ServedModel
 
@@ -197,7 +197,7 @@ def source_dir() -> Path:
 def tiny_source_configs() -> dict[str, str]:
     """{relative path: text} of the configs committed in triton_repo/: the tiny preset, python-ort, defaults."""
     from vilex.cli import DEFAULT_GUIDANCE, DEFAULT_STEPS
-    from vilex.export.contract import ExportOptions, ModelDims, build_contracts
+    from vilex.engines.contract import ExportOptions, ModelDims, build_contracts
     from vilex.presets import build_preset
 
     from .interface import pipeline_models

@@ -41,7 +41,7 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
                      max_steps: int = DEFAULT_MAX_STEPS, replace: bool = False) -> Path:
     """Write the model repository for export folder `engines` to `out`; return `out`."""
     from vilex.cli import DEFAULT_GUIDANCE, DEFAULT_STEPS
-    from vilex.export.manifest import MANIFEST, EngineFolder
+    from vilex.engines.folder import MANIFEST, EngineFolder
 
     # 1. Check the options against the export
     if platform not in PLATFORMS:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 
@@ -33,7 +34,12 @@ def add_parser(subparsers) -> None:
                                    "same command again to continue. Writes OUT/pipeline, a ViLex checkpoint.")
     p.add_argument("out", metavar="OUT")
     for field in dataclasses.fields(BaseConfig):
-        if field.name != "out":
+        if field.name == "out":
+            continue
+        if isinstance(field.default, bool):
+            p.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=field.default,
+                           action=argparse.BooleanOptionalAction, help=f"(default {field.default})")
+        else:
             p.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=type(field.default),
                            default=field.default, help=f"(default {field.default})")
     p.set_defaults(func=cmd_train_base)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .manifest import EngineFolder
+from .folder import EngineFolder
 
 TOKEN_EMBEDDING_FILE = "text_encoder/token_embedding.safetensors"
 WEIGHT_SUFFIXES = (".safetensors",)  # check_checkpoint has already refused pickle files
