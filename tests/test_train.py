@@ -22,7 +22,7 @@ from vilex.training.data import (ImageFolderDataset, TrainingStream, collate, cr
                                  to_vae_pixels)
 from vilex.training.metrics import read_metrics
 from vilex.training.objective import ReconstructionObjective
-from vilex.training.trainer import lr_factor
+from vilex.training.optim import lr_factor
 
 FROZEN = ("unet", "text_encoder", "vae")
 
@@ -169,6 +169,46 @@ def test_bad_options_are_usage_errors(tiny_ckpt, image_folder, tmp_path, capsys)
     assert code == 2 and "is not a training run" in err
 
 
+def test_default_warmup_is_five_percent_of_the_run_at_most_500(tmp_path, capsys, monkeypatch):
+    """Without --warmup-steps a run warms up for 5% of --max-steps (rounded down), at most 500 steps: a
+    fixed 500 made `vilex train ... --max-steps 300` fail. A given --warmup-steps is kept and checked."""
+    import argparse
+
+    from vilex.training import config as config_module
+    from vilex.training.cli import add_parser, new_run_config
+
+    monkeypatch.setenv("COLUMNS", "300")  # one help line per option, so the text below is not wrapped
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers()
+    add_parser(subparsers)
+
+    def parsed(*args) -> TrainConfig:
+        return new_run_config(parser.parse_args(["train", "ck", "--data", "d", "--out", str(tmp_path / "run"), *args]))
+
+    assert parsed("--max-steps", "300").validate().warmup_steps == 15
+    assert parsed("--max-steps", "20000").validate().warmup_steps == 500
+    assert parsed().validate().warmup_steps == 500  # 5% of the default 10000 steps
+    assert parsed("--max-steps", "39").validate().warmup_steps == 1  # 1.95, rounded down
+    assert parsed("--max-steps", "1").validate().warmup_steps == 0
+    assert parsed("--max-steps", "300", "--warmup-steps", "0").validate().warmup_steps == 0
+    assert parsed("--max-steps", "20000", "--warmup-steps", "2000").validate().warmup_steps == 2000
+    with pytest.raises(ViLexUsageError, match=r"--warmup-steps must be in 0\.\.300, got 400"):
+        parsed("--max-steps", "300", "--warmup-steps", "400").validate()
+    with pytest.raises(ViLexUsageError, match=r"--max-steps must be in >= 1, got 0"):
+        parsed("--max-steps", "0")
+    code, _, err = run_cli(capsys, "train", "ck", "--data", "d", "--out", tmp_path / "r", "--max-steps", 300,
+                           "--warmup-steps", 400)
+    assert code == 2 and "--warmup-steps must be in 0..300, got 400" in err
+    assert "(default: 5% of --max-steps, at most 500)" in subparsers.choices["train"].format_help()
+
+    # A run records the warmup it trains with, and a resume reads that number back whatever the default is then.
+    config_module.write_run_config(tmp_path / "run", parsed("--max-steps", "300"))
+    assert json.loads((tmp_path / "run" / config_module.CONFIG_FILE).read_text())["warmup_steps"] == 15
+    monkeypatch.setattr(config_module, "MAX_DEFAULT_WARMUP_STEPS", 3)
+    assert config_module.config_for_resume(tmp_path / "run", num_workers=0).warmup_steps == 15
+    assert TrainConfig(checkpoint="ck", data="d", out="r", max_steps=300).warmup_steps == 3  # the changed default
+
+
 def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(0, 4, 10) == 0.25 and lr_factor(3, 4, 10) == 1.0
     assert lr_factor(4, 4, 10) == 1.0 and lr_factor(7, 4, 10) == pytest.approx(0.5)
@@ -264,7 +304,7 @@ def test_a_trained_vision_encoder_gets_a_gradient_on_every_trainable_parameter(m
     """With --train-vision every trainable vision weight must get a gradient (DistributedDataParallel
     fails on one that does not): CLIP's post_layernorm, which ViLex never uses, stays frozen."""
     from vilex.model import ViLexModel
-    from vilex.training.trainer import set_vision_trainable
+    from vilex.training.setup import set_vision_trainable
 
     torch.manual_seed(0)
     vilex = ViLexModel(vision_config=dict(model_type=model_type, hidden_size=32, intermediate_size=37,

@@ -35,7 +35,7 @@ from ..outputs import atomic_folder
 from ..pipeline import ViLexPipeline
 from ..training import checkpoint as ckpt
 from ..training.objective import training_noise_scheduler
-from ..training.trainer import lr_factor
+from ..training.optim import lr_factor
 from . import components
 from .scenes import SPLITS, fingerprint, make_scenes, render_all
 

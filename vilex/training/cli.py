@@ -10,7 +10,6 @@ harmless ones) for a resumed one.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 from ..errors import ViLexUsageError
@@ -23,7 +22,8 @@ VALUE_OPTIONS = (
     ("--pooler-lr", "pooler_lr", float, "learning rate of the attention pooler (default 3e-4)"),
     ("--vision-lr", "vision_lr", float, "learning rate of the vision encoder with --train-vision (default 1e-5)"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay on weight matrices (default 0.01)"),
-    ("--warmup-steps", "warmup_steps", int, "linear warmup steps before the cosine decay, 0..max-steps (default 500)"),
+    ("--warmup-steps", "warmup_steps", int, "linear warmup steps before the cosine decay, 0..max-steps "
+                                            "(default: 5%% of --max-steps, at most 500)"),
     ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm, 0 = off (default 1.0)"),
     ("--mixed-precision", "mixed_precision", str, "no | bf16 | fp16 (fp16 needs CUDA; default no)"),
     ("--ema-decay", "ema_decay", float, "EMA decay with --ema (default 0.9999)"),
@@ -80,8 +80,23 @@ def flag_of(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
+def new_run_config(args):
+    """The TrainConfig of a new run: the options given, TrainConfig's defaults for the rest (so without
+    --warmup-steps the warmup is 5% of --max-steps, at most 500)."""
+    from .config import TrainConfig
+
+    missing = [name for name, value in (("CKPT", args.ckpt), ("--data", args.data), ("--out", args.out)) if not value]
+    if missing:
+        raise ViLexUsageError(f"missing {', '.join(missing)}: use `vilex train CKPT --data DIR --out RUN_DIR` "
+                              f"or `vilex train --resume RUN_DIR`")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(checkpoint=args.ckpt, data=args.data, out=args.out,
+                       **{k: v for k, v in given_options(args).items() if k in known})
+
+
 def cmd_train(args) -> None:
-    from .trainer import RESUME_OVERRIDABLE, TrainConfig, load_run_config, resume, train
+    from .config import RESUME_OVERRIDABLE, load_run_config
+    from .trainer import resume, train
 
     options = given_options(args)
     if args.resume:
@@ -96,14 +111,7 @@ def cmd_train(args) -> None:
                                   f"{', '.join(flag_of(k) for k in RESUME_OVERRIDABLE)} may change")
         result = resume(args.resume, **changed)
     else:
-        missing = [name for name, value in (("CKPT", args.ckpt), ("--data", args.data), ("--out", args.out)) if not value]
-        if missing:
-            raise ViLexUsageError(f"missing {', '.join(missing)}: use `vilex train CKPT --data DIR --out RUN_DIR` "
-                                  f"or `vilex train --resume RUN_DIR`")
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        config = TrainConfig(checkpoint=args.ckpt, data=args.data, out=args.out,
-                             **{k: v for k, v in options.items() if k in known})
-        result = train(config)
+        result = train(new_run_config(args))
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`, one process reports
