@@ -31,7 +31,8 @@ from vilex.errors import ViLexUsageError
 from vilex.outputs import swap_folder_into_place
 
 from vilex.engines.contract import GRAPH_NAMES, ExportOptions, GraphContract, ModelDims, build_contracts
-from vilex.engines.folder import FORMAT, FORMAT_VERSION, MANIFEST, EngineFolder, checkpoint_files, folder_files, tree_sha256, write_json_atomic
+from vilex.engines.folder import (FORMAT, FORMAT_VERSION, MANIFEST, EngineFolder, checkpoint_paths, checkpoint_sha256,
+                                  folder_files, write_json_atomic)
 from vilex.engines.host import save_host_files
 from vilex.engines.precision import FP16_POLICY
 
@@ -123,7 +124,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: 
     from vilex.stages import stage_modules
 
     modules = {name: module.eval() for name, module in stage_modules(pipeline).items()}
-    source_files = checkpoint_files(ckpt)
+    source_files = checkpoint_paths(ckpt)
+    source_sha256 = checkpoint_sha256(ckpt)  # hashed once here and cached: later runs check CKPT by metadata
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -166,7 +168,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: 
             records[name] = record
 
         # 5. Host-side files and the manifest
-        save_host_files(pipeline, ckpt, staging / "host", sorted(source_files))
+        save_host_files(pipeline, ckpt, staging / "host", source_files)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -176,7 +178,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: 
             "optimize": optimize,
             "versions": {"vilex": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
-            "source": {"checkpoint": str(ckpt.resolve()), "sha256": tree_sha256(source_files),
+            "source": {"checkpoint": str(ckpt.resolve()), "sha256": source_sha256,
                        "files": len(source_files)},
             "dims": dims.to_dict(),
             "options": options.to_dict(),

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from PIL import Image
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """$VILEX_CACHE (the checkpoint-hash cache, the demo's files) in a temporary folder, not the home."""
+    previous = os.environ.get("VILEX_CACHE")
+    os.environ["VILEX_CACHE"] = str(tmp_path_factory.mktemp("vilex-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("VILEX_CACHE", None)
+    else:
+        os.environ["VILEX_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,39 @@ def test_text_only_equals_stock_text_encoder(parts):
     assert torch.equal(ours, stock)
 
 
+def _mask_ignoring_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None,
+                             **kwargs):
+    """An attention kernel that, like flash-attention 2, ignores 4-D masks and is causal only when told."""
+    output = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling,
+                                                              is_causal=bool(is_causal))
+    return output.transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa", "mask_ignoring"])
+def test_causal_under_every_attention_kernel(implementation):
+    """The frozen encoder stays causal whatever kernel runs it: equal to the stock forward, and the first
+    positions do not change when later ones do."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("mask_ignoring", _mask_ignoring_attention)
+    pipeline = tiny(seed=0)
+    tokenizer, text_encoder = pipeline.tokenizer, pipeline.text_encoder.eval()
+    text_encoder.set_attn_implementation(implementation)
+    assert text_encoder.config._attn_implementation == implementation
+    ids = tokenizer(["a photo of a cat", "a red house"], padding="max_length", max_length=77,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        stock = text_encoder(input_ids=ids).last_hidden_state
+        embeds = text_encoder.get_input_embeddings()(ids)
+        ours = TextEncoderFromEmbeds(text_encoder)(embeds)
+        changed = embeds.clone()
+        changed[:, 10:] += 1.0
+        ours_changed = TextEncoderFromEmbeds(text_encoder)(changed)
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours_changed[:, :10], ours[:, :10])  # causal: position i sees only 0..i
+    assert not torch.allclose(ours_changed[:, 10:], ours[:, 10:])
+
+
 @pytest.mark.parametrize("order", ["vilex_first", "text_first"])
 def test_tokens_and_text_go_where_intended(parts, order):
     tokenizer, text_encoder = parts

@@ -88,6 +88,18 @@ def test_init_from_local_sd_and_vision_folders(tmp_path, capsys):
     code, _, err = run_cli(capsys, "init", tmp_path / "ck2", "--base", tmp_path / "siglip", "--vision", tmp_path / "siglip")
     assert code == 2 and "is not a Stable Diffusion folder" in err
 
+    # A vision folder whose weight file is not its config's model: an error naming the keys, not random weights.
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "siglip" / "model.safetensors")
+    dropped = sorted(k for k in weights if ".layers.1." in k)
+    save_file({k: v for k, v in weights.items() if k not in dropped} | {"extra.weight": torch.zeros(3)},
+              tmp_path / "siglip" / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_cli(capsys, "init", tmp_path / "ck3", "--base", sd, "--vision", tmp_path / "siglip")
+    assert code == 2 and "do not match its config.json" in err
+    assert "missing keys" in err and dropped[0] in err and "extra.weight" in err
+    assert not (tmp_path / "ck3").exists()
+
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "I;16", "CMYK"])
 def test_image_modes_are_converted(tmp_path, mode):

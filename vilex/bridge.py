@@ -24,8 +24,9 @@ class TextEncoderFromEmbeds(nn.Module):
     """Runs a CLIPTextModel on word embeddings: (B, T, D) -> last_hidden_state (B, T, D).
 
     transformers 5's `CLIPTextModel.forward` accepts only token ids, so this repeats its body
-    (embeddings with `inputs_embeds`, an explicit causal mask, encoder, final layer norm). It is also
-    the export wrapper of the `text_encoder` graph. A test checks it against the stock forward.
+    (embeddings with `inputs_embeds`, an explicit causal mask and is_causal, encoder, final layer norm).
+    It is also the export wrapper of the `text_encoder` graph. Tests check it against the stock forward
+    under the eager and SDPA attention kernels and one that ignores masks.
     """
 
     def __init__(self, text_encoder: nn.Module):
@@ -38,7 +39,11 @@ class TextEncoderFromEmbeds(nn.Module):
         T = hidden_states.shape[1]
         causal_mask = torch.full((T, T), torch.finfo(hidden_states.dtype).min, device=hidden_states.device)
         causal_mask = causal_mask.triu(1)[None, None]  # (1, 1, T, T), additive
-        hidden_states = model.encoder(inputs_embeds=hidden_states, attention_mask=causal_mask).last_hidden_state
+        # Both, as the stock forward passes both: kernels that take 4-D masks (eager, SDPA with a mask,
+        # the ONNX graph) apply the mask; kernels that ignore them (flash-attention 2) apply is_causal.
+        # With only the mask, such a kernel would run the frozen encoder bidirectionally without an error.
+        hidden_states = model.encoder(inputs_embeds=hidden_states, attention_mask=causal_mask,
+                                      is_causal=True).last_hidden_state
         return model.final_layer_norm(hidden_states)
 
 

@@ -5,77 +5,58 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 from .errors import ViLexUsageError
 
-DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 7.5
+from .settings import DEFAULT_GUIDANCE, DEFAULT_ORDER, DEFAULT_STEPS, ORDERS
 
 
 # ---- shared helpers -------------------------------------------------------------------------------
-def load_pipeline(ckpt: str):
-    import diffusers
-    import transformers
-
-    from .pipeline import ViLexPipeline
-
-    # Loading a few-MB checkpoint should not print three progress bars; our own loop keeps its bar.
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-
-    pipeline = ViLexPipeline.from_pretrained(ckpt)
-    pipeline.set_progress_bar_config(leave=False)
-    return pipeline
-
-
-def make_backend(args, pipeline):
-    """The stage backend named by --backend (PyTorch unless asked otherwise).
-
-    onnxruntime and tensorrt run the graphs of the export folder --engines, which must have been
-    exported from CKPT (checked by content hash: other graphs would run with this checkpoint's
-    tokenizer and embedding table and give wrong images without an error)."""
-    from .backends import TorchBackend
-
-    if args.backend not in BACKENDS:
-        raise ViLexUsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
-    if args.backend == "torch":
-        return TorchBackend(pipeline)
-    if args.backend == "triton":  # whole requests go to the server (vilex/serving/cli.py), not stages
-        raise ViLexUsageError("--backend triton runs on a server: it has no local stage backend")
-    if not args.engines:
-        raise ViLexUsageError(f"--backend {args.backend} needs --engines engines/NAME "
-                              f"(make one with `vilex export {args.ckpt} --out engines/NAME`)")
-    from .engines.folder import EngineFolder
-
-    engines = EngineFolder.open(args.engines)
-    engines.check_source(args.ckpt)
-    if args.backend == "onnxruntime":
-        from .backends.onnxruntime import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(engines)
-    from .backends.tensorrt import TensorRTBackend
-
-    return TensorRTBackend(engines)
-
-
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
 
 
 def add_backend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="torch", help=f"how stages run: {', '.join(BACKENDS)}")
-    parser.add_argument("--engines", default=None, help="export folder (engines/NAME) for --backend onnxruntime/tensorrt")
+    parser.add_argument("--engines", default=None,
+                        help="export folder (engines/NAME) for --backend onnxruntime/tensorrt; CKPT is then optional "
+                             "and only checked against the checkpoint the folder was exported from")
     parser.add_argument("--url", default=None, help="HOST:PORT of a `vilex serve` server, for --backend triton (no CKPT then)")
     parser.add_argument("--protocol", default="http", choices=("http", "grpc"), help="with --backend triton (default http)")
 
 
-def check_positionals(args, takes_images: bool) -> None:
-    """CKPT (and IMAGE...) are optional in the parser because --backend triton has no CKPT; locally they are not."""
-    if args.ckpt is None:
-        raise ViLexUsageError("CKPT is required (a checkpoint folder; only --backend triton goes without)")
-    if takes_images and not args.images:
-        raise ViLexUsageError("give at least one IMAGE after CKPT")
+def split_positionals(args, takes_images: bool) -> tuple[str | None, list[str]]:
+    """(CKPT or None, IMAGE paths). CKPT is the first positional when it is a folder; with --backend
+    torch it is required, with --engines optional, with --backend triton refused (open_pipeline says so)."""
+    positionals = [p for p in [args.ckpt] + list(getattr(args, "images", None) or []) if p is not None]
+    ckpt = None
+    if args.backend == "torch" or (positionals and Path(positionals[0]).is_dir()):
+        if not positionals:
+            raise ViLexUsageError("CKPT is required (a checkpoint folder; only --engines and --backend triton go without)")
+        ckpt, positionals = positionals[0], positionals[1:]
+    if takes_images and not positionals:
+        raise ViLexUsageError("give at least one IMAGE" + (" after CKPT" if ckpt else ""))
+    if not takes_images and positionals:
+        raise ViLexUsageError(f"unexpected argument '{positionals[0]}' (generate takes CKPT only, or nothing with "
+                              f"--engines / --backend triton)")
+    return ckpt, positionals
+
+
+def open_command_pipeline(args, takes_images: bool):
+    """(the pipeline the command runs, its IMAGE paths): local or served, one object with one surface."""
+    from .runtime import open_pipeline
+
+    ckpt, images = split_positionals(args, takes_images)
+    return open_pipeline(ckpt, args.backend, engines=args.engines, url=args.url, protocol=args.protocol), images
+
+
+def check_tokens_flag(args, pipeline) -> int | None:
+    if args.tokens is None:
+        return None
+    from .errors import check_range
+
+    check_range("--tokens", args.tokens, 1, pipeline.num_queries)  # a served pipeline's bound is the server's
+    return args.tokens
 
 
 def load_images(paths: list[str]):
@@ -84,21 +65,13 @@ def load_images(paths: list[str]):
     return [load_image(p) for p in paths]
 
 
-def output_names(paths: list[str]) -> list[str]:
-    """`name.png` per input image; repeated stems get `-2`, `-3`."""
-    names, seen = [], {}
-    for p in paths:
-        stem = Path(p).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(f"{stem}.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}.png")
-    return names
+def check_generation_args(args) -> None:
+    from . import settings
 
-
-def check_generation_args(args, pipeline) -> None:
-    from .errors import check_range
-
-    check_range("--steps", args.steps, 1, 1000)
-    check_range("--guidance", args.guidance, 0.0, 100.0)
+    settings.check_steps(args.steps, "--steps")
+    settings.check_guidance(args.guidance, "--guidance")
+    settings.check_text_guidance(args.text_guidance, "--text-guidance")
+    settings.check_seed(args.seed, "--seed")
 
 
 def generation_kwargs(args) -> dict:
@@ -108,10 +81,12 @@ def generation_kwargs(args) -> dict:
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=None, help="text mixed with the ViLex tokens")
-    parser.add_argument("--order", default="vilex_first", choices=("vilex_first", "text_first"))
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps, >= 1 (default {DEFAULT_STEPS})")
-    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale (<= 1: off)")
-    parser.add_argument("--text-guidance", type=float, default=None, help="text-free guidance weight when --prompt is given")
+    parser.add_argument("--order", default=DEFAULT_ORDER, choices=ORDERS)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps, 1..1000 (default {DEFAULT_STEPS})")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                        help=f"classifier-free guidance scale, 0..100 (<= 1: off; default {DEFAULT_GUIDANCE})")
+    parser.add_argument("--text-guidance", type=float, default=None,
+                        help="text-free guidance weight when --prompt is given, 0..100")
     parser.add_argument("--height", type=int, default=None, help="output height in pixels (default: the UNet's size)")
     parser.add_argument("--width", type=int, default=None, help="output width in pixels")
     parser.add_argument("--seed", type=int, default=0)
@@ -138,37 +113,23 @@ def cmd_init(args) -> None:
 
 
 def cmd_tokenize(args) -> None:
-    from .errors import check_range
     from .outputs import save_tokens
 
-    if args.backend == "triton":
-        from .serving.cli import remote_tokenize
-
-        return remote_tokenize(args)
-    check_positionals(args, takes_images=True)
-    images = load_images(args.images)
-    pipeline = load_pipeline(args.ckpt)
-    k = pipeline.num_queries if args.tokens is None else args.tokens
-    check_range("--tokens", k, 1, pipeline.num_queries)
-    pipeline.set_backend(make_backend(args, pipeline))
-    vilex_tokens = pipeline.tokenize(images, num_tokens=k)
-    save_tokens(args.out, vilex_tokens, {"images": [str(p) for p in args.images], "num_tokens": k,
-                                         "checkpoint": str(args.ckpt)})
+    pipeline, paths = open_command_pipeline(args, takes_images=True)
+    k = check_tokens_flag(args, pipeline)
+    vilex_tokens = pipeline.tokenize(load_images(paths), num_tokens=k)
+    source = {"checkpoint": str(args.ckpt)} if args.backend != "triton" else {"server": f"{args.protocol}://{args.url}"}
+    save_tokens(args.out, vilex_tokens, {"images": [str(p) for p in paths], "num_tokens": int(vilex_tokens.shape[1]),
+                                         **source})
     print(f"wrote {tuple(vilex_tokens.shape)} ViLex tokens to {args.out}")
 
 
 def cmd_generate(args) -> None:
     from .outputs import atomic_folder, load_tokens
 
-    if args.backend == "triton":
-        from .serving.cli import remote_generate
-
-        return remote_generate(args)
-    check_positionals(args, takes_images=False)
-    pipeline = load_pipeline(args.ckpt)
-    check_generation_args(args, pipeline)
+    check_generation_args(args)
     vilex_tokens = load_tokens(args.tokens)
-    pipeline.set_backend(make_backend(args, pipeline))
+    pipeline, _ = open_command_pipeline(args, takes_images=False)
     images = pipeline.generate(vilex_tokens, prompt=args.prompt, **generation_kwargs(args)).images
     with atomic_folder(args.out) as staging:
         for i, image in enumerate(images):
@@ -177,25 +138,17 @@ def cmd_generate(args) -> None:
 
 
 def cmd_reconstruct(args) -> None:
-    from .errors import check_range
-    from .outputs import atomic_folder
+    from .outputs import atomic_folder, output_names
 
-    if args.backend == "triton":
-        from .serving.cli import remote_reconstruct
-
-        return remote_reconstruct(args)
-    check_positionals(args, takes_images=True)
-    images = load_images(args.images)
-    pipeline = load_pipeline(args.ckpt)
-    check_generation_args(args, pipeline)
-    k = pipeline.num_queries if args.tokens is None else args.tokens
-    check_range("--tokens", k, 1, pipeline.num_queries)
-    pipeline.set_backend(make_backend(args, pipeline))
-    result = pipeline(images, num_tokens=k, prompt=args.prompt, **generation_kwargs(args)).images
+    check_generation_args(args)
+    pipeline, paths = open_command_pipeline(args, takes_images=True)
+    k = check_tokens_flag(args, pipeline)
+    result = pipeline(load_images(paths), num_tokens=k, prompt=args.prompt, **generation_kwargs(args)).images
     with atomic_folder(args.out) as staging:
-        for name, image in zip(output_names(args.images), result):
+        for name, image in zip(output_names(paths), result):
             image.save(staging / name)
-    print(f"wrote {len(result)} reconstructions ({result[0].width}x{result[0].height}, {k} tokens) to {args.out}")
+    tokens = f"{k or pipeline.num_queries or 'all'} tokens"
+    print(f"wrote {len(result)} reconstructions ({result[0].width}x{result[0].height}, {tokens}) to {args.out}")
 
 
 def cmd_demo(args) -> None:
@@ -228,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("tokenize", help="images -> ViLex tokens (.safetensors)")
-    p.add_argument("ckpt", metavar="CKPT", help="checkpoint folder (none with --backend triton: all positionals are images)")
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None,
+                   help="checkpoint folder (optional with --engines, none with --backend triton: then every positional is an IMAGE)")
     p.add_argument("images", nargs="*", metavar="IMAGE")
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", type=int, default=None, help="keep the first K tokens, 1..N (default N)")
@@ -236,14 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("generate", help="ViLex tokens (+ text) -> images")
-    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, help="checkpoint folder (none with --backend triton)")
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, help="checkpoint folder (optional with --engines, none with --backend triton)")
     p.add_argument("--tokens", required=True, help="a .safetensors file from `vilex tokenize`")
     p.add_argument("--out", required=True)
     add_generation_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("reconstruct", help="images -> tokens -> images")
-    p.add_argument("ckpt", metavar="CKPT", help="checkpoint folder (none with --backend triton: all positionals are images)")
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None,
+                   help="checkpoint folder (optional with --engines, none with --backend triton: then every positional is an IMAGE)")
     p.add_argument("images", nargs="*", metavar="IMAGE")
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", type=int, default=None, help="use the first K tokens, 1..N (default N)")

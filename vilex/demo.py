@@ -174,7 +174,7 @@ def demo_checkpoint(cache: Path, checkpoint: str) -> Path:
 
 def run_demo(out: Path, cache: Path, steps: int = 25, checkpoint: str = "toy", eval_images: int = 32) -> Path:
     from .backends.onnxruntime import OnnxRuntimeBackend
-    from .cli import load_pipeline
+    from .runtime import load_pipeline
     from .evaluation.evaluate import EvalConfig, Evaluation, markdown
 
     # 1. Checkpoint

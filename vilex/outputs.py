@@ -98,3 +98,13 @@ def load_tokens(path: str | os.PathLike) -> torch.Tensor:
         raise ViLexUsageError(f"--tokens '{path}' holds no '{TOKENS_KEY}' tensor of shape (B, k, D); "
                               f"make one with `vilex tokenize`")
     return tensors[TOKENS_KEY]
+
+
+def output_names(paths: list[str]) -> list[str]:
+    """`name.png` per input image; repeated stems get `-2`, `-3`."""
+    names, seen = [], {}
+    for p in paths:
+        stem = Path(p).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(f"{stem}.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}.png")
+    return names

@@ -24,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .backends import StageBackend, TorchBackend
 from .bridge import PromptBuilder
 from .errors import CheckpointError, ViLexUsageError, check_range
+from . import settings
 from .model import ViLexModel
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -104,6 +105,11 @@ class ViLexPipeline(DiffusionPipeline):
         return self.vilex.config.num_queries
 
     @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: the VAE factor times the UNet's downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
     def default_size(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
 
@@ -117,8 +123,7 @@ class ViLexPipeline(DiffusionPipeline):
         """Images -> ViLex tokens (B, k, D), float32, k = num_tokens (1..N, default N)."""
         if isinstance(images, PIL.Image.Image):
             images = [images]
-        k = self.num_queries if num_tokens is None else int(num_tokens)
-        check_range("num_tokens", k, 1, self.num_queries)
+        k = self.num_queries if num_tokens is None else settings.check_num_tokens(num_tokens, self.num_queries)
         vilex_tokens = self.backend("vilex_encoder", pixel_values=self.preprocess(images))  # (B, N, D)
         return vilex_tokens[:, :k].float()
 
@@ -134,10 +139,10 @@ class ViLexPipeline(DiffusionPipeline):
         self,
         vilex_tokens: torch.Tensor | None,
         prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int = settings.DEFAULT_STEPS,
+        guidance_scale: float = settings.DEFAULT_GUIDANCE,
         text_guidance_scale: float | None = None,
-        order: str = "vilex_first",
+        order: str = settings.DEFAULT_ORDER,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -167,19 +172,18 @@ class ViLexPipeline(DiffusionPipeline):
             )
         else:
             check_range("number of ViLex tokens", vilex_tokens.shape[1], 1, self.num_queries)
-        check_range("num_inference_steps", num_inference_steps, 1, 1000)
-        check_range("guidance_scale", guidance_scale, 0.0, 100.0)
-        check_range("num_images_per_prompt", num_images_per_prompt, 1, 64)
-        height = height or self.default_size
-        width = width or self.default_size
-        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        for name, value in (("height", height), ("width", width)):
-            if value % multiple or not 0 < value <= 4096:
-                raise ViLexUsageError(f"{name} must be a positive multiple of {multiple} up to 4096, got {value}")
+        settings.check_steps(num_inference_steps)
+        settings.check_guidance(guidance_scale)
+        settings.check_text_guidance(text_guidance_scale)
+        settings.check_order(order)
+        settings.check_seed(seed)
+        check_range("num_images_per_prompt", num_images_per_prompt, 1, settings.MAX_IMAGES_PER_PROMPT)
+        height = settings.check_side(height or self.default_size, self.size_multiple, "height")
+        width = settings.check_side(width or self.default_size, self.size_multiple, "width")
         if text_guidance_scale is not None and not prompt:
             raise ViLexUsageError("text_guidance_scale needs a prompt")
-        if output_type not in ("pil", "np", "pt"):
-            raise ViLexUsageError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if output_type not in settings.OUTPUT_TYPES:
+            raise ViLexUsageError(f"output_type must be one of {', '.join(settings.OUTPUT_TYPES)}, got {output_type!r}")
         k = 0 if vilex_tokens is None else vilex_tokens.shape[1]
         if vilex_tokens is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)

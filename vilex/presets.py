@@ -118,6 +118,11 @@ def build_preset(name: str, seed: int = 0) -> ViLexPipeline:
     return {"toy": toy, "tiny": tiny, "small": small, "sd15": sd15}[name](seed)
 
 
+def _listed(keys) -> str:
+    keys = [str(k) for k in keys]
+    return f"{len(keys)} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})"
+
+
 def from_local(sd_dir: str | os.PathLike, vision_dir: str | os.PathLike, num_queries: int = 75,
                seed: int = 0) -> ViLexPipeline:
     """A new, untrained ViLex pipeline on a local Stable Diffusion 1.x/2.x folder (diffusers layout) and a
@@ -134,7 +139,13 @@ def from_local(sd_dir: str | os.PathLike, vision_dir: str | os.PathLike, num_que
     vae = AutoencoderKL.from_pretrained(sd_dir / "vae", use_safetensors=True)
     scheduler = load_scheduler(sd_dir / "scheduler")
 
-    vision_full = AutoModel.from_pretrained(vision_dir, use_safetensors=True)
+    # transformers fills weights missing from the files with random values and drops extra ones, with
+    # a log line only: a folder whose files are not its config's model must be an error instead.
+    vision_full, info = AutoModel.from_pretrained(vision_dir, use_safetensors=True, output_loading_info=True)
+    problems = {kind: list(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        raise ViLexUsageError(f"--vision '{vision_dir}': its weight files do not match its config.json: "
+                              + "; ".join(f"{kind.replace('_', ' ')} {_listed(keys)}" for kind, keys in problems.items() if keys))
     vision_model = getattr(vision_full, "vision_model", vision_full)  # SiglipModel/CLIPModel -> their vision tower
     config = AutoConfig.from_pretrained(vision_dir)
     vision_config = getattr(config, "vision_config", config).to_dict()
@@ -144,10 +155,14 @@ def from_local(sd_dir: str | os.PathLike, vision_dir: str | os.PathLike, num_que
     vilex = ViLexModel(vision_config=vision_config, num_queries=num_queries, output_dim=hidden,
                        token_scale=_word_embedding_std(text_encoder), pooler_width=hidden, pooler_depth=3,
                        pooler_heads=8 if hidden % 8 == 0 else 1)
-    # The vision tower's weights; parts ViLex does not build (SigLIP's pooling head) are left out.
-    missing, _ = vilex.vision_model.load_state_dict(vision_model.state_dict(), strict=False)
-    if missing:
-        raise ViLexUsageError(f"--vision '{vision_dir}': weights do not match its config (missing {missing[:3]} ...)")
+    # The vision tower's weights. The one part ViLex does not build is SigLIP's attention-pooling head
+    # (`head.*`, see ViLexModel); any other key missing or left over means a folder whose weights are not
+    # the model its config describes, and is an error naming the keys.
+    missing, unexpected = vilex.vision_model.load_state_dict(vision_model.state_dict(), strict=False)
+    unexpected = [key for key in unexpected if not key.startswith("head.")]
+    if missing or unexpected:
+        raise ViLexUsageError(f"--vision '{vision_dir}': its weights do not match the vision model of its config: "
+                              f"missing {_listed(missing)}, unexpected {_listed(unexpected)}")
     return ViLexPipeline(vilex=vilex, image_processor=image_processor, text_encoder=text_encoder, tokenizer=tokenizer,
                          unet=unet, vae=vae, scheduler=scheduler)
 

@@ -56,19 +56,71 @@ def tree_sha256(files: dict[str, dict]) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_files(ckpt: str | os.PathLike) -> dict[str, dict]:
-    """The files that make a checkpoint (model_index.json and the component folders), hashed as in
-    folder_files; anything else a user keeps in the folder (notes, logs) does not count."""
+def _is_checkpoint_file(relative: str) -> bool:
+    from vilex.pipeline import COMPONENTS
+
+    return relative == "model_index.json" or relative.split("/", 1)[0] in COMPONENTS
+
+
+def checkpoint_paths(ckpt: str | os.PathLike) -> list[str]:
+    """The files that make a checkpoint (model_index.json and the component folders), relative, sorted;
+    anything else a user keeps in the folder (notes, logs) does not count."""
     from vilex.pipeline import COMPONENTS
 
     ckpt = Path(ckpt)
-    files = folder_files(ckpt)
-    return {rel: entry for rel, entry in files.items()
-            if rel == "model_index.json" or rel.split("/", 1)[0] in COMPONENTS}
+    relatives = (p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file())
+    return sorted(r for r in relatives if r == "model_index.json" or r.split("/", 1)[0] in COMPONENTS)
 
 
-def checkpoint_sha256(ckpt: str | os.PathLike) -> str:
-    return tree_sha256(checkpoint_files(ckpt))
+def checkpoint_files(ckpt: str | os.PathLike) -> dict[str, dict]:
+    """checkpoint_paths with their sizes and sha256, as in folder_files."""
+    ckpt = Path(ckpt)
+    return {r: {"bytes": (ckpt / r).stat().st_size, "sha256": sha256_file(ckpt / r)} for r in checkpoint_paths(ckpt)}
+
+
+def hash_cache_path() -> Path:
+    return Path(os.environ.get("VILEX_CACHE", Path.home() / ".cache" / "vilex")) / "checkpoint-sha256.json"
+
+
+def _stat_signature(ckpt: Path) -> str:
+    """sha256 over (path, size, mtime_ns) of the checkpoint's files: changes whenever a file is replaced,
+    resized or rewritten, without reading any file."""
+    digest = hashlib.sha256()
+    for relative in checkpoint_paths(ckpt):
+        stat = (ckpt / relative).stat()
+        digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def checkpoint_sha256(ckpt: str | os.PathLike, cache: bool = True) -> str:
+    """The checkpoint's content hash (tree_sha256 of checkpoint_files).
+
+    With `cache`, it is computed once and kept in $VILEX_CACHE/checkpoint-sha256.json (default
+    ~/.cache/vilex) under the folder's resolved path and the (path, size, mtime) signature of its files,
+    as git's index does: a later run reads the files' metadata instead of hashing gigabytes again, and
+    any rewritten file changes the signature and is hashed anew. A cache that cannot be read or written
+    only costs the hashing."""
+    ckpt = Path(ckpt).resolve()
+    if not cache:
+        return tree_sha256(checkpoint_files(ckpt))
+    signature = _stat_signature(ckpt)
+    store = hash_cache_path()
+    try:
+        entries = json.loads(store.read_text())
+    except (OSError, ValueError):
+        entries = {}
+    entry = entries.get(str(ckpt)) if isinstance(entries, dict) else None
+    if isinstance(entry, dict) and entry.get("signature") == signature and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = tree_sha256(checkpoint_files(ckpt))
+    entries = entries if isinstance(entries, dict) else {}
+    entries[str(ckpt)] = {"signature": signature, "sha256": digest}
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(store, entries)
+    except OSError:
+        pass  # a read-only home: the hash is right, only not remembered
+    return digest
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

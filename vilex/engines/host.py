@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vilex.errors import ViLexUsageError
+
 from .folder import EngineFolder
 
 TOKEN_EMBEDDING_FILE = "text_encoder/token_embedding.safetensors"
@@ -47,29 +49,42 @@ def save_host_files(pipeline, ckpt: Path, dest: Path, files: list[str]) -> None:
     save_file({"weight": table}, str(dest / TOKEN_EMBEDDING_FILE))
 
 
-def _component_class(library: str, class_name: str):
-    return getattr(importlib.import_module(library), class_name)
+# What model_index.json may name per component: a host folder is data, and data must not choose which
+# modules get imported. The same libraries a checkpoint folder loads from.
+COMPONENT_LIBRARIES = {"tokenizer": ("transformers",), "image_processor": ("transformers",),
+                       "text_encoder": ("transformers",), "unet": ("diffusers",), "vae": ("diffusers",),
+                       "vilex": ("vilex.model",)}
+
+
+def _component_class(name: str, entry, where: Path):
+    library, class_name = entry
+    if library not in COMPONENT_LIBRARIES[name]:
+        raise ViLexUsageError(f"'{where}' names {library}.{class_name} for {name}; it must come from "
+                              f"{' or '.join(COMPONENT_LIBRARIES[name])}")
+    cls = getattr(importlib.import_module(library), str(class_name), None)
+    if not isinstance(cls, type):
+        raise ViLexUsageError(f"'{where}' names {library}.{class_name} for {name}, which {library} does not have")
+    return cls
 
 
 def pipeline_from_engines(engines: str | os.PathLike | EngineFolder, backend=None):
     """A ViLexPipeline running on `backend` (default: onnxruntime over the folder's graphs), built
     from the folder's host files only."""
-    from vilex.pipeline import ViLexPipeline
+    from vilex.pipeline import ViLexPipeline, load_scheduler
 
     folder = engines if isinstance(engines, EngineFolder) else EngineFolder.open(engines)
     host = folder.host_dir
     index = json.loads((host / "model_index.json").read_text())
     components = {}
+    index_path = host / "model_index.json"
     for name in ("tokenizer", "image_processor"):
-        library, class_name = index[name]
-        components[name] = _component_class(library, class_name).from_pretrained(host / name)
-    # The scheduler is the class its own config names, as when loading the checkpoint.
-    scheduler_config = json.loads((host / "scheduler" / "scheduler_config.json").read_text())
-    components["scheduler"] = _component_class("diffusers", scheduler_config["_class_name"]).from_config(scheduler_config)
+        components[name] = _component_class(name, index[name], index_path).from_pretrained(host / name)
+    # The scheduler is the class its own config names, checked to be a diffusers scheduler, as when
+    # loading the checkpoint.
+    components["scheduler"] = load_scheduler(host / "scheduler")
     with torch.device("meta"):  # configs only: the graphs hold the weights
         for name in MODEL_COMPONENTS:
-            library, class_name = index[name]
-            cls = _component_class(library, class_name)
+            cls = _component_class(name, index[name], index_path)
             if hasattr(cls, "load_config"):  # diffusers ConfigMixin (also ViLexModel)
                 components[name] = cls.from_config(cls.load_config(host / name))
             else:  # transformers

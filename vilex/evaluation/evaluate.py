@@ -94,8 +94,8 @@ def folder_references(folder: str, n: int, size: int) -> References:
 class LocalRunner:
     """The pipeline in this process, its stages on torch, onnxruntime or tensorrt."""
 
-    def __init__(self, pipeline, backend):
-        self.pipeline = pipeline.set_backend(backend)
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
         self.original_scheduler = pipeline.scheduler
         self.sweeps = True  # schedulers can be swapped in this process
 
@@ -236,7 +236,7 @@ class Evaluation:
     """pipeline: an already loaded pipeline of config.checkpoint (the demo passes its own)."""
 
     def __init__(self, config: EvalConfig, pipeline=None):
-        from ..cli import load_pipeline
+        from ..runtime import load_pipeline
 
         self.config = config
         check_range("--n", config.n, 1, 100_000)
@@ -269,12 +269,14 @@ class Evaluation:
     def runner(self, name: str, where: str | None):
         if name == "triton":
             return TritonRunner(where, self.config.protocol)
-        from ..cli import make_backend
+        if name == "torch":
+            from ..backends import TorchBackend
 
-        class Args:  # the CLI's backend selection, checked against this checkpoint
-            backend, engines, ckpt = name, where, self.config.checkpoint
+            return LocalRunner(self.pipeline.set_backend(TorchBackend(self.pipeline)))
+        from ..runtime import open_pipeline
 
-        return LocalRunner(self.pipeline, make_backend(Args, self.pipeline))
+        # The export folder alone, checked to come from this checkpoint (no second copy of the weights).
+        return LocalRunner(open_pipeline(self.config.checkpoint, name, engines=where))
 
     # ---- 2. the main table -----------------------------------------------------------------------------
     def conditions(self, runner, count: int):

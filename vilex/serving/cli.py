@@ -1,4 +1,5 @@
-"""`vilex triton-repo`, `vilex serve`, and the `--backend triton` path of tokenize / generate / reconstruct.
+"""`vilex triton-repo` and `vilex serve` (the `--backend triton` path of tokenize / generate / reconstruct is
+`remote.RemotePipeline`, opened by `vilex.runtime.open_pipeline`).
 
 `add_parser` is registered through vilex.cli.COMMAND_MODULES.
 """
@@ -9,7 +10,6 @@ import shlex
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 from vilex.errors import ViLexUsageError
 
@@ -71,7 +71,7 @@ def cmd_serve(args) -> None:
         read_repository(args.repository)
         print("# NVIDIA's Triton container on a GPU host. The pipeline models import vilex (with torch, diffusers,")
         print("# transformers): use an image built FROM the one below with `pip install vilex`, and pass it with --image.")
-        print(f"# The restricted APIs answer callers that send the header vilex-admin-key: $VILEX_TRITON_ADMIN_KEY.")
+        print("# The restricted APIs answer callers that send the header vilex-admin-key: $VILEX_TRITON_ADMIN_KEY.")
         print(shlex.join(docker_command(args.repository, ports, args.image or CONTAINER_IMAGE)))
         return
 
@@ -108,100 +108,3 @@ def cmd_serve(args) -> None:
 
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-# ---- --backend triton for tokenize / generate / reconstruct ------------------------------------------------
-UNSUPPORTED_REMOTE = (("text_guidance", "--text-guidance", None), ("height", "--height", None),
-                      ("width", "--width", None), ("order", "--order", "vilex_first"), ("engines", "--engines", None))
-
-
-def remote_args(args, takes_images: bool) -> list[str]:
-    """Check a `--backend triton` command line and return its image paths (there is no CKPT: the server
-    holds the model, so every positional is an image)."""
-    if not getattr(args, "url", None):
-        raise ViLexUsageError("--backend triton needs --url HOST:PORT (the server from `vilex serve`)")
-    for attribute, flag, default in UNSUPPORTED_REMOTE:
-        if getattr(args, attribute, default) != default:
-            raise ViLexUsageError(f"{flag} is not available with --backend triton (the served models take "
-                                  f"NUM_TOKENS, PROMPT, STEPS, GUIDANCE and SEED)")
-    positionals = [p for p in ([args.ckpt] + list(getattr(args, "images", []) or [])) if p is not None]
-    if positionals and (Path(positionals[0]) / "model_index.json").is_file():
-        raise ViLexUsageError(f"with --backend triton the server holds the model: drop CKPT '{positionals[0]}'")
-    if takes_images and not positionals:
-        raise ViLexUsageError("give at least one IMAGE")
-    if not takes_images and positionals:
-        raise ViLexUsageError(f"with --backend triton the server holds the model: drop CKPT '{positionals[0]}'")
-    return positionals
-
-
-def read_image_files(paths: list[str]) -> list[bytes]:
-    """Check each file locally (a clear error before any request), then send its encoded bytes as they are."""
-    from vilex.images import load_image
-
-    for path in paths:
-        load_image(path)
-    return [Path(path).read_bytes() for path in paths]
-
-
-def remote_tokenize(args) -> None:
-    import numpy as np
-    import torch
-
-    from vilex.outputs import save_tokens
-
-    from .client import map_concurrently
-
-    paths = remote_args(args, takes_images=True)
-    images = read_image_files(paths)
-    if args.tokens is not None and args.tokens < 1:
-        raise ViLexUsageError(f"--tokens must be >= 1, got {args.tokens}")
-    # One request per image, sent together: the server batches them.
-    tokens = map_concurrently(args.url, args.protocol, lambda c, image: c.tokenize([image], num_tokens=args.tokens),
-                              images, workers=len(images))
-    vilex_tokens = torch.from_numpy(np.concatenate(tokens))  # (n, k, D)
-    save_tokens(args.out, vilex_tokens, {"images": paths, "num_tokens": int(vilex_tokens.shape[1]),
-                                         "server": f"{args.protocol}://{args.url}"})
-    print(f"wrote {tuple(vilex_tokens.shape)} ViLex tokens to {args.out} (served by {args.url})")
-
-
-def remote_generate(args) -> None:
-    import PIL.Image
-
-    from vilex.outputs import atomic_folder, load_tokens
-
-    from .client import map_concurrently
-
-    remote_args(args, takes_images=False)
-    vilex_tokens = load_tokens(args.tokens).float().numpy()  # (n, k, D)
-    # Each image is generated as if alone with --seed (results do not depend on batching).
-    images = map_concurrently(args.url, args.protocol,
-                              lambda c, t: c.generate(t[None], prompt=args.prompt, steps=args.steps,
-                                                      guidance=args.guidance, seed=args.seed)[0],
-                              list(vilex_tokens), workers=len(vilex_tokens))
-    with atomic_folder(args.out) as staging:
-        for i, image in enumerate(images):
-            PIL.Image.fromarray(image).save(staging / f"{i:03d}.png")
-    print(f"wrote {len(images)} images ({images[0].shape[1]}x{images[0].shape[0]}) to {args.out} (served by {args.url})")
-
-
-def remote_reconstruct(args) -> None:
-    import PIL.Image
-
-    from vilex.cli import output_names
-    from vilex.outputs import atomic_folder
-
-    from .client import map_concurrently
-
-    paths = remote_args(args, takes_images=True)
-    encoded = read_image_files(paths)
-    results = map_concurrently(args.url, args.protocol,
-                               lambda c, image: c.reconstruct([image], num_tokens=args.tokens, prompt=args.prompt,
-                                                              steps=args.steps, guidance=args.guidance,
-                                                              seed=args.seed)[0],
-                               encoded, workers=len(encoded))
-    with atomic_folder(args.out) as staging:
-        for name, image in zip(output_names(paths), results):
-            PIL.Image.fromarray(image).save(staging / name)
-    print(f"wrote {len(results)} reconstructions ({results[0].shape[1]}x{results[0].shape[0]}) to {args.out} "
-          f"(served by {args.url})")
-

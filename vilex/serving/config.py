@@ -196,7 +196,7 @@ def source_dir() -> Path:
 
 def tiny_source_configs() -> dict[str, str]:
     """{relative path: text} of the configs committed in triton_repo/: the tiny preset, python-ort, defaults."""
-    from vilex.cli import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from vilex.settings import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from vilex.engines.contract import ExportOptions, ModelDims, build_contracts
     from vilex.presets import build_preset
 

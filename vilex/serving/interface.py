@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vilex.settings import MAX_SEED  # SEED is int64
+
 # Triton dtype name -> numpy dtype name (TYPE_STRING travels as numpy object arrays of bytes).
 TRITON_TO_NUMPY = {"TYPE_FP32": "float32", "TYPE_FP16": "float16", "TYPE_INT32": "int32", "TYPE_INT64": "int64",
                    "TYPE_UINT8": "uint8", "TYPE_STRING": "object", "TYPE_BOOL": "bool"}
@@ -29,7 +31,6 @@ TRITON_TO_WIRE = {"TYPE_FP32": "FP32", "TYPE_FP16": "FP16", "TYPE_INT32": "INT32
 PIPELINE_MODELS = ("vilex_tokenize", "vilex_generate", "vilex_reconstruct")
 PIPELINE_OUTPUTS = {"vilex_tokenize": "VILEX_TOKENS", "vilex_generate": "IMAGE", "vilex_reconstruct": "IMAGE"}
 
-MAX_SEED = 2**63 - 1  # SEED is int64; torch.Generator.manual_seed takes any non-negative int64
 MAX_PROMPT_BYTES = 4096  # far above what fits in 77 CLIP positions; bounds the tokenizer's work
 
 

@@ -11,16 +11,16 @@ Inputs are numpy arrays with the batch axis first: n images per request, per-ima
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
 
-from vilex.errors import ViLexUsageError
+from vilex import settings
+from vilex.errors import ViLexUsageError, check_range
 from vilex.images import MAX_IMAGE_PIXELS, decode_image
 
-from .interface import MAX_PROMPT_BYTES, MAX_SEED
+from .interface import MAX_PROMPT_BYTES
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,8 @@ def parse_request(model: str, inputs: dict[str, np.ndarray], limits: Limits, pro
                                   f"(its output is one (n, k, D) tensor), got {request.num_tokens}")
         return request
     request.steps = per_image_ints(inputs, "STEPS", n, 1, limits.max_steps, default=limits.default_steps)
-    request.guidance = per_image_floats(inputs, "GUIDANCE", n, 0.0, 100.0, default=limits.default_guidance)
-    request.seeds = per_image_ints(inputs, "SEED", n, 0, MAX_SEED, default=0)
+    request.guidance = per_image_floats(inputs, "GUIDANCE", n, *settings.GUIDANCE_RANGE, default=limits.default_guidance)
+    request.seeds = per_image_ints(inputs, "SEED", n, 0, settings.MAX_SEED, default=0)
     request.prompts = read_prompts(inputs, n)
     if prompt_builder is not None:
         for i, (prompt, k) in enumerate(zip(request.prompts, request.num_tokens)):
@@ -140,8 +140,7 @@ def per_image_ints(inputs: dict[str, np.ndarray], name: str, n: int, low: int, h
         return [default] * n
     values = [int(v) for v in inputs[name].reshape(n)]
     for i, value in enumerate(values):
-        if not low <= value <= high:
-            raise ViLexUsageError(f"{name}[{i}] must be in {low}..{high}, got {value}")
+        check_range(f"{name}[{i}]", value, low, high)
     return values
 
 
@@ -151,8 +150,7 @@ def per_image_floats(inputs: dict[str, np.ndarray], name: str, n: int, low: floa
         return [default] * n
     values = [float(v) for v in inputs[name].reshape(n)]
     for i, value in enumerate(values):
-        if not (math.isfinite(value) and low <= value <= high):  # NaN fails every comparison: test it first
-            raise ViLexUsageError(f"{name}[{i}] must be a number in {low:g}..{high:g}, got {value}")
+        check_range(f"{name}[{i}]", value, low, high)  # NaN and inf are refused, not compared
     return values
 
 

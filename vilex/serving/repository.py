@@ -40,7 +40,7 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
                      max_batch: int | None = None, instances: int = 1, max_queue: int | None = None,
                      max_steps: int = DEFAULT_MAX_STEPS, replace: bool = False) -> Path:
     """Write the model repository for export folder `engines` to `out`; return `out`."""
-    from vilex.cli import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from vilex.settings import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from vilex.engines.folder import MANIFEST, EngineFolder
 
     # 1. Check the options against the export

@@ -1,0 +1,117 @@
+"""A served pipeline with `ViLexPipeline`'s surface: `tokenize`, `generate`, `__call__`.
+
+    pipeline = RemotePipeline("127.0.0.1:8000")                 # or ("127.0.0.1:8001", "grpc")
+    tokens = pipeline.tokenize(images, num_tokens=16)          # (n, 16, D) float32 tensor
+    images = pipeline.generate(tokens, prompt="blue", seed=0).images
+    images = pipeline(images, num_tokens=16, seed=0).images    # reconstruct, one round trip per image
+
+So the command line gets one object and calls it the same way, local (`vilex.runtime.open_pipeline`)
+or remote. Every image is one request, all sent together from their own client threads (the server
+batches them); each image is generated as if alone with `seed` (the server draws noise per image).
+Values are checked with `vilex.settings` before anything is sent; what only the server knows (its
+token count, its step limit) comes back as a ServedRequestError naming the input.
+
+Options the served models do not take yet (text_guidance_scale, order, height, width) are refused
+with an error naming them, rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+
+from vilex import settings
+from vilex.errors import ViLexUsageError, check_range
+
+from .client import PROTOCOLS, map_concurrently
+
+
+class RemotePipeline:
+    num_queries = None  # the server checks NUM_TOKENS against its checkpoint
+
+    def __init__(self, url: str, protocol: str = "http", headers: dict | None = None):
+        if protocol not in PROTOCOLS:
+            raise ViLexUsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        if "://" in url:
+            raise ViLexUsageError(f"--url must be HOST:PORT without a scheme, got {url!r}")
+        self.url, self.protocol, self.headers = url, protocol, headers
+
+    def _map(self, work, items: list) -> list:
+        return map_concurrently(self.url, self.protocol, work, items, workers=len(items), headers=self.headers)
+
+    # ---- images -> tokens ------------------------------------------------------------------------------
+    def tokenize(self, images: Sequence[PIL.Image.Image] | PIL.Image.Image, num_tokens: int | None = None) -> torch.Tensor:
+        images = [images] if isinstance(images, PIL.Image.Image) else list(images)
+        if num_tokens is not None:
+            check_range("num_tokens", num_tokens, 1)
+        tokens = self._map(lambda client, image: client.tokenize([image], num_tokens=num_tokens), images)
+        return torch.from_numpy(np.concatenate(tokens))  # (n, k, D)
+
+    # ---- tokens -> images ------------------------------------------------------------------------------
+    def _request_options(self, prompt, n: int, num_inference_steps, guidance_scale, text_guidance_scale, order,
+                         height, width, seed, output_type) -> tuple[list, dict]:
+        settings.check_steps(num_inference_steps)
+        settings.check_guidance(guidance_scale)
+        settings.check_text_guidance(text_guidance_scale)
+        settings.check_order(order)
+        settings.check_seed(seed)
+        for name, flag, value, default in (("text_guidance_scale", "--text-guidance", text_guidance_scale, None),
+                                           ("order", "--order", order, settings.DEFAULT_ORDER),
+                                           ("height", "--height", height, None), ("width", "--width", width, None)):
+            if value != default:
+                raise ViLexUsageError(f"{name} ({flag}) is not available over Triton (the served models take "
+                                      f"NUM_TOKENS, PROMPT, STEPS, GUIDANCE and SEED)")
+        if output_type not in ("pil", "np"):
+            raise ViLexUsageError(f"output_type must be 'pil' or 'np' over Triton, got {output_type!r}")
+        prompts = [prompt] * n if prompt is None or isinstance(prompt, str) else list(prompt)
+        if len(prompts) != n:
+            raise ViLexUsageError(f"got {len(prompts)} prompts for {n} images")
+        # No seed: a fresh draw, as the library does (the server's own default would repeat seed 0).
+        seed = secrets.randbelow(settings.MAX_SEED) if seed is None else int(seed)
+        return prompts, dict(steps=int(num_inference_steps), guidance=float(guidance_scale), seed=seed)
+
+    @staticmethod
+    def _output(images: list[np.ndarray], output_type: str, vilex_tokens=None):
+        from vilex.pipeline import ViLexPipelineOutput
+
+        if output_type == "np":  # as the library's: float in [0, 1]
+            return ViLexPipelineOutput(images=np.stack(images).astype(np.float32) / 255.0, vilex_tokens=vilex_tokens)
+        return ViLexPipelineOutput(images=[PIL.Image.fromarray(image) for image in images], vilex_tokens=vilex_tokens)
+
+    def generate(self, vilex_tokens, prompt: str | Sequence[str] | None = None,
+                 num_inference_steps: int = settings.DEFAULT_STEPS, guidance_scale: float = settings.DEFAULT_GUIDANCE,
+                 text_guidance_scale: float | None = None, order: str = settings.DEFAULT_ORDER, height: int | None = None,
+                 width: int | None = None, seed: int | None = None, output_type: str = "pil", progress: bool = True):
+        """ViLex tokens (n, k, D) [+ prompt] -> images, one request per image."""
+        if vilex_tokens is None:
+            raise ViLexUsageError("over Triton, generate needs vilex_tokens (the served models have no text-only path)")
+        tokens = np.ascontiguousarray(torch.as_tensor(vilex_tokens).float().numpy())
+        if tokens.ndim != 3:
+            raise ViLexUsageError(f"vilex_tokens must have shape (n, k, D), got {tuple(tokens.shape)}")
+        prompts, options = self._request_options(prompt, len(tokens), num_inference_steps, guidance_scale,
+                                                 text_guidance_scale, order, height, width, seed, output_type)
+        images = self._map(lambda client, item: client.generate(item[0][None], prompt=item[1], **options)[0],
+                           list(zip(tokens, prompts)))
+        return self._output(images, output_type, torch.from_numpy(tokens))
+
+    def __call__(self, images, num_tokens: int | None = None, prompt=None, **generate_kwargs):
+        """Reconstruct: images -> tokens -> images on the server (vilex_reconstruct), one request per image."""
+        images = [images] if isinstance(images, PIL.Image.Image) else list(images)
+        if num_tokens is not None:
+            check_range("num_tokens", num_tokens, 1)
+        output_type = generate_kwargs.get("output_type", "pil")
+        generate_kwargs.pop("progress", None)
+        defaults = dict(num_inference_steps=settings.DEFAULT_STEPS, guidance_scale=settings.DEFAULT_GUIDANCE,
+                        text_guidance_scale=None, order=settings.DEFAULT_ORDER, height=None, width=None, seed=None,
+                        output_type="pil")
+        unknown = set(generate_kwargs) - set(defaults)
+        if unknown:
+            raise ViLexUsageError(f"unknown options {sorted(unknown)}; RemotePipeline takes {sorted(defaults)}")
+        prompts, options = self._request_options(prompt, len(images), **{**defaults, **generate_kwargs})
+        results = self._map(lambda client, item: client.reconstruct([item[0]], num_tokens=num_tokens, prompt=item[1],
+                                                                    **options)[0], list(zip(images, prompts)))
+        return self._output(results, output_type)

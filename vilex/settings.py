@@ -1,0 +1,71 @@
+"""Generation settings: the defaults and the rules for them, in one place.
+
+The library (`ViLexPipeline.generate`), the command line, the Triton pipeline models and the benchmarks
+all take their defaults from here and check values with these functions, so a default or a bound cannot
+differ between them. Each check takes the name the caller knows the value by (`num_inference_steps`,
+`--steps`, `STEPS[2]`), and every error names it with the allowed values.
+
+NaN and infinities are refused everywhere: a NaN guidance scale fails every comparison and would
+otherwise silently turn guidance off.
+"""
+
+from __future__ import annotations
+
+from .errors import ViLexUsageError, check_range
+
+DEFAULT_STEPS = 25
+MAX_STEPS = 1000  # the schedulers' num_train_timesteps
+DEFAULT_GUIDANCE = 7.5  # classifier-free guidance against the empty prompt; <= 1 turns it off
+GUIDANCE_RANGE = (0.0, 100.0)
+TEXT_GUIDANCE_RANGE = (0.0, 100.0)  # the text-free guidance weight w
+ORDERS = ("vilex_first", "text_first")
+DEFAULT_ORDER = "vilex_first"
+MAX_IMAGES_PER_PROMPT = 64
+MAX_SIDE = 4096  # pixels, height and width
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes any non-negative int64
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def check_steps(value, name: str = "num_inference_steps", high: int = MAX_STEPS) -> int:
+    check_range(name, value, 1, high)
+    return int(value)
+
+
+def check_guidance(value, name: str = "guidance_scale") -> float:
+    check_range(name, value, *GUIDANCE_RANGE)
+    return float(value)
+
+
+def check_text_guidance(value, name: str = "text_guidance_scale") -> float | None:
+    """None means no text-free guidance."""
+    if value is None:
+        return None
+    check_range(name, value, *TEXT_GUIDANCE_RANGE)
+    return float(value)
+
+
+def check_order(value, name: str = "order") -> str:
+    if value not in ORDERS:
+        raise ViLexUsageError(f"{name} must be one of {', '.join(ORDERS)}, got {value!r}")
+    return value
+
+
+def check_seed(value, name: str = "seed") -> int | None:
+    """None means a fresh random draw (the library) or the default seed (the server)."""
+    if value is None:
+        return None
+    check_range(name, value, 0, MAX_SEED)
+    return int(value)
+
+
+def check_num_tokens(value, num_queries: int, name: str = "num_tokens") -> int:
+    check_range(name, value, 1, num_queries)
+    return int(value)
+
+
+def check_side(value, multiple: int, name: str) -> int:
+    """A height or width: a positive multiple of `multiple` (the VAE factor times the UNet's downsampling)."""
+    check_range(name, value, 1, MAX_SIDE)
+    if value % multiple:
+        raise ViLexUsageError(f"{name} must be a positive multiple of {multiple} up to {MAX_SIDE}, got {value}")
+    return int(value)
