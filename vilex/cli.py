@@ -166,6 +166,16 @@ COMMAND_MODULES: tuple[str, ...] = ("vilex.export.cli", "vilex.benchmarks.cli", 
 
 
 # ---- parser -------------------------------------------------------------------------------------------
+def add_image_positionals(p: argparse.ArgumentParser, tokens_help: str) -> None:
+    """[CKPT] IMAGE... --out --tokens, as tokenize and reconstruct take them."""
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None,
+                   help="checkpoint folder (optional with --engines, none with --backend triton: then every "
+                        "positional is an IMAGE)")
+    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokens", type=int, default=None, help=tokens_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vilex", description="ViLex: images as visual words for a frozen text-to-image model")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,11 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("tokenize", help="images -> ViLex tokens (.safetensors)")
-    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None,
-                   help="checkpoint folder (optional with --engines, none with --backend triton: then every positional is an IMAGE)")
-    p.add_argument("images", nargs="*", metavar="IMAGE")
-    p.add_argument("--out", required=True)
-    p.add_argument("--tokens", type=int, default=None, help="keep the first K tokens, 1..N (default N)")
+    add_image_positionals(p, tokens_help="keep the first K tokens, 1..N (default N)")
     add_backend_args(p)
     p.set_defaults(func=cmd_tokenize)
 
@@ -197,11 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("reconstruct", help="images -> tokens -> images")
-    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None,
-                   help="checkpoint folder (optional with --engines, none with --backend triton: then every positional is an IMAGE)")
-    p.add_argument("images", nargs="*", metavar="IMAGE")
-    p.add_argument("--out", required=True)
-    p.add_argument("--tokens", type=int, default=None, help="use the first K tokens, 1..N (default N)")
+    add_image_positionals(p, tokens_help="use the first K tokens, 1..N (default N)")
     add_generation_args(p)
     p.set_defaults(func=cmd_reconstruct)
 
