@@ -1,4 +1,5 @@
-"""ViLexPipeline: determinism, save/load, guidance, schedulers, checkpoint checks."""
+"""ViLexPipeline: determinism, save/load, schedulers, checkpoint checks; the denoising loop against diffusers'
+StableDiffusionPipeline, and text-free guidance against its formula computed from separate UNet calls."""
 
 import hashlib
 
@@ -55,15 +56,123 @@ def test_save_load_round_trip(tiny_pipeline, sample_images, tmp_path):
         assert digest[0] == digest[1], name
 
 
-def test_text_free_guidance_formula(tiny_pipeline, sample_images):
-    # eps = eps_v + w (eps_vc - eps_v) with CFG off: w = 1 is the ViLex+text prediction, w = 0 ViLex only.
-    tokens = tiny_pipeline.tokenize(sample_images[:1], num_tokens=4)
-    run = lambda **kw: tiny_pipeline.generate(tokens, num_inference_steps=STEPS, guidance_scale=1.0, seed=0,
-                                              output_type="np", **kw).images
+# ---- the loop against references -------------------------------------------------------------------------
+# Schedulers as a checkpoint's scheduler_config.json would name them, all from the tiny preset's noise
+# schedule. DDIM's scale_model_input is the identity and its init_noise_sigma is 1, so Euler is there to
+# cover both; v-prediction with zero terminal SNR and trailing spacing is what the toy base trains with.
+SCHEDULERS = {
+    "ddim-epsilon": ("DDIMScheduler", {"prediction_type": "epsilon"}),
+    "ddim-v": ("DDIMScheduler", {"prediction_type": "v_prediction"}),
+    "ddim-v-zero-snr-trailing": ("DDIMScheduler", {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                                                   "timestep_spacing": "trailing"}),
+    "euler-epsilon": ("EulerDiscreteScheduler", {"prediction_type": "epsilon"}),
+}
+REFERENCE_STEPS = 3
+# Both sides run the same float32 operations on the CPU, except that the reference feeds the UNet
+# one guidance branch at a time where the pipeline stacks them: batch-dependent kernel choices stay
+# below 1e-5 after a few steps; an 8-bit pixel level is 4e-3.
+REFERENCE_ATOL = 1e-5
+
+
+def with_scheduler(pipeline, name: str):
+    import diffusers
+
+    class_name, overrides = SCHEDULERS[name]
+    pipeline.scheduler = getattr(diffusers, class_name).from_config(pipeline.scheduler.config, **overrides)
+    return pipeline
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("guidance_scale", [1.0, 7.5])
+def test_generate_equals_stable_diffusion_pipeline(tiny_pipeline, sample_images, scheduler, guidance_scale):
+    """diffusers' own StableDiffusionPipeline over the same modules, given our text-encoder states (ViLex
+    tokens + a prompt per image) as prompt_embeds and the empty prompt's as negative_prompt_embeds."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = with_scheduler(tiny_pipeline, scheduler)
+    tokens = pipeline.tokenize(sample_images, num_tokens=8)  # (2, 8, 32)
+    prompts = ["a watercolor painting", "a red house"]
+    ours = pipeline.generate(tokens, prompt=prompts, num_inference_steps=REFERENCE_STEPS,
+                             guidance_scale=guidance_scale, seed=0, output_type="np").images
+
+    stock = StableDiffusionPipeline(vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
+                                    unet=pipeline.unet, scheduler=pipeline.scheduler, safety_checker=None,
+                                    feature_extractor=None, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        prompt_embeds = pipeline.encode_prompt(tokens, prompts)  # (2, 77, 32)
+        negative_prompt_embeds = pipeline.encode_prompt(None, ["", ""])
+    reference = stock(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                      num_inference_steps=REFERENCE_STEPS, guidance_scale=guidance_scale,
+                      generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    # The scheduler the test asked for is the one that ran.
+    config = pipeline.scheduler.config
+    assert (type(pipeline.scheduler).__name__, config.prediction_type) == (
+        SCHEDULERS[scheduler][0], SCHEDULERS[scheduler][1]["prediction_type"])
+    if scheduler.endswith("trailing"):
+        assert int(pipeline.scheduler.timesteps[0]) == 999 and config.rescale_betas_zero_snr
+    assert ours.shape == reference.shape == (2, 64, 64, 3)
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=REFERENCE_ATOL)
+    assert np.abs(ours[0] - ours[1]).max() > 1e-3  # the conditioning matters: not a constant image
+
+
+def stock_text_states(text_encoder, tokenizer, vilex_tokens: torch.Tensor | None, prompt: str) -> torch.Tensor:
+    """[BOS] [ViLex tokens] [prompt] [EOS] [PAD ...] -> last_hidden_state (1, 77, D), by the stock CLIPTextModel
+    forward on token ids: the k ViLex tokens become k extra rows of a copy's embedding table."""
+    import copy
+
+    encoder = copy.deepcopy(text_encoder)
+    table = encoder.get_input_embeddings().weight  # (V, D)
+    k = 0 if vilex_tokens is None else vilex_tokens.shape[0]
+    if k:
+        encoder.set_input_embeddings(torch.nn.Embedding.from_pretrained(torch.cat([table, vilex_tokens])))
+    text_ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+    ids = [tokenizer.bos_token_id, *range(table.shape[0], table.shape[0] + k), *text_ids, tokenizer.eos_token_id]
+    ids += [tokenizer.pad_token_id] * (tokenizer.model_max_length - len(ids))
+    with torch.no_grad():
+        return encoder(input_ids=torch.tensor([ids])).last_hidden_state
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 7.5])
+def test_text_free_guidance_equals_its_formula(tiny_pipeline, sample_images, guidance_scale):
+    """ViLex tokens + prompt with text_guidance_scale w, against the formula in generate's docstring (the
+    paper's text-free guidance, with classifier-free guidance g against the empty prompt on top):
+
+        eps = eps_u + g (eps_v - eps_u) + w (eps_vc - eps_v)     g > 1
+        eps = eps_v + w (eps_vc - eps_v)                          g <= 1
+
+    computed here from separate UNet calls on the three conditionings (empty prompt, ViLex only, ViLex +
+    prompt), each encoded by the stock CLIP forward, through the scheduler and the VAE by hand."""
+    pipeline = with_scheduler(tiny_pipeline, "ddim-v")
+    w, g = 3.0, guidance_scale
     prompt = "a watercolor painting"
-    np.testing.assert_allclose(run(prompt=prompt, text_guidance_scale=1.0), run(prompt=prompt), atol=1e-5)
-    np.testing.assert_allclose(run(prompt=prompt, text_guidance_scale=0.0), run(), atol=1e-5)
-    assert np.abs(run(prompt=prompt, text_guidance_scale=3.0) - run(prompt=prompt)).max() > 1e-3
+    tokens = pipeline.tokenize(sample_images[:1], num_tokens=6)  # (1, 6, 32)
+    ours = pipeline.generate(tokens, prompt=prompt, num_inference_steps=REFERENCE_STEPS, guidance_scale=g,
+                             text_guidance_scale=w, seed=0, output_type="np").images
+
+    unet, vae, scheduler = pipeline.unet, pipeline.vae, pipeline.scheduler
+    encode = lambda vilex, text: stock_text_states(pipeline.text_encoder, pipeline.tokenizer, vilex, text)
+    states_u, states_v, states_vc = encode(None, ""), encode(tokens[0], None), encode(tokens[0], prompt)
+    scheduler.set_timesteps(REFERENCE_STEPS)
+    latents = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(latents, t)
+            eps_u, eps_v, eps_vc = (unet(model_input, t, states).sample for states in (states_u, states_v, states_vc))
+            if g > 1:
+                eps = eps_u + g * (eps_v - eps_u) + w * (eps_vc - eps_v)
+            else:
+                eps = eps_v + w * (eps_vc - eps_v)
+            latents = scheduler.step(eps, t, latents).prev_sample
+        image = vae.decode(latents / vae.config.scaling_factor).sample  # (1, 3, 64, 64) in [-1, 1]
+    reference = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=REFERENCE_ATOL)
+    # w matters: without text guidance (ViLex + prompt, plain CFG) the image is another one.
+    plain = pipeline.generate(tokens, prompt=prompt, num_inference_steps=REFERENCE_STEPS, guidance_scale=g, seed=0,
+                              output_type="np").images
+    assert np.abs(ours - plain).max() > 1e-3
 
 
 def test_prompt_order_changes_the_image(tiny_pipeline, sample_images):
