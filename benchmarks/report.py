@@ -34,32 +34,93 @@ def markdown(report: dict) -> str:
             f"{100 * row['fraction_of_peak'] if row.get('fraction_of_peak') is not None else float('nan'):.1f} | "
             f"{s['peak_rss_mb']:.0f} | {s['peak_gpu_mb'] or float('nan'):.0f} | {'yes' if s['stable'] else 'no'} |")
     lines += ["", "Peaks assumed: " + "; ".join(f"{k}: {v}" for k, v in report["peaks"].items())]
+    unsound = sorted({why for reasons in row_problems(report).values() for why in reasons})
+    if unsound:
+        lines += ["", "Unsound figures (do not compare them): " + "; ".join(unsound)]
     if report["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in report["skipped"].items())]
     return "\n".join(lines) + "\n"
 
 
-def ratios(report: dict, baseline: str = "torch") -> list[str]:
-    """p50 latency ratios backend/baseline per stage and batch, and Triton vs in-process end to end."""
+# ---- soundness of a figure ----------------------------------------------------------------------------------
+# A ratio is only as good as the two rows it divides. A row is unsound when its measurement windows never
+# agreed (measure.py's `stable: false`), or when a call at a smaller batch took longer than a call at a larger
+# batch of the same stage and backend by more than the stability margin: a call with more work taking markedly
+# less time means one of the two figures caught a transient (a clock change, a lazy initialization, another
+# process), so neither stands for the backend. Both rows of such a pair are marked.
+def row_key(row: dict) -> tuple:
+    return (row_label(row), row["backend"], row["batch"], row["stats"]["concurrency"])
+
+
+def row_problems(report: dict) -> dict[tuple, list[str]]:
+    """{row_key: why its figure is unsound} for every row with a problem."""
+    margin = float(report.get("settings", {}).get("stability", 0.10))
+    problems: dict[tuple, list[str]] = defaultdict(list)
+    series = defaultdict(list)  # (label, backend, concurrency) -> rows over batch sizes
+    for row in report["results"]:
+        if not row["stats"]["stable"]:
+            problems[row_key(row)].append(f"{row_label(row)} {row['backend']} batch {row['batch']} conc "
+                                          f"{row['stats']['concurrency']}: unstable (windows did not agree)")
+        series[(row_label(row), row["backend"], row["stats"]["concurrency"])].append(row)
+    for rows in series.values():
+        rows = sorted(rows, key=lambda r: r["batch"])
+        for i, small in enumerate(rows):
+            for large in rows[i + 1:]:
+                a, b = small["stats"]["p50_ms"], large["stats"]["p50_ms"]
+                if large["batch"] > small["batch"] and a > b * (1 + margin):
+                    why = (f"{row_label(small)} {small['backend']} batch {small['batch']} p50 {a:.1f} ms is above "
+                           f"batch {large['batch']}'s {b:.1f} ms")
+                    for row in (small, large):
+                        problems[row_key(row)].append(why)
+    return dict(problems)
+
+
+def comparisons(report: dict, baseline: str = "torch") -> list[dict]:
+    """p50 latency ratios backend/baseline per stage and batch, and Triton vs in-process end to end, each with
+    `stable` (both rows sound) and the `problems` that make it unsound."""
+    problems = row_problems(report)
     by_key = defaultdict(dict)
     for row in report["results"]:
-        key = (row_label(row), row["batch"], row["stats"]["concurrency"])
-        by_key[key][row["backend"]] = row["stats"]["p50_ms"]
+        by_key[(row_label(row), row["batch"], row["stats"]["concurrency"])][row["backend"]] = row
+
+    def compare(what, batch, conc, row, base, served=False) -> dict:
+        why = problems.get(row_key(base), []) + problems.get(row_key(row), [])
+        ratio = row["stats"]["p50_ms"] / base["stats"]["p50_ms"]
+        return {"what": what, "batch": batch, "concurrency": conc, "backend": row["backend"],
+                "baseline": base["backend"], "served_vs_in_process": served, "latency_ratio": ratio,
+                "speedup": 1 / ratio, "stable": not why, "problems": list(dict.fromkeys(why))}
+
+    found = []
+    for (what, batch, conc), rows in by_key.items():
+        if baseline in rows:
+            found += [compare(what, batch, conc, row, rows[baseline]) for backend, row in rows.items()
+                      if backend != baseline]
+    # Served vs in-process end to end (the serving target): triton-* against onnxruntime.
+    for (what, batch, conc), rows in by_key.items():
+        if what.startswith("end-to-end") and "onnxruntime" in rows:
+            found += [compare(what, batch, conc, row, rows["onnxruntime"], served=True) for backend, row in rows.items()
+                      if backend.startswith("triton")]
+    return found
+
+
+UNSOUND_NOTE = ("(unstable): a row behind this ratio did not settle (stable: no) or is slower at a smaller batch than "
+                "at a larger one; the ratio is not a sound speed-up. Rerun with a longer --window.")
+
+
+def ratios(report: dict, baseline: str = "torch") -> list[str]:
+    """`comparisons` as printed lines; unsound ones are marked '(unstable)' with their reasons and a footnote."""
     lines = []
-    for (label, batch, conc), values in by_key.items():
-        if baseline not in values:
-            continue
-        for backend, p50 in values.items():
-            if backend != baseline:
-                lines.append(f"{label:<40} batch {batch} conc {conc}: {backend}/{baseline} = "
-                             f"{p50 / values[baseline]:.2f}x latency ({values[baseline] / p50:.2f}x speed-up)")
-    # Served vs in-process end to end (the serving target): triton-* against onnxruntime at concurrency 1.
-    for (label, batch, conc), values in by_key.items():
-        if label.startswith("end-to-end") and "onnxruntime" in values:
-            for backend, p50 in values.items():
-                if backend.startswith("triton"):
-                    lines.append(f"{label:<40} batch {batch} conc {conc}: {backend}/onnxruntime (in-process) = "
-                                 f"{p50 / values['onnxruntime']:.2f}x latency")
+    for c in comparisons(report, baseline):
+        head = f"{c['what']:<40} batch {c['batch']} conc {c['concurrency']}: {c['backend']}/{c['baseline']}"
+        if c["served_vs_in_process"]:
+            text = f"{head} (in-process) = {c['latency_ratio']:.2f}x latency"
+        else:
+            text = f"{head} = {c['latency_ratio']:.2f}x latency ({c['speedup']:.2f}x speed-up)"
+        if not c["stable"]:
+            text += " (unstable) [" + "; ".join(c["problems"]) + "]"
+        lines.append(text)
+    if any("(unstable)" in line for line in lines):
+        lines.append(UNSOUND_NOTE)
     return lines
 
 

@@ -128,6 +128,8 @@ def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: Ben
     data = {"date": date, "command": command, "checkpoint": str(ckpt), "engines": str(engines) if engines else None,
             "environment": env, "settings": {k: v for k, v in vars(settings).items()}, "peaks": peaks,
             "results": results, "skipped": skipped, "seconds": time.perf_counter() - started}
+    # Every ratio, with `stable: false` where a row behind it is unsound (report.row_problems).
+    data["comparisons"] = report.comparisons(data)
     files = report.write(data, out)
     print()
     print(report.markdown(data))

@@ -1,13 +1,17 @@
-"""Benchmark machinery: percentiles, stability windows, reports, and a short real run on tiny."""
+"""Benchmark machinery: percentiles, stability windows (on a simulated clock: no test here depends on how
+fast the machine is), reports and their soundness flags, and a short real run on tiny."""
 
+import importlib.util
 import json
 import time
+import types
 
 import numpy as np
 import pytest
 
+from vilex.benchmarks import measure as measure_module
 from vilex.benchmarks.measure import measure, percentile
-from vilex.benchmarks.report import markdown, ratios
+from vilex.benchmarks.report import UNSOUND_NOTE, comparisons, markdown, ratios
 
 
 def test_percentile_matches_numpy():
@@ -16,19 +20,56 @@ def test_percentile_matches_numpy():
         assert percentile(values, q) == pytest.approx(np.percentile(values, q))
 
 
-def test_measure_steady_call_is_stable():
-    stats = measure(lambda: (lambda: time.sleep(0.01)), items_per_call=2, window_s=0.1, stability=0.5)
-    assert stats.stable and stats.windows >= 3
-    assert 9 <= stats.p50_ms <= 30  # a 10 ms sleep, plus scheduling noise on a busy machine
-    assert stats.throughput == pytest.approx(2 / (stats.mean_ms / 1000), rel=0.3)
-    assert stats.p50_ms <= stats.p90_ms <= stats.p99_ms
+class SimulatedClock:
+    """Stands in for time.perf_counter in measure.py: only the measured calls advance it, by durations the test
+    chooses (powers of two, so sums are exact in floating point)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def call_taking(self, durations):
+        durations = iter(durations)
+
+        def call():
+            self.now += next(durations)
+        return call
 
 
-def test_measure_unsteady_call_is_not_stable():
-    durations = iter([0.001, 0.03] * 1000)
-    stats = measure(lambda: (lambda: time.sleep(next(durations))), items_per_call=1, window_s=0.0, min_calls=1,
-                    stability=0.05, max_windows=6)
-    assert not stats.stable and stats.windows == 6
+@pytest.fixture()
+def clock(monkeypatch):
+    clock = SimulatedClock()
+    monkeypatch.setattr(measure_module, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    return clock
+
+
+def test_measure_steady_call_is_stable(clock):
+    # Calls of 2**-7 s (7.8125 ms) in windows of 2**-4 s: 8 calls a window; three agreeing windows end it.
+    call = clock.call_taking([2 ** -7] * 1000)
+    stats = measure(lambda: call, items_per_call=2, window_s=2 ** -4, stability=0.05)
+    assert stats.stable and stats.windows == 3 and stats.calls == 3 * 8
+    assert stats.p50_ms == stats.p90_ms == stats.p99_ms == stats.mean_ms == 1000 * 2 ** -7
+    assert stats.throughput == 2 / 2 ** -7  # items per second: 2 per call, back to back
+    assert clock.now == (2 + 3 * 8) * 2 ** -7  # two warm-up calls, then the three windows
+
+
+def test_measure_reports_the_last_windows(clock):
+    # Slow at first (a cold start), then steady: windows of two calls take 1/8, 1/16, then 1/64 s per call.
+    # The first three disagree, so do windows 2-4; windows 3-5 agree, and the statistics are theirs only.
+    call = clock.call_taking([2 ** -3] * 2 + [2 ** -4] * 2 + [2 ** -6] * 1000)
+    stats = measure(lambda: call, items_per_call=1, warmup_calls=0, window_s=0.0, min_calls=2, stability=0.05)
+    assert stats.stable and stats.windows == 5 and stats.calls == 3 * 2
+    assert stats.p99_ms == stats.p50_ms == 1000 * 2 ** -6 and stats.throughput == 2 ** 6
+
+
+def test_measure_unsteady_call_is_not_stable(clock):
+    # Windows of one call alternate between 1 ms and 31 ms: they never agree within 5 %.
+    call = clock.call_taking([2 ** -10, 2 ** -5] * 1000)
+    stats = measure(lambda: call, items_per_call=1, window_s=0.0, min_calls=1, stability=0.05, max_windows=6)
+    assert not stats.stable and stats.windows == 6 and stats.calls == 3
+    assert stats.p50_ms == 1000 * 2 ** -5 and stats.mean_ms == pytest.approx(1000 * (2 * 2 ** -5 + 2 ** -10) / 3)
 
 
 def test_measure_concurrency_uses_one_callable_per_thread():
@@ -42,23 +83,63 @@ def test_measure_concurrency_uses_one_callable_per_thread():
     assert len(made) == 4 and stats.concurrency == 4
 
 
-def test_report_tables_and_ratios():
-    def row(backend, p50, kind="stage"):
-        stats = dict(items_per_call=1, concurrency=1, calls=3, mean_ms=p50, p50_ms=p50, p90_ms=p50, p95_ms=p50,
-                     p99_ms=p50, throughput=1000 / p50, windows=3, stable=True, peak_rss_mb=100.0, peak_gpu_mb=None)
-        return {"backend": backend, "kind": kind, "stage": "unet" if kind == "stage" else None, "batch": 1,
-                "steps": 20, "num_tokens": 16, "flops": 2e9, "fraction_of_peak": 0.1, "stats": stats}
+def stats_row(backend, p50, kind="stage", batch=1, stable=True, stage="unet"):
+    stats = dict(items_per_call=batch, concurrency=1, calls=3, mean_ms=p50, p50_ms=p50, p90_ms=p50, p95_ms=p50,
+                 p99_ms=p50, throughput=1000 * batch / p50, windows=3 if stable else 8, stable=stable,
+                 peak_rss_mb=100.0, peak_gpu_mb=None)
+    return {"backend": backend, "kind": kind, "stage": stage if kind == "stage" else None, "batch": batch,
+            "steps": 20, "num_tokens": 16, "flops": 2e9, "fraction_of_peak": 0.1, "stats": stats}
 
-    report = {"date": "2026-01-01", "command": "vilex bench", "checkpoint": "ck", "peaks": {"cpu fp32": "x"},
-              "skipped": {"tensorrt": "not installed"},
-              "environment": {"cpu": {"model": "CPU", "cores": 2}, "gpu": None},
-              "results": [row("torch", 100.0), row("onnxruntime", 50.0), row("onnxruntime", 1000.0, "e2e"),
-                          row("triton-http", 1050.0, "e2e")]}
+
+def bench_report(results, stability=0.10):
+    return {"date": "2026-01-01", "command": "vilex bench", "checkpoint": "ck", "peaks": {"cpu fp32": "x"},
+            "skipped": {"tensorrt": "not installed"}, "settings": {"stability": stability},
+            "environment": {"cpu": {"model": "CPU", "cores": 2}, "gpu": None}, "results": results}
+
+
+def test_report_tables_and_ratios():
+    report = bench_report([stats_row("torch", 100.0), stats_row("onnxruntime", 50.0),
+                           stats_row("onnxruntime", 1000.0, "e2e"), stats_row("triton-http", 1050.0, "e2e")])
     table = markdown(report)
     assert "| unet | onnxruntime | 1 | 1 | 50.0 |" in table and "tensorrt (not installed)" in table
+    assert "Unsound" not in table
     lines = ratios(report)
     assert any("onnxruntime/torch = 0.50x latency (2.00x speed-up)" in line for line in lines)
     assert any("triton-http/onnxruntime (in-process) = 1.05x" in line for line in lines)
+    assert not any("unstable" in line for line in lines) and UNSOUND_NOTE not in lines
+    assert all(c["stable"] and not c["problems"] for c in comparisons(report))
+
+
+def test_ratios_from_unsound_rows_are_flagged():
+    """The case seen on a GPU run: a 4.55x UNet speed-up over a torch row that was unstable and slower at
+    batch 1 than at batch 2. The flags follow from the rows: stable: no, and p50 falling as the batch grows."""
+    report = bench_report([
+        stats_row("torch", 45.5, batch=1, stable=False), stats_row("torch", 30.0, batch=2),
+        stats_row("torch", 60.0, batch=4),
+        stats_row("torch-cudagraph", 10.0, batch=1), stats_row("torch-cudagraph", 15.0, batch=2),
+        stats_row("torch-cudagraph", 30.0, batch=4),
+        # Another stage, sound throughout; a 5 % dip with batch is within the 10 % stability margin.
+        stats_row("torch", 21.0, batch=1, stage="vae_decoder"), stats_row("torch", 20.0, batch=2, stage="vae_decoder"),
+        stats_row("torch-cudagraph", 10.0, batch=1, stage="vae_decoder"),
+        stats_row("torch-cudagraph", 12.0, batch=2, stage="vae_decoder"),
+    ])
+    found = {(c["what"], c["batch"]): c for c in comparisons(report)}
+    assert found["unet", 1]["speedup"] == pytest.approx(4.55)
+    assert found["unet", 1]["stable"] is False
+    assert any("unstable" in why for why in found["unet", 1]["problems"])
+    assert any("batch 1 p50 45.5 ms is above batch 2's 30.0 ms" in why for why in found["unet", 1]["problems"])
+    # Batch 2's torch figure is the other half of that contradiction; batch 4 is sound.
+    assert found["unet", 2]["stable"] is False and found["unet", 4]["stable"] is True
+    assert found["vae_decoder", 1]["stable"] is True and found["vae_decoder", 2]["stable"] is True
+
+    lines = ratios(report)
+    flagged = [line for line in lines[:-1] if "(unstable)" in line]
+    assert len(flagged) == 2 and "4.55x speed-up) (unstable)" in flagged[0]
+    assert lines[-1] == UNSOUND_NOTE
+    assert "Unsound figures" in markdown(report) and "unet torch batch 1 conc 1: unstable" in markdown(report)
+    # In results.json the comparisons carry the flag as data.
+    data = json.loads(json.dumps({**report, "comparisons": comparisons(report)}))
+    assert [c["stable"] for c in data["comparisons"] if c["what"] == "unet"] == [False, False, True]
 
 
 def test_bench_cli_on_tiny(tmp_path, tiny_ckpt, capsys):
@@ -73,7 +154,21 @@ def test_bench_cli_on_tiny(tmp_path, tiny_ckpt, capsys):
     kinds = {(r["backend"], r["kind"], r["batch"]) for r in data["results"]}
     assert {("torch", "stage", 1), ("torch", "stage", 2), ("onnxruntime", "stage", 1), ("torch", "e2e", 1),
             ("onnxruntime", "e2e", 1)} <= kinds
-    assert "tensorrt" in data["skipped"]  # no TensorRT on CPU machines: skipped with the reason
+    # tensorrt runs where the TensorRT package and a CUDA GPU both are; elsewhere its skip names what is missing.
+    import torch
+
+    has_tensorrt = importlib.util.find_spec("tensorrt") is not None
+    if has_tensorrt and torch.cuda.is_available():
+        assert "tensorrt" not in data["skipped"] and ("tensorrt", "stage", 1) in kinds
+    elif not has_tensorrt:
+        assert "TensorRT Python package is not installed" in data["skipped"]["tensorrt"]
+    else:
+        assert "needs a CUDA GPU" in data["skipped"]["tensorrt"]
+    if "tensorrt" in data["skipped"]:
+        assert not any(c["backend"] == "tensorrt" for c in data["comparisons"])
+    # results.json carries every ratio with its soundness (a 0.05 s window on a busy machine may well be unsound).
+    assert any(c["backend"] == "onnxruntime" and c["baseline"] == "torch" for c in data["comparisons"])
+    assert all(isinstance(c["stable"], bool) and c["stable"] == (not c["problems"]) for c in data["comparisons"])
     assert all(r["flops"] > 0 for r in data["results"])
     assert (tmp_path / "b" / "latency_vs_batch.png").is_file() and (tmp_path / "b" / "results.md").is_file()
     assert data["environment"]["packages"]["torch"]
