@@ -1,8 +1,8 @@
 """Serving with Triton.
 
-CPU tests: the generated config.pbtxt of every platform, parsed with Triton's own ModelConfig schema
-(a misspelled field fails the parse, as it would fail the server) and compared with the export contract;
-the committed configs in triton_repo/ against the generator.
+CPU tests: the generated config.pbtxt of every platform and the committed ones in triton_repo/, parsed
+with Triton's own ModelConfig schema (a misspelled field fails the parse, as it would fail the server) and
+checked field by field against the export contract (graph models) or the served interface (pipeline models).
 
 Server tests (marked `triton`): the tiny checkpoint is exported, made into a python-ort repository and
 served by a real tritonserver, started once for the module through `vilex serve` on free ports. The
@@ -31,8 +31,8 @@ import pytest
 from vilex.errors import ViLexUsageError
 from vilex.engines.contract import ExportOptions, ModelDims, build_contracts
 from vilex.serving.config import (PLATFORMS, check_max_batch, graph_config, pipeline_config, pipeline_parameters,
-                                  source_dir, tiny_source_configs, triton_dims)
-from vilex.serving.interface import NUMPY_TO_TRITON, pipeline_models
+                                  source_dir, triton_dims)
+from vilex.serving.interface import pipeline_models
 
 STEPS = 3  # denoising steps in server tests: enough to run the loop, cheap on 2 cores
 # Served and in-process runs execute the same ONNX graphs on the same inputs in the same order of
@@ -62,34 +62,61 @@ def tiny_contracts(tiny_dims):
     return build_contracts(tiny_dims, ExportOptions(max_batch=4))
 
 
-@pytest.mark.parametrize("platform", list(PLATFORMS))
-def test_graph_configs_follow_the_contract(tiny_contracts, platform):
+# Contract dtype (numpy name) -> Triton DataType, from Triton's model_config.proto.
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
+                 "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
+# generate() stacks at most [uncond, ViLex-only, ViLex+text] along the UNet's batch, one of each per image.
+UNET_BRANCHES = 3
+
+
+def check_graph_config(config, contract, max_batch: int, instances: int, kind: str) -> None:
+    """A parsed graph-model config against the graph's contract, field by field."""
     from tritonclient.grpc import model_config_pb2 as pb
 
+    assert config.name == contract.name
+    # Triton's batch dimension is the contract's leading "batch" axis: one request row per image (per
+    # guidance branch for the UNet), never more than the graph's batch bound (the TensorRT profile's max).
+    branches = UNET_BRANCHES if contract.name == "unet" else 1
+    assert config.max_batch_size == branches * max_batch <= contract.axes["batch"].max
+    for declared, specs in ((config.input, contract.inputs), (config.output, contract.outputs)):
+        assert [t.name for t in declared] == [s.name for s in specs]
+        for tensor, spec in zip(declared, specs):
+            assert pb.DataType.Name(tensor.data_type) == TRITON_DTYPES[spec.dtype], spec.name
+            assert spec.shape[0] == "batch"
+            # What the graph receives after Triton's reshape: fixed sizes as declared, -1 exactly where the
+            # contract names a dynamic axis (its bounds live in the contract, checked by the runtime).
+            seen = list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
+            assert seen == [d if isinstance(d, int) else -1 for d in spec.shape[1:]], spec.name
+            # Triton refuses empty dims: a batch-only tensor travels as (n, 1) and is reshaped to (n,).
+            assert list(tensor.dims) == (seen or [1]), spec.name
+            for size, axis in zip(seen, spec.shape[1:]):
+                assert size != -1 or axis in contract.axes or axis in contract.derived_axes, (spec.name, axis)
+    # A bounded queue that rejects rather than grows: room for at least one full batch, a finite wait, and
+    # a per-request timeout that the BLS models override with their stage timeout (vilex/serving/bls.py).
+    batching = config.dynamic_batching
+    queue = batching.default_queue_policy
+    assert batching.max_queue_delay_microseconds > 0
+    assert queue.max_queue_size >= config.max_batch_size
+    assert queue.timeout_action == pb.ModelQueuePolicy.REJECT and queue.default_timeout_microseconds > 0
+    assert queue.allow_timeout_override
+    assert [(g.count, pb.ModelInstanceGroup.Kind.Name(g.kind)) for g in config.instance_group] == [(instances, kind)]
+
+
+@pytest.mark.parametrize("platform", list(PLATFORMS))
+def test_graph_configs_follow_the_contract(tiny_contracts, platform):
     for name, contract in tiny_contracts.items():
         config = parse_config(graph_config(contract, platform, max_batch=3, instances=2))
-        assert config.name == name
+        check_graph_config(config, contract, max_batch=3, instances=2,
+                           kind="KIND_CPU" if platform == "python-ort" else "KIND_GPU")
         if platform == "python-ort":
+            # triton_repo/onnxruntime_model.py opens parameters["graph_file"] in the version folder.
             assert config.backend == "python" and not config.platform
-            assert dict((k, v.string_value) for k, v in config.parameters.items())["graph_file"] == "model.onnx"
+            assert {k: v.string_value for k, v in config.parameters.items()}["graph_file"] == "model.onnx"
         else:
-            assert config.platform == {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}[platform]
-        # The UNet runs up to three guidance branches per image.
-        assert config.max_batch_size == (9 if name == "unet" else 3)
-        for declared, spec in ((config.input, contract.inputs), (config.output, contract.outputs)):
-            assert [t.name for t in declared] == [s.name for s in spec]
-            for tensor, s in zip(declared, spec):
-                assert tensor.data_type == pb.DataType.Value(NUMPY_TO_TRITON[s.dtype])
-                dims, reshape = triton_dims(s)
-                expected = [d if isinstance(d, int) else -1 for d in s.shape[1:]] or [1]  # batch-only: [1]
-                assert list(tensor.dims) == dims == expected
-                assert tensor.HasField("reshape") == (reshape is not None)
-        queue = config.dynamic_batching.default_queue_policy
-        assert config.dynamic_batching.max_queue_delay_microseconds > 0
-        assert queue.max_queue_size > 0 and queue.default_timeout_microseconds > 0
-        assert queue.timeout_action == pb.ModelQueuePolicy.REJECT
-        assert [(g.count, g.kind) for g in config.instance_group] == [
-            (2, pb.ModelInstanceGroup.KIND_CPU if platform == "python-ort" else pb.ModelInstanceGroup.KIND_GPU)]
+            # Triton's backends for ONNX files and TensorRT plans, and the file names they load.
+            assert not config.backend
+            assert (config.platform, config.default_model_filename) == {
+                "onnxruntime": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}[platform]
 
 
 def test_timestep_is_sent_as_n_by_1_and_reshaped(tiny_contracts):
@@ -115,10 +142,44 @@ def test_pipeline_configs_declare_the_interface(tiny_dims):
     assert tokens.dims == (-1, tiny_dims.hidden_size)
 
 
-def test_committed_configs_match_the_generator():
-    for relative, text in tiny_source_configs().items():
-        committed = (source_dir() / relative).read_text()
-        assert committed == text, f"triton_repo/{relative} is stale: run `python -m vilex.serving.config`"
+# What the BLS models read from their config in initialize() (vilex/serving/bls.py).
+BLS_PARAMETERS = {"engine_dir", "max_steps", "default_steps", "default_guidance", "stage_timeout_seconds"}
+
+
+def test_committed_configs_describe_the_tiny_export(tiny_dims):
+    """triton_repo/*/config.pbtxt (README: the tiny preset, python-ort, max batch 4, one instance), parsed and
+    checked against the contracts of a default export of tiny and against the served interface."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    root = source_dir()
+    committed = {p.parent.name: parse_config(p.read_text()) for p in root.glob("*/config.pbtxt")}
+    served = pipeline_models(tiny_dims.hidden_size, tiny_dims.num_queries)
+    contracts = build_contracts(tiny_dims, ExportOptions())
+    max_batch = ExportOptions().max_batch
+    assert max_batch == 4
+    # Every model folder has a config (a folder without one stops the server from starting).
+    assert set(committed) == set(contracts) | set(served) == {p.name for p in root.iterdir() if p.is_dir()}
+    for name, contract in contracts.items():
+        config = committed[name]
+        check_graph_config(config, contract, max_batch=max_batch, instances=1, kind="KIND_CPU")
+        assert config.backend == "python"
+        assert {k: v.string_value for k, v in config.parameters.items()}["graph_file"] == "model.onnx"
+    for name, model in served.items():
+        config = committed[name]
+        assert (config.name, config.backend, config.max_batch_size) == (name, "python", max_batch)
+        assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims), t.optional) for t in config.input] == \
+            [(p.name, p.triton_dtype, list(p.dims), p.optional) for p in model.inputs]
+        assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in config.output] == \
+            [(p.name, p.triton_dtype, list(p.dims)) for p in model.outputs]
+        queue = config.dynamic_batching.default_queue_policy
+        assert queue.max_queue_size >= max_batch and queue.timeout_action == pb.ModelQueuePolicy.REJECT
+        parameters = {k: v.string_value for k, v in config.parameters.items()}
+        assert BLS_PARAMETERS <= set(parameters)
+        assert 1 <= int(parameters["default_steps"]) <= int(parameters["max_steps"]) <= 1000
+        assert 0 <= float(parameters["default_guidance"]) <= 100 and float(parameters["stage_timeout_seconds"]) > 0
+    # Served tokens are as wide as the text encoder's input embeddings, k of them per image.
+    tokens = next(t for t in committed["vilex_generate"].input if t.name == "VILEX_TOKENS")
+    assert list(tokens.dims) == [-1, committed["text_encoder"].input[0].dims[-1]] == [-1, tiny_dims.hidden_size]
 
 
 def test_max_batch_beyond_the_export_is_refused(tiny_contracts):
@@ -386,10 +447,10 @@ BAD_INPUTS = {
                                                           "STEPS": np.array([[201]], np.int32)},
                                        r"STEPS\[0\] must be in 1\.\.200, got 201"),
     "GUIDANCE negative": ("vilex_reconstruct", {"IMAGE": encoded(SAMPLE_PNG), "GUIDANCE": np.array([[-0.5]], np.float32)},
-                          r"GUIDANCE\[0\] must be a number in 0\.\.100, got -0\.5"),
+                          r"GUIDANCE\[0\] must be in 0\.\.100, got -0\.5"),
     "GUIDANCE NaN": ("vilex_generate", {"VILEX_TOKENS": np.zeros((1, 4, 32), np.float32),
                                         "GUIDANCE": np.array([[np.nan]], np.float32)},
-                     r"GUIDANCE\[0\] must be a number in 0\.\.100, got nan"),
+                     r"GUIDANCE\[0\] must be in 0\.\.100, got nan"),
     "SEED negative": ("vilex_reconstruct", {"IMAGE": encoded(SAMPLE_PNG), "SEED": np.array([[-1]], np.int64)},
                       r"SEED\[0\] must be in 0\.\."),
     "prompt too long": ("vilex_reconstruct", {"IMAGE": encoded(SAMPLE_PNG), "NUM_TOKENS": np.array([[60]], np.int32),
@@ -502,7 +563,7 @@ def test_cli_runs_through_the_server(served, in_process, sample_files, tmp_path,
     assert main(["reconstruct", image, "--out", str(tmp_path / "x"), "--tokens", "99", *remote]) == 2
     assert "NUM_TOKENS[0] must be in 1..75, got 99" in capsys.readouterr().err
     assert main(["reconstruct", image, "--out", str(tmp_path / "x"), "--height", "32", *remote]) == 2
-    assert "--height is not available with --backend triton" in capsys.readouterr().err
+    assert "height (--height) is not available over Triton" in capsys.readouterr().err
     from vilex.serving.server import free_ports
 
     closed = f"127.0.0.1:{free_ports(1)[0]}"
