@@ -95,7 +95,28 @@ def export_graph(module: torch.nn.Module, contract: GraphContract, path: Path,
                               dynamic_axes=contract.dynamic_axes(), opset_version=contract.opset,
                               do_constant_folding=True, dynamo=False)
         model = onnx.load(str(trace_path))  # loads external data the tracer may have written
+    declare_output_shapes(model, contract)
     return save_graph(model, path, external_data_threshold)
+
+
+def declare_output_shapes(model: onnx.ModelProto, contract: GraphContract) -> None:
+    """Write the contract's output shapes into the graph: the tracer leaves its own symbols (e.g.
+    'Mulvilex_tokens_dim_1') where an output's size is fixed but computed (a slice, a reshape), so a
+    runtime that reads the graph's output shapes would see a dynamic size the contract fixes."""
+    specs = {spec.name: spec for spec in contract.outputs}
+    for output in model.graph.output:
+        spec = specs[output.name]
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) != len(spec.shape):
+            raise ExportError(f"{contract.name}: output '{output.name}' has rank {len(dims)}, the contract says "
+                              f"{len(spec.shape)} ({spec.shape})")
+        for dim, size in zip(dims, spec.shape):
+            if isinstance(size, int):
+                dim.Clear()
+                dim.dim_value = size
+            else:
+                dim.Clear()
+                dim.dim_param = size
 
 
 # ---- the whole checkpoint ------------------------------------------------------------------------------

@@ -271,10 +271,6 @@ def onnx_signature(values) -> list[tuple[str, str, list]]:
              [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the exporter leaves symbols where the contract has fixed sizes: vilex_encoder's vilex_tokens is "
-    "(batch, 'Mulvilex_tokens_dim_1', D) instead of (batch, N, D), text_encoder's last_hidden_state "
-    "(batch, 'LayerNormalizationlast_hidden_state_dim_1', D) instead of (batch, T, D)"))
 def test_onnx_outputs_declare_the_contracts_fixed_sizes(fp32_export):
     for graph in GRAPH_NAMES:
         entry = fp32_export.manifest["graphs"][graph]
