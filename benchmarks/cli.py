@@ -9,7 +9,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from vilex.errors import ViLexUsageError
+from vilex import settings as generation_settings
+from vilex.errors import ViLexUsageError, check_range
+from vilex.settings import DEFAULT_STEPS
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -34,7 +36,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-sizes", type=int_list, default=(1, 2, 4), help="image batch sizes for the stages")
     p.add_argument("--stages", default=None, help="comma-separated stages to measure (default: all four; empty: none)")
     p.add_argument("--tokens", type=int, default=16, help="ViLex tokens end to end")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps end to end")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help=f"denoising steps end to end (default {DEFAULT_STEPS}, as vilex generate and the server)")
     p.add_argument("--e2e-batch", type=int, default=1, help="images per end-to-end request")
     p.add_argument("--no-e2e", action="store_true", help="skip end-to-end measurements")
     p.add_argument("--concurrency", type=int_list, default=(1, 2, 4), help="Triton concurrency sweep")
@@ -60,10 +63,10 @@ def cmd_bench(args) -> None:
     stages = STAGE_NAMES if args.stages is None else tuple(s for s in args.stages.split(",") if s)
     if any(s not in STAGE_NAMES for s in stages):
         raise ViLexUsageError(f"--stages must be from {', '.join(STAGE_NAMES)}, got {args.stages!r}")
-    for flag, value, low, high in (("--tokens", args.tokens, 1, 75), ("--steps", args.steps, 1, 1000),
-                                   ("--e2e-batch", args.e2e_batch, 1, 64)):
-        if not low <= value <= high:
-            raise ViLexUsageError(f"{flag} must be in {low}..{high}, got {value}")
+    check_range("--tokens", args.tokens, 1, 75)
+    generation_settings.check_steps(args.steps, "--steps")
+    check_range("--e2e-batch", args.e2e_batch, 1, generation_settings.MAX_IMAGES_PER_PROMPT)
+    check_range("--window", args.window, 0)
     if not 0 < args.stability < 1 or args.window < 0:
         raise ViLexUsageError(f"--stability must be in (0, 1) and --window >= 0, got {args.stability}, {args.window}")
     settings = BenchSettings(batch_sizes=args.batch_sizes, num_tokens=args.tokens, steps=args.steps,

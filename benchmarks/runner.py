@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from vilex.settings import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from vilex.engines.contract import DEFAULT_GUIDANCE_BRANCHES, ExportOptions, ModelDims, build_contracts
 from vilex.export.validate import sample_inputs
 from vilex.backends import StageBackend
@@ -51,9 +52,9 @@ class BenchBackend:
 class BenchSettings:
     batch_sizes: tuple[int, ...] = (1, 2, 4)
     num_tokens: int = 16
-    steps: int = 20
+    steps: int = DEFAULT_STEPS
     e2e_batch: int = 1
-    guidance_scale: float = 7.5
+    guidance_scale: float = DEFAULT_GUIDANCE
     stages: tuple[str, ...] = STAGE_NAMES
     end_to_end: bool = True
     window_s: float = 0.5
