@@ -119,7 +119,7 @@ def build_preset(name: str, seed: int = 0) -> ViLexPipeline:
 
 
 def _listed(keys) -> str:
-    keys = [str(k) for k in keys]
+    keys = sorted(str(k) for k in keys)
     return f"{len(keys)} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})"
 
 
