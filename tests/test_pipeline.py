@@ -29,6 +29,8 @@ def test_requested_size(tiny_pipeline, sample_images):
     assert image.size == (48, 32)
     with pytest.raises(ViLexUsageError, match="height must be a positive multiple of 4"):
         tiny_pipeline.generate(tokens, num_inference_steps=STEPS, height=30, seed=0)
+    with pytest.raises(ViLexUsageError, match=r"width must be in 1\.\.4096, got 0"):  # 0 is not "the default"
+        tiny_pipeline.generate(tokens, num_inference_steps=STEPS, width=0, seed=0)
 
 
 def test_same_seed_same_images_other_seed_different(tiny_pipeline, sample_images):
@@ -117,6 +119,46 @@ def test_generate_equals_stable_diffusion_pipeline(tiny_pipeline, sample_images,
     assert np.abs(ours[0] - ours[1]).max() > 1e-3  # the conditioning matters: not a constant image
 
 
+def test_negative_prompt_equals_stable_diffusion_pipeline(tiny_pipeline, sample_images):
+    """negative_prompt replaces the empty prompt of the unconditional branch, as in diffusers: against
+    StableDiffusionPipeline given our text-encoder states as prompt_embeds and the negative prompts as
+    text, which diffusers tokenizes and encodes itself with the stock CLIP forward."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = with_scheduler(tiny_pipeline, "ddim-v")
+    tokens = pipeline.tokenize(sample_images, num_tokens=8)  # (2, 8, 32)
+    prompts, negatives = ["a watercolor painting", None], ["a blurry photo", "dark"]
+    ours = pipeline.generate(tokens, prompt=prompts, negative_prompt=negatives, num_inference_steps=REFERENCE_STEPS,
+                             guidance_scale=7.5, seed=0, output_type="np").images
+
+    stock = StableDiffusionPipeline(vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
+                                    unet=pipeline.unet, scheduler=pipeline.scheduler, safety_checker=None,
+                                    feature_extractor=None, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        prompt_embeds = pipeline.encode_prompt(tokens, prompts)  # (2, 77, 32)
+    reference = stock(prompt_embeds=prompt_embeds, negative_prompt=negatives, num_inference_steps=REFERENCE_STEPS,
+                      guidance_scale=7.5, generator=torch.Generator().manual_seed(0), output_type="np").images
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=REFERENCE_ATOL)
+    # The negative prompt matters, and "" (or None) is the empty prompt of plain classifier-free guidance.
+    plain = pipeline.generate(tokens, prompt=prompts, num_inference_steps=REFERENCE_STEPS, guidance_scale=7.5, seed=0,
+                              output_type="np").images
+    empty = pipeline.generate(tokens, prompt=prompts, negative_prompt=["", None], num_inference_steps=REFERENCE_STEPS,
+                              guidance_scale=7.5, seed=0, output_type="np").images
+    assert np.abs(ours - plain).max() > 1e-3
+    np.testing.assert_array_equal(empty, plain)
+
+
+def test_negative_prompt_is_refused_where_it_would_be_ignored(tiny_pipeline):
+    tokens = torch.randn(1, 4, 32) * 0.02
+    with pytest.raises(ViLexUsageError, match=r"negative_prompt needs guidance_scale > 1 .* guidance_scale 1 turns off"):
+        tiny_pipeline.generate(tokens, negative_prompt="blurry", guidance_scale=1.0)
+    with pytest.raises(ViLexUsageError, match="got 2 negative prompts for 1 images"):
+        tiny_pipeline.generate(tokens, negative_prompt=["a", "b"])
+    with pytest.raises(ViLexUsageError, match=r"negative_prompt: prompt is too long: \d+ text tokens, but with 0 ViLex"):
+        tiny_pipeline.generate(tokens, negative_prompt="a small red house " * 20)
+
+
 def stock_text_states(text_encoder, tokenizer, vilex_tokens: torch.Tensor | None, prompt: str) -> torch.Tensor:
     """[BOS] [ViLex tokens] [prompt] [EOS] [PAD ...] -> last_hidden_state (1, 77, D), by the stock CLIPTextModel
     forward on token ids: the k ViLex tokens become k extra rows of a copy's embedding table."""
@@ -134,26 +176,27 @@ def stock_text_states(text_encoder, tokenizer, vilex_tokens: torch.Tensor | None
         return encoder(input_ids=torch.tensor([ids])).last_hidden_state
 
 
-@pytest.mark.parametrize("guidance_scale", [1.0, 7.5])
-def test_text_free_guidance_equals_its_formula(tiny_pipeline, sample_images, guidance_scale):
+@pytest.mark.parametrize("guidance_scale, negative_prompt", [(1.0, None), (7.5, None), (7.5, "a blurry photo")])
+def test_text_free_guidance_equals_its_formula(tiny_pipeline, sample_images, guidance_scale, negative_prompt):
     """ViLex tokens + prompt with text_guidance_scale w, against the formula in generate's docstring (the
     paper's text-free guidance, with classifier-free guidance g against the empty prompt on top):
 
         eps = eps_u + g (eps_v - eps_u) + w (eps_vc - eps_v)     g > 1
         eps = eps_v + w (eps_vc - eps_v)                          g <= 1
 
-    computed here from separate UNet calls on the three conditionings (empty prompt, ViLex only, ViLex +
-    prompt), each encoded by the stock CLIP forward, through the scheduler and the VAE by hand."""
+    computed here from separate UNet calls on the three conditionings (empty prompt, or the negative prompt
+    in its place; ViLex only; ViLex + prompt), each encoded by the stock CLIP forward, through the
+    scheduler and the VAE by hand."""
     pipeline = with_scheduler(tiny_pipeline, "ddim-v")
     w, g = 3.0, guidance_scale
     prompt = "a watercolor painting"
     tokens = pipeline.tokenize(sample_images[:1], num_tokens=6)  # (1, 6, 32)
     ours = pipeline.generate(tokens, prompt=prompt, num_inference_steps=REFERENCE_STEPS, guidance_scale=g,
-                             text_guidance_scale=w, seed=0, output_type="np").images
+                             negative_prompt=negative_prompt, text_guidance_scale=w, seed=0, output_type="np").images
 
     unet, vae, scheduler = pipeline.unet, pipeline.vae, pipeline.scheduler
     encode = lambda vilex, text: stock_text_states(pipeline.text_encoder, pipeline.tokenizer, vilex, text)
-    states_u, states_v, states_vc = encode(None, ""), encode(tokens[0], None), encode(tokens[0], prompt)
+    states_u, states_v, states_vc = encode(None, negative_prompt or ""), encode(tokens[0], None), encode(tokens[0], prompt)
     scheduler.set_timesteps(REFERENCE_STEPS)
     latents = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
     with torch.no_grad():

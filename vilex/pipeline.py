@@ -141,6 +141,7 @@ class ViLexPipeline(DiffusionPipeline):
         prompt: str | Sequence[str] | None = None,
         num_inference_steps: int = settings.DEFAULT_STEPS,
         guidance_scale: float = settings.DEFAULT_GUIDANCE,
+        negative_prompt: str | Sequence[str | None] | None = None,
         text_guidance_scale: float | None = None,
         order: str = settings.DEFAULT_ORDER,
         height: int | None = None,
@@ -156,6 +157,10 @@ class ViLexPipeline(DiffusionPipeline):
         vilex_tokens None with a prompt is plain text-to-image through the same text encoder (the caption
         baseline of `vilex eval`).
         guidance_scale: classifier-free guidance against the empty prompt (<= 1 turns it off).
+        negative_prompt: text that replaces the empty prompt in the unconditional branch, as in diffusers
+            (one string for all images or one per image; None or "" is the empty prompt). It needs
+            guidance_scale > 1: without classifier-free guidance there is no unconditional branch, and a
+            negative prompt that would be ignored is refused instead.
         text_guidance_scale: with a prompt, eps = eps_u + g * (eps_v - eps_u) + w * (eps_vc - eps_v),
             where eps_v is ViLex only and eps_vc ViLex + text; with g <= 1 this is the paper's
             text-free guidance eps_v + w * (eps_vc - eps_v).
@@ -178,8 +183,8 @@ class ViLexPipeline(DiffusionPipeline):
         settings.check_order(order)
         settings.check_seed(seed)
         check_range("num_images_per_prompt", num_images_per_prompt, 1, settings.MAX_IMAGES_PER_PROMPT)
-        height = settings.check_side(height or self.default_size, self.size_multiple, "height")
-        width = settings.check_side(width or self.default_size, self.size_multiple, "width")
+        height = settings.check_side(self.default_size if height is None else height, self.size_multiple, "height")
+        width = settings.check_side(self.default_size if width is None else width, self.size_multiple, "width")
         if text_guidance_scale is not None and not prompt:
             raise ViLexUsageError("text_guidance_scale needs a prompt")
         if output_type not in settings.OUTPUT_TYPES:
@@ -195,6 +200,18 @@ class ViLexPipeline(DiffusionPipeline):
             raise ViLexUsageError(f"got {len(prompts)} prompts for {B} images")
         for p in prompts:
             self.prompt_builder.check_fits(p, k)
+        negatives = [negative_prompt] * B if negative_prompt is None or isinstance(negative_prompt, str) \
+            else list(negative_prompt)
+        if len(negatives) != B:
+            raise ViLexUsageError(f"got {len(negatives)} negative prompts for {B} images")
+        if any(negatives) and guidance_scale <= 1.0:
+            raise ViLexUsageError(f"negative_prompt needs guidance_scale > 1 (it replaces the empty prompt of "
+                                  f"classifier-free guidance, which guidance_scale {guidance_scale:g} turns off)")
+        for p in negatives:
+            try:
+                self.prompt_builder.check_fits(p, 0)
+            except ViLexUsageError as error:
+                raise ViLexUsageError(f"negative_prompt: {error}") from None
         if seed is not None:
             generator = torch.Generator().manual_seed(int(seed))
 
@@ -202,13 +219,14 @@ class ViLexPipeline(DiffusionPipeline):
         if vilex_tokens is not None:
             vilex_tokens = vilex_tokens.repeat_interleave(num_images_per_prompt, dim=0)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [p or "" for p in negatives for _ in range(num_images_per_prompt)]
         has_text = any(prompts) or vilex_tokens is None  # text-only: "" is the (empty) text
         use_cfg = guidance_scale > 1.0
         use_text_free = has_text and text_guidance_scale is not None
         n = len(prompts)
         branches = []
         if use_cfg:
-            branches.append(self.encode_prompt(None, [""] * n))
+            branches.append(self.encode_prompt(None, negatives))  # the empty prompt unless negative_prompt
         if use_text_free:
             branches.append(self.encode_prompt(vilex_tokens, None, order=order))
         branches.append(self.encode_prompt(vilex_tokens, prompts if has_text else None, order=order))
