@@ -17,9 +17,18 @@ Two ways to get a server:
   pipeline models.
 
 Secure defaults: listen on 127.0.0.1 only; model control mode "none" (no loading or unloading over the
-network); the model-repository, model-config and shared-memory APIs restricted to callers that send a
-random key (or VILEX_TRITON_ADMIN_KEY when set) in the header `vilex-admin-key` over HTTP, and in the
-metadata `triton-grpc-protocol-vilex-admin-key` over gRPC (Triton adds that prefix).
+network); the model-repository, model-config, shared-memory, trace and logging APIs restricted to callers
+that send a random key (or VILEX_TRITON_ADMIN_KEY when set) in the header `vilex-admin-key` over HTTP, and
+in the metadata `triton-grpc-protocol-vilex-admin-key` over gRPC (Triton adds that prefix). A random key
+is written to `admin_key_path(http port)` ($VILEX_CACHE/serve/, mode 0600) for as long as the server runs.
+tritonserver takes the key on its command line: any local user can read it with `ps`.
+
+Health (health.py): tritonserver keeps answering "ready" after a Python-backend stub died, while every
+request to that model fails. With `watchdog=True` (the default) a thread checks the stubs every second
+and restarts the whole tritonserver on the same ports when one died or the server exited (model control
+mode "none" cannot reload one model, and opening the repository API to do so would widen what the admin
+key can do); `readiness_report()`, served as `GET /ready` on `health_port`, is what a load balancer
+should ask.
 
 Stopping sends SIGTERM (tritonserver unloads its models and the stubs exit), waits, and only then kills
 the server's process group; the workspace and the Python backend's shared-memory regions are removed.
@@ -28,6 +37,7 @@ the server's process group; the workspace and the Python backend's shared-memory
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -37,6 +47,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,16 +56,25 @@ from pathlib import Path
 
 from vilex.errors import ViLexUsageError
 
-RESTRICTED_APIS = "model-repository,model-config,shared-memory"
+# Everything but health, metadata, inference and statistics (tritonserver 2.51's categories). trace and
+# logging change server-wide settings (trace files written where the caller says, log verbosity).
+RESTRICTED_APIS = "model-repository,model-config,shared-memory,trace,logging"
 ADMIN_HEADER = "vilex-admin-key"
 ADMIN_KEY_ENV = "VILEX_TRITON_ADMIN_KEY"
 # NVIDIA's container with the same server as the wheel's binary (2.51.0 is release 24.10).
 CONTAINER_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 EXIT_TIMEOUT_S = 30  # tritonserver's own wait for in-flight requests on shutdown
+# A restart stops a server that cannot serve: in-flight requests of healthy models get this long.
+RESTART_GRACE_S = 10
 
 
 class ServerError(RuntimeError):
     """tritonserver did not start, or stopped on its own."""
+
+
+class ModelLoadError(ServerError, ViLexUsageError):
+    """A model of the repository did not load (a corrupt or truncated graph, a missing file): the message
+    names each model and the loader's error, which names the file. A usage error: DIR is the caller's."""
 
 
 @dataclass(frozen=True)
@@ -123,12 +143,17 @@ class TritonServer:
     """A tritonserver process on `repository` (from the nvidia-pytriton wheel). Use as a context manager,
     or call start() and stop().
 
-    address: where HTTP, gRPC and metrics listen (127.0.0.1: this host only).
+    address: where HTTP, gRPC, metrics and the health endpoint listen (127.0.0.1: this host only).
     log: a file for the server's log (default: in the private workspace, removed by stop()).
+    watchdog: restart tritonserver when a stub dies or the server exits (see health.py); `wait()` then
+        returns only when the server is stopped or the watchdog gave up.
+    health_port: serve `GET /ready` and `GET /live` on this port (0: a free one; None: no endpoint).
     """
 
     def __init__(self, repository: str | os.PathLike, ports: Ports | None = None, address: str = "127.0.0.1",
-                 log: str | os.PathLike | None = None, admin_key: str | None = None, verbose: bool = False):
+                 log: str | os.PathLike | None = None, admin_key: str | None = None, verbose: bool = False,
+                 watchdog: bool = True, health_port: int | None = None):
+        from .health import Readiness
         from .repository import read_repository
 
         self.repository = Path(repository).resolve()
@@ -140,12 +165,26 @@ class TritonServer:
                 f"`vilex serve {repository} --docker` prints the command")
         self.ports = ports or Ports()
         self.address = address
-        self.admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(24)
+        given_key = admin_key or os.environ.get(ADMIN_KEY_ENV)
+        self.admin_key = given_key or secrets.token_urlsafe(24)
+        # A key made here is written where its user can read it; a given one the caller already has.
+        self.admin_key_file: Path | None = None if given_key else admin_key_path(self.ports.http)
         self.verbose = verbose
         self.log_path = Path(log) if log else None
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen | None = None  # the running tritonserver (a new one after a restart)
         self.workspace: Path | None = None
         self.shm_prefix = f"vilex-{secrets.token_hex(4)}-"
+        self.stubs: dict = {}  # model instance -> psutil.Process, as seen when the server became ready
+        self.readiness = Readiness()
+        self.use_watchdog = watchdog
+        self.health_port = health_port
+        self.returncode: int | None = None  # once stopped for good
+        self._lifecycle = threading.RLock()  # start, restart and stop never interleave
+        self._stopping = threading.Event()
+        self._ended = threading.Event()
+        self._watchdog = None
+        self._health = None
+        self._wrote_key_file = False
 
     # ---- start -----------------------------------------------------------------------------------------
     def command(self) -> list[str]:
@@ -182,32 +221,54 @@ class TritonServer:
             self.log_path = self.workspace / "tritonserver.log"
 
     def start(self, timeout_s: float = 300.0) -> "TritonServer":
-        """Start tritonserver and return once every model is ready (ServerError with the log's end otherwise)."""
-        self._prepare_workspace()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
+        """Start tritonserver and return once every model is ready (ServerError with the log's end otherwise;
+        ModelLoadError naming the model and file when a model did not load)."""
+        from .health import HealthEndpoint, Watchdog
+
+        self.start_timeout_s = timeout_s
         try:
+            if self.health_port is not None:
+                self._health = HealthEndpoint(self, self.address, self.health_port).start()
+                self.health_port = self._health.port
+            if self.admin_key_file is not None:
+                write_private_file(self.admin_key_file, self.admin_key + "\n")
+                self._wrote_key_file = True
+            with self._lifecycle:
+                self._launch(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        if self.use_watchdog:
+            self._watchdog = Watchdog(self).start()
+        return self
+
+    def _launch(self, timeout_s: float) -> None:
+        """One tritonserver process: started, waited for, its stubs recorded. The caller holds _lifecycle."""
+        if self.workspace is None:  # kept across restarts (and the default log in it)
+            self._prepare_workspace()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
             # Its own session: stop() can signal the server and its backend stubs as one process group.
             self.process = subprocess.Popen(self.command(), env=self.environment(), stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True)
-        except BaseException:
-            log.close()
-            self._remove_workspace()
-            raise
-        log.close()
-        try:
-            self.wait_ready(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        self.wait_ready(timeout_s)
+        from .health import stub_processes
+
+        self.stubs = stub_processes(self.process.pid)
+        self.readiness.set_ready()
 
     def wait_ready(self, timeout_s: float) -> None:
         url = f"http://{_connect_host(self.address)}:{self.ports.http}/v2/health/ready"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if self._stopping.is_set():
+                raise ServerError("tritonserver was stopped while it was starting")
             if self.process.poll() is not None:
+                failed = load_failures(self.log_text())
+                if failed:
+                    raise ModelLoadError(f"tritonserver could not load {len(failed)} model(s) of {self.repository}:\n"
+                                         + "\n".join(f"  {line}" for line in failed))
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting:\n"
                                   f"{self.log_tail()}")
             try:
@@ -219,11 +280,76 @@ class TritonServer:
             time.sleep(0.5)
         raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
-    def log_tail(self, lines: int = 40) -> str:
+    def log_text(self) -> str:
         if self.log_path is None or not self.log_path.is_file():
-            return "(no log)"
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_text().splitlines()
+        return "\n".join(text[-lines:]) if text else "(no log)"
+
+    # ---- health ----------------------------------------------------------------------------------------
+    def health_problem(self) -> str | None:
+        """None while this server can serve; else why not (tritonserver exited, a stub died)."""
+        from .health import dead_stubs
+
+        process = self.process
+        if process is None:
+            return "not started"
+        if process.poll() is not None:
+            return f"tritonserver (pid {process.pid}) exited with code {process.returncode}"
+        dead = dead_stubs(self.stubs)
+        if dead:
+            return f"Python backend stub process {', '.join(dead)} died"
+        return None
+
+    def readiness_report(self) -> dict:
+        """{"ready", "reason", "restarts"}: ready only when started, not restarting, and every stub alive."""
+        report = self.readiness.snapshot()
+        if report["ready"]:
+            problem = self.health_problem()
+            if problem is not None:
+                report.update(ready=False, reason=problem)
+        return report
+
+    def restart(self, reason: str) -> bool:
+        """Stop this tritonserver and start a new one on the same ports (called by the watchdog). Returns
+        False when the server is stopping or the new one did not become ready (then the server gave up)."""
+        with self._lifecycle:
+            if self._stopping.is_set():
+                return False
+            self.readiness.set_not_ready(f"restarting: {reason}")
+            print(f"vilex serve: {reason}; restarting tritonserver", file=sys.stderr, flush=True)
+            self._terminate(RESTART_GRACE_S)
+            self.readiness.count_restart()
+            try:
+                self._launch(self.start_timeout_s)
+            except ServerError as error:
+                if not self._stopping.is_set():
+                    self.give_up(f"the restart after '{reason}' failed: {error}")
+                return False
+        print(f"vilex serve: tritonserver restarted (pid {self.process.pid})", file=sys.stderr, flush=True)
+        return True
+
+    def give_up(self, reason: str) -> None:
+        """Stop for good: readiness says why, and wait() returns non-zero."""
+        print(f"vilex serve: {reason}; stopping", file=sys.stderr, flush=True)
+        self.stop()
+        self.readiness.set_not_ready(f"stopped: {reason}")
+        if not self.returncode:
+            self.returncode = 1
+
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        """Block until the server has ended for good (stopped, the watchdog gave up, or without a watchdog
+        tritonserver exited); its exit code, or None if still serving after timeout_s."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while deadline is None or time.monotonic() < deadline:
+            if self._ended.wait(0.5):
+                return self.returncode
+            if self._watchdog is None and self.process is not None and self.process.poll() is not None:
+                return self.process.returncode
+        return None
 
     # ---- stop ------------------------------------------------------------------------------------------
     @property
@@ -232,9 +358,24 @@ class TritonServer:
 
     def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 15) -> int | None:
         """SIGTERM, wait up to timeout_s, then SIGKILL whatever is left of the process group. Idempotent."""
-        if self.process is None:
+        self._stopping.set()  # a restart under way stops waiting for its server
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        with self._lifecycle:
+            if self.process is not None and not self._ended.is_set():
+                self.returncode = self._terminate(timeout_s)
+            self.readiness.set_not_ready("stopped")
+            if self._health is not None:
+                self._health.stop()
             self._remove_workspace()
-            return None
+            if self._wrote_key_file:  # never another server's file for the same port
+                self.admin_key_file.unlink(missing_ok=True)
+                self._wrote_key_file = False
+            self._ended.set()
+        return self.returncode
+
+    def _terminate(self, timeout_s: float) -> int:
+        """The current tritonserver and its process group gone, its shared-memory regions removed."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -244,10 +385,8 @@ class TritonServer:
                 self.process.wait()
         # Stubs are in the server's group; they exit with it, but give them a moment and make sure.
         _wait_group_gone(self.process.pid, timeout_s=10.0)
-        returncode = self.process.returncode
         self._remove_shared_memory()
-        self._remove_workspace()
-        return returncode
+        return self.process.returncode
 
     def _remove_shared_memory(self) -> None:
         shm = Path("/dev/shm")
@@ -269,6 +408,42 @@ class TritonServer:
     def url(self, protocol: str = "http") -> str:
         port = self.ports.http if protocol == "http" else self.ports.grpc
         return f"{_connect_host(self.address)}:{port}"
+
+    def health_url(self) -> str | None:
+        return None if self.health_port is None else f"http://{_connect_host(self.address)}:{self.health_port}"
+
+
+def admin_key_path(http_port: int) -> Path:
+    """Where `vilex serve` on `http_port` writes its random admin key: $VILEX_CACHE/serve/admin-key-PORT."""
+    cache = Path(os.environ.get("VILEX_CACHE", Path.home() / ".cache" / "vilex"))
+    return cache / "serve" / f"admin-key-{http_port}"
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write `text` to `path` readable by this user only (folder 0700, file 0600), replacing it atomically.
+    The file is created 0600 (never chmod-ed after the fact), so no other user can open it in between."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.unlink(missing_ok=True)
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(staging, path)
+
+
+# "failed to load 'unet' version 1: Internal: InvalidProtobuf: ... Load model from .../model.onnx failed: ..."
+# (model_lifecycle.cc); the message is JSON-escaped in the log and ends in the stub's Python traceback.
+_LOAD_FAILED = re.compile(r"failed to load '([^']+)' version (\d+): (.*?)(?:\\n\\nAt:|\"$)", re.MULTILINE)
+
+
+def load_failures(log_text: str) -> list[str]:
+    """One line per model that failed to load, from a tritonserver log: the model, its version and the
+    loader's message (which names the file for a corrupt or truncated graph)."""
+    failed = {}
+    for model, version, message in _LOAD_FAILED.findall(log_text):
+        failed.setdefault(model, f"{model} (version {version}): {message.replace(chr(92) + 'n', ' ').strip()}")
+    return list(failed.values())
 
 
 def site_packages() -> list[str]:

@@ -1,0 +1,371 @@
+"""Server faults, for real (issue 10, part 4): a real tritonserver on the tiny export, real `kill -9`,
+real SIGTERM, real sockets.
+
+* a killed Python-backend stub: tritonserver keeps saying ready while every request to the model fails;
+  the vilex watchdog sees it, `/ready` turns 503 within seconds, the server is restarted on the same
+  ports, `/ready` is 200 again and a request gets the same image as before the kill;
+* a client that sends a request and hangs up, or hangs up mid-body: the server keeps serving and keeps
+  its processes and shared memory as they were;
+* SIGTERM to `vilex serve` with requests in flight: every client gets an answer or a clean error in
+  bounded time, and nothing is left (processes of the server's group, /dev/shm regions, the workspace,
+  the admin-key file);
+* a truncated graph in a repository: `vilex serve` fails with an error naming the model and the file,
+  and never says ready;
+* the trace and logging APIs are restricted, and the admin key written to its 0600 file opens them.
+
+All marked `triton` (each server start takes 30-90 s on 2 busy cores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vilex.engines.contract import ExportOptions
+
+pytestmark = pytest.mark.triton
+
+STEPS = 2  # denoising steps of the requests that check the server serves
+SLOW_STEPS = 150  # a request that is still running when the test acts on the server
+DETECT_S = 5.0  # the watchdog checks every second; /ready checks the stubs when asked
+START_S = 300.0  # a server start here: 30-90 s under load
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------------
+def http_get(url: str, headers: dict | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def poll(condition, timeout_s: float, interval_s: float = 0.2, what: str = "condition"):
+    """condition() until it returns something truthy (returned), or fail after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    pytest.fail(f"{what} not reached within {timeout_s:.0f} s")
+
+
+def shm_regions(prefix: str) -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob(f"{prefix}*")}
+
+
+def group_processes(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group pgid."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(process.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return found
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_ckpt, tmp_path_factory) -> Path:
+    from vilex.export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("faults") / "engines"
+    export_checkpoint(tiny_ckpt, out, ExportOptions(max_batch=4), log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def repository(engines, tmp_path_factory) -> Path:
+    from vilex.serving.repository import build_repository
+
+    return build_repository(engines, tmp_path_factory.mktemp("faults-repo") / "repository", platform="python-ort")
+
+
+@pytest.fixture(scope="module")
+def tokens(engines) -> np.ndarray:
+    """ViLex tokens of one sample image, from the in-process pipeline (what the served model would return)."""
+    from vilex.engines.host import pipeline_from_engines
+    from vilex.images import load_image
+    from vilex.samples import sample_paths
+
+    pipeline = pipeline_from_engines(engines)
+    return np.asarray(pipeline.tokenize([load_image(sample_paths()[0])], num_tokens=8), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def supervised(repository, tmp_path_factory):
+    """TritonServer with its watchdog and health endpoint, as `vilex serve` runs it; a random admin key."""
+    from vilex.serving.server import Ports, TritonServer
+
+    os.environ.pop("VILEX_TRITON_ADMIN_KEY", None)
+    log = tmp_path_factory.mktemp("faults-log") / "server.log"
+    server = TritonServer(repository, ports=Ports.free(), health_port=0, log=log)
+    server.start(timeout_s=START_S)
+    yield server
+    server.stop()
+
+
+def generate(server_url: str, tokens: np.ndarray, steps: int = STEPS) -> np.ndarray:
+    from vilex.serving.client import TritonClient
+
+    with TritonClient(server_url) as client:
+        return client.generate(tokens, steps=steps, seed=3)
+
+
+# ---- security: trace and logging restricted, the key file usable ---------------------------------------------------
+def test_admin_key_file_opens_the_restricted_trace_and_logging_apis(supervised):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from vilex.serving.server import admin_key_path
+
+    # The random key is in $VILEX_CACHE/serve/admin-key-PORT, readable by this user only.
+    key_file = admin_key_path(supervised.ports.http)
+    assert supervised.admin_key_file == key_file and key_file.is_file()
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+    key = key_file.read_text().strip()
+    assert len(key) >= 24
+
+    base = f"http://{supervised.url('http')}/v2"
+    for path in ("logging", "trace/setting", "models/unet/trace/setting"):
+        status, body = http_get(f"{base}/{path}")
+        assert status == 403 and "restricted" in body, (path, status, body)
+        status, body = http_get(f"{base}/{path}", {"vilex-admin-key": key})
+        assert status == 200, (path, status, body)
+        status, _ = http_get(f"{base}/{path}", {"vilex-admin-key": key + "x"})
+        assert status == 403, path
+    assert "log_verbose_level" in http_get(f"{base}/logging", {"vilex-admin-key": key})[1]
+    assert http_get(f"{base}/health/ready")[0] == 200 and http_get(f"{base}/models/unet")[0] == 200  # stay public
+
+    client = grpcclient.InferenceServerClient(supervised.url("grpc"))
+    try:
+        for call in (client.get_log_settings, client.get_trace_settings):
+            with pytest.raises(InferenceServerException, match="restricted"):
+                call()
+            assert call(headers={"triton-grpc-protocol-vilex-admin-key": key}) is not None
+    finally:
+        client.close()
+
+
+# ---- a client that hangs up ------------------------------------------------------------------------------------------
+def infer_body(tokens: np.ndarray, steps: int) -> bytes:
+    return json.dumps({"inputs": [
+        {"name": "VILEX_TOKENS", "shape": list(tokens.shape), "datatype": "FP32", "data": tokens.ravel().tolist()},
+        {"name": "STEPS", "shape": [1, 1], "datatype": "INT32", "data": [steps]}]}).encode()
+
+
+def executions(server, model: str) -> int:
+    status, body = http_get(f"http://{server.url('http')}/v2/models/{model}/stats")
+    assert status == 200, body
+    stats = json.loads(body)["model_stats"][0]
+    return int(stats["execution_count"]) + int(stats["inference_stats"]["fail"]["count"])
+
+
+def test_clients_that_hang_up_leave_the_server_serving(supervised, tokens):
+    reference = generate(supervised.url(), tokens)
+    stubs = {name: process.pid for name, process in supervised.stubs.items()}
+    regions = shm_regions(supervised.shm_prefix)
+    host, port = supervised.url().split(":")
+    body = infer_body(tokens, SLOW_STEPS)
+    head = (f"POST /v2/models/vilex_generate/infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+
+    # 1. The whole request, then the connection closed while the server runs it
+    done_before = executions(supervised, "vilex_generate")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(head + body)
+        poll(lambda: executions(supervised, "unet") > 0, 60, what="the abandoned request running")
+    poll(lambda: executions(supervised, "vilex_generate") > done_before, 120, what="the abandoned request finishing")
+    # 2. Half of the body, then the connection closed (the server never gets a complete request)
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(head + body[: len(body) // 2])
+
+    np.testing.assert_array_equal(generate(supervised.url(), tokens), reference)
+    assert supervised.readiness_report()["ready"]
+    assert {name: process.pid for name, process in supervised.stubs.items()} == stubs
+    assert all(process.is_running() for process in supervised.stubs.values())
+    assert shm_regions(supervised.shm_prefix) == regions  # nothing grew, nothing was lost
+
+
+# ---- a stub killed with SIGKILL --------------------------------------------------------------------------------------
+def test_a_killed_stub_makes_the_server_not_ready_until_restarted(supervised, tokens):
+    from vilex.serving.client import ServingError
+    from vilex.serving.server import group_alive
+
+    ready_url = f"{supervised.health_url()}/ready"
+    status, body = http_get(ready_url)
+    assert status == 200 and json.loads(body) == {"ready": True, "reason": None, "restarts": 0}
+    reference = generate(supervised.url(), tokens)
+    old_pid, old_stubs = supervised.pid, dict(supervised.stubs)
+    old_regions = shm_regions(supervised.shm_prefix)
+    assert "unet_0_0" in old_stubs and len(old_stubs) == 7, old_stubs  # one stub per model instance
+
+    os.kill(old_stubs["unet_0_0"].pid, signal.SIGKILL)
+    killed = time.monotonic()
+    # tritonserver itself keeps saying ready (why vilex has its own endpoint) ...
+    triton_ready = http_get(f"http://{supervised.url()}/v2/health/ready")[0]
+    # ... ours says not ready at once, with the reason
+    status, body = poll(lambda: (lambda r: r if r[0] == 503 else None)(http_get(ready_url)), DETECT_S,
+                        what="/ready answering 503")
+    detected_s = time.monotonic() - killed
+    assert "unet_0_0" in json.loads(body)["reason"], body
+    print(f"tritonserver's own ready endpoint after the kill: {triton_ready}; ours 503 after {detected_s:.2f} s")
+
+    poll(lambda: http_get(ready_url)[0] == 200, START_S, interval_s=0.5, what="/ready 200 after the restart")
+    recovered_s = time.monotonic() - killed
+    print(f"ready again {recovered_s:.1f} s after the kill")
+    report = json.loads(http_get(ready_url)[1])
+    assert report == {"ready": True, "reason": None, "restarts": 1}
+    try:
+        np.testing.assert_array_equal(generate(supervised.url(), tokens), reference)
+    except ServingError as error:
+        pytest.fail(f"the restarted server did not serve: {error}")
+
+    # The old server group is gone: tritonserver, every stub (the zombie included), their shared memory.
+    assert supervised.pid != old_pid and not group_alive(old_pid), group_processes(old_pid)
+    assert not any(process.is_running() for process in old_stubs.values())
+    assert not old_regions & shm_regions(supervised.shm_prefix), "shared-memory regions of the old server left"
+    assert set(supervised.stubs) == set(old_stubs)
+
+
+def test_stop_after_a_restart_leaves_nothing(supervised):
+    from vilex.serving.server import group_alive
+
+    pid, workspace, prefix, key_file = supervised.pid, supervised.workspace, supervised.shm_prefix, supervised.admin_key_file
+    health = f"{supervised.health_url()}/ready"
+    assert supervised.stop() == 0
+    assert not group_alive(pid), group_processes(pid)
+    assert not workspace.exists() and not shm_regions(prefix) and not key_file.exists()
+    with pytest.raises(OSError):  # the health endpoint is closed too
+        urllib.request.urlopen(health, timeout=5)
+
+
+# ---- SIGTERM with requests in flight ---------------------------------------------------------------------------------
+def start_vilex_serve(repository: Path, log: Path, env: dict | None = None):
+    from vilex.serving.server import Ports
+
+    ports = Ports.free()
+    command = [sys.executable, "-m", "vilex.cli", "serve", str(repository), "--http-port", str(ports.http),
+               "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--log", str(log)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, **(env or {})})
+    output: list[str] = []
+    threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True).start()
+    return process, ports, output
+
+
+def test_sigterm_with_requests_in_flight_answers_every_client_and_leaves_nothing(repository, tokens, tmp_path):
+    from vilex.serving.server import admin_key_path, group_alive
+
+    process, ports, output = start_vilex_serve(repository, tmp_path / "server.log")
+    try:
+        poll(lambda: any("tritonserver ready" in line for line in output) or process.poll() is not None, START_S,
+             what="vilex serve ready")
+        assert process.poll() is None, "".join(output)
+        server_pid = int(re.search(r"tritonserver ready \(pid (\d+)\)", "".join(output)).group(1))
+        stub = next(p for p in Path("/proc").iterdir() if p.name.isdigit() and _stub_of(p, repository))
+        command = (stub / "cmdline").read_bytes().split(b"\0")
+        workspace = Path(command[0].decode()).parents[2]
+        prefix = re.match(r"(vilex-[0-9a-f]{8}-)", command[2].decode()).group(1)
+        key_file = admin_key_path(ports.http)
+        assert key_file.is_file() and workspace.is_dir()
+
+        class Server:  # what executions() needs
+            @staticmethod
+            def url(protocol="http"):
+                return f"127.0.0.1:{ports.http}"
+
+        outcomes: dict[int, object] = {}
+
+        def client(index: int) -> None:
+            try:
+                outcomes[index] = generate(f"127.0.0.1:{ports.http}", tokens, steps=SLOW_STEPS)
+            except Exception as error:  # noqa: BLE001 - what a client sees is the result under test
+                outcomes[index] = error
+
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        poll(lambda: executions(Server, "unet") > 0, 60, what="requests in flight")
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not any(thread.is_alive() for thread in threads), "a client hung after SIGTERM"
+        assert process.wait(timeout=120) == 0, "".join(output)
+        print(f"stopped {time.monotonic() - sent:.1f} s after SIGTERM; outcomes: "
+              + ", ".join(type(o).__name__ + ("" if isinstance(o, np.ndarray) else f" ({o})") for o in outcomes.values()))
+    finally:
+        if process.poll() is None:
+            process.kill()
+    # Each client got its image, or a clean error (tritonserver refuses new work while it drains).
+    assert len(outcomes) == 3
+    for outcome in outcomes.values():
+        assert isinstance(outcome, np.ndarray) and outcome.shape == (1, 64, 64, 3) or isinstance(outcome, Exception)
+    assert "tritonserver stopped (exit code 0)" in "".join(output)
+    assert not group_alive(server_pid), group_processes(server_pid)
+    assert not workspace.exists() and not shm_regions(prefix) and not key_file.exists()
+
+
+def _stub_of(proc: Path, repository: Path) -> bool:
+    try:
+        command = (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"triton_python_backend_stub" in command and f"{repository}/".encode() in command
+
+
+# ---- a truncated graph ------------------------------------------------------------------------------------------------
+def test_a_truncated_graph_fails_the_start_naming_the_file(engines, tmp_path):
+    from vilex.serving.repository import build_repository
+
+    repository = build_repository(engines, tmp_path / "repository", platform="python-ort")
+    graph = repository / "unet" / "1" / "model.onnx"
+    exported = engines / json.loads((repository / "repository.json").read_text())["graph_files"]["unet"]
+    exported_hash = sha256(exported)
+    # The repository may hard-link the export's graph: break the link before truncating, so the export stays whole.
+    shutil.copyfile(graph, graph.with_suffix(".copy"))
+    os.replace(graph.with_suffix(".copy"), graph)
+    assert graph.stat().st_nlink == 1
+    with open(graph, "r+b") as handle:
+        handle.truncate(graph.stat().st_size // 3)
+
+    process, ports, output = start_vilex_serve(repository, tmp_path / "server.log")
+    try:
+        code = process.wait(timeout=START_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = "".join(output)
+    print(text[-1500:])
+    assert code == 2, text  # a usage error: the repository is the caller's
+    assert "tritonserver ready" not in text
+    assert re.search(r"vilex serve: error: tritonserver could not load 1 model\(s\) of .*\n  unet \(version 1\): "
+                     r".*INVALID_PROTOBUF.*" + re.escape(str(graph)), text), text
+    assert sha256(exported) == exported_hash
+    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _stub_of(p, repository)]
