@@ -195,8 +195,10 @@ def test_docker_command_keeps_the_secure_defaults(tmp_path):
     command = " ".join(docker_command(tmp_path, Ports(9000, 9001, 9002)))
     assert "nvcr.io/nvidia/tritonserver:" in command and f"{tmp_path.resolve()}:/models:ro" in command
     assert "--model-control-mode=none" in command and "-p=127.0.0.1:9000:8000" in command
-    assert "--http-restricted-api=model-repository,model-config,shared-memory:vilex-admin-key=" in command
-    assert "--grpc-restricted-protocol=model-repository,model-config,shared-memory:vilex-admin-key=" in command
+    for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):
+        # FLAG=CATEGORY,CATEGORY,...:KEY=VALUE; at least these APIs are behind the key.
+        categories = re.search(rf"{flag}=([a-z,-]+):vilex-admin-key=", command).group(1)
+        assert {"model-repository", "model-config", "shared-memory"} <= set(categories.split(",")), flag
 
 
 def test_tensorrt_repository_takes_the_recorded_engines(engines, tiny_contracts, tmp_path):
@@ -377,6 +379,76 @@ def test_served_reconstruction_equals_in_process(served, in_process, sample_file
         assert max_pixel_difference(served_image, expected) <= PIXEL_TOLERANCE
 
 
+# Each generation option of the served models, as the client and the library name it; every case's image
+# differs from the default one (checked below), so a server that dropped the option would fail the test.
+OPTION_CASES = {
+    "text guidance": (dict(prompt="a red circle", text_guidance=3.0), dict(prompt="a red circle", text_guidance_scale=3.0)),
+    "order": (dict(prompt="a red circle", order="text_first"), dict(prompt="a red circle", order="text_first")),
+    "size": (dict(height=32, width=48), dict(height=32, width=48)),
+    "negative prompt": (dict(negative_prompt="a blurry photo"), dict(negative_prompt="a blurry photo")),
+}
+ALL_OPTIONS = (dict(prompt="a watercolor", negative_prompt="dark", text_guidance=2.0, order="text_first", height=48,
+                    width=32, guidance=5.0),
+               dict(prompt="a watercolor", negative_prompt="dark", text_guidance_scale=2.0, order="text_first",
+                    height=48, width=32, guidance_scale=5.0))
+
+
+@pytest.mark.triton
+def test_served_generation_options_equal_in_process(served, in_process, sample_files):
+    """TEXT_GUIDANCE, ORDER, HEIGHT/WIDTH and NEGATIVE_PROMPT: served equals in-process for each, one at a time
+    over HTTP (vilex_generate), and all together over gRPC (vilex_reconstruct)."""
+    from vilex.images import load_image
+    from vilex.serving.client import TritonClient
+
+    image = load_image(sample_files[2])
+    tokens = in_process.tokenize([image], num_tokens=12)  # (1, 12, 32)
+    default = np.asarray(in_process.generate(tokens, num_inference_steps=STEPS, seed=7).images[0])
+    with TritonClient(served.http) as client:
+        for case, (served_options, library_options) in OPTION_CASES.items():
+            served_image = client.generate(tokens.numpy(), steps=STEPS, seed=7, **served_options)[0]
+            expected = np.asarray(in_process.generate(tokens, num_inference_steps=STEPS, seed=7,
+                                                      **library_options).images[0])
+            assert max_pixel_difference(served_image, expected) <= PIXEL_TOLERANCE, case
+            if "prompt" in served_options:  # against the same prompt without the option
+                base = np.asarray(in_process.generate(tokens, prompt=served_options["prompt"], num_inference_steps=STEPS,
+                                                      seed=7).images[0])
+            else:
+                base = default
+            assert base.shape != expected.shape or max_pixel_difference(base, expected) > PIXEL_TOLERANCE, case
+    served_options, library_options = ALL_OPTIONS
+    with TritonClient(served.grpc, "grpc") as client:
+        served_image = client.reconstruct([sample_files[2].read_bytes()], num_tokens=12, steps=STEPS, seed=7,
+                                          **served_options)[0]
+    expected = np.asarray(in_process([image], num_tokens=12, num_inference_steps=STEPS, seed=7,
+                                     **library_options).images[0])
+    assert served_image.shape == (48, 32, 3)
+    assert max_pixel_difference(served_image, expected) <= PIXEL_TOLERANCE
+
+
+@pytest.mark.triton
+def test_concurrent_requests_with_different_settings_each_equal_alone(served, in_process, sample_files):
+    """Requests Triton batches together run as one generate() call only where every shared setting is equal
+    (vilex/serving/bls.py groups them): each result equals the in-process image generated alone."""
+    from vilex.serving.client import map_concurrently
+
+    settings = [dict(seed=1), dict(seed=2, height=32), dict(seed=3, prompt="a red circle", order="text_first"),
+                dict(seed=4, prompt="a red circle", text_guidance=3.0), dict(seed=5, negative_prompt="dark"),
+                dict(seed=6, height=32)]
+    library = {"prompt": "prompt", "negative_prompt": "negative_prompt", "order": "order", "height": "height",
+               "seed": "seed", "text_guidance": "text_guidance_scale"}
+    path = sample_files[0]
+    results = map_concurrently(served.http, "http",
+                               lambda c, options: c.reconstruct([path.read_bytes()], num_tokens=12, steps=STEPS,
+                                                                **options)[0],
+                               settings, workers=len(settings))
+    from vilex.images import load_image
+
+    for options, served_image in zip(settings, results):
+        expected = np.asarray(in_process([load_image(path)], num_tokens=12, num_inference_steps=STEPS,
+                                         **{library[k]: v for k, v in options.items()}).images[0])
+        assert max_pixel_difference(served_image, expected) <= PIXEL_TOLERANCE, options
+
+
 # ---- batching -------------------------------------------------------------------------------------------------------
 @pytest.mark.triton
 def test_concurrent_requests_are_batched_and_correct(served, in_process, sample_files):
@@ -464,6 +536,42 @@ BAD_INPUTS = {
                         r"VILEX_TOKENS must have 1\.\.75 tokens per image"),
     "tokens not finite": ("vilex_generate", {"VILEX_TOKENS": np.full((1, 4, 32), np.inf, np.float32)},
                           r"VILEX_TOKENS contains NaN or infinite values"),
+    "TEXT_GUIDANCE negative": ("vilex_generate", {"VILEX_TOKENS": np.zeros((1, 4, 32), np.float32), "PROMPT": encoded(b"red"),
+                                                  "TEXT_GUIDANCE": np.array([[-1]], np.float32)},
+                               r"TEXT_GUIDANCE\[0\] must be in 0\.\.100, got -1"),
+    "TEXT_GUIDANCE infinite": ("vilex_reconstruct", {"IMAGE": encoded(SAMPLE_PNG), "PROMPT": encoded(b"red"),
+                                                     "TEXT_GUIDANCE": np.array([[np.inf]], np.float32)},
+                               r"TEXT_GUIDANCE\[0\] must be in 0\.\.100, got inf"),
+    "TEXT_GUIDANCE without a prompt": ("vilex_generate", {"VILEX_TOKENS": np.zeros((1, 4, 32), np.float32),
+                                                          "TEXT_GUIDANCE": np.array([[3]], np.float32)},
+                                       r"TEXT_GUIDANCE\[0\] needs a PROMPT\[0\]"),
+    "TEXT_GUIDANCE as FP64": ("vilex_generate", {"VILEX_TOKENS": np.zeros((1, 4, 32), np.float32), "TEXT_GUIDANCE": np.array([[3]], np.float64)},
+                              r"'TEXT_GUIDANCE' data-type is 'FP64', but model 'vilex_generate' expects 'FP32'"),
+    "ORDER unknown in row 1": ("vilex_generate", {"VILEX_TOKENS": np.zeros((2, 4, 32), np.float32),
+                                                  "ORDER": encoded(b"text_first", b"sideways")},
+                               r"ORDER\[1\] must be one of vilex_first, text_first, got 'sideways'"),
+    "ORDER empty": ("vilex_reconstruct", {"IMAGE": encoded(SAMPLE_PNG), "ORDER": encoded(b"")},
+                    r"ORDER\[0\] must be one of vilex_first, text_first, got ''"),
+    "HEIGHT below the export's bound": ("vilex_generate", {"VILEX_TOKENS": np.zeros((1, 4, 32), np.float32), "HEIGHT": np.array([[16]], np.int32)},
+                                        r"HEIGHT\[0\] must be in 32\.\.128, got 16"),
+    "WIDTH above the export's bound": ("vilex_reconstruct", {"IMAGE": encoded(SAMPLE_PNG),
+                                                             "WIDTH": np.array([[256]], np.int32)},
+                                       r"WIDTH\[0\] must be in 32\.\.128, got 256"),
+    "WIDTH off the pixel multiple": ("vilex_generate", {"VILEX_TOKENS": np.zeros((1, 4, 32), np.float32), "WIDTH": np.array([[50]], np.int32)},
+                                     r"WIDTH\[0\] must be a positive multiple of 4 in 32\.\.128, got 50"),
+    "HEIGHT differing within a request": ("vilex_generate", {"VILEX_TOKENS": np.zeros((2, 4, 32), np.float32),
+                                                             "HEIGHT": np.array([[32], [64]], np.int32)},
+                                          r"HEIGHT must be the same for every image of a request .* got \[32, 64\]"),
+    "HEIGHT as int64": ("vilex_generate", {"VILEX_TOKENS": np.zeros((1, 4, 32), np.float32), "HEIGHT": np.array([[32]], np.int64)},
+                        r"'HEIGHT' data-type is 'INT64', but model 'vilex_generate' expects 'INT32'"),
+    "NEGATIVE_PROMPT with guidance off": ("vilex_generate", {"VILEX_TOKENS": np.zeros((1, 4, 32), np.float32), "NEGATIVE_PROMPT": encoded(b"dark"),
+                                                             "GUIDANCE": np.array([[1]], np.float32)},
+                                          r"NEGATIVE_PROMPT\[0\] needs GUIDANCE\[0\] > 1"),
+    "NEGATIVE_PROMPT too long": ("vilex_reconstruct", {"IMAGE": encoded(SAMPLE_PNG),
+                                                       "NEGATIVE_PROMPT": encoded(b"a small red house " * 20)},
+                                 r"NEGATIVE_PROMPT\[0\]: prompt is too long: \d+ text tokens, but with 0 ViLex tokens at most 75"),
+    "NEGATIVE_PROMPT not UTF-8": ("vilex_generate", {"VILEX_TOKENS": np.zeros((1, 4, 32), np.float32), "NEGATIVE_PROMPT": encoded(b"\xff")},
+                                  r"NEGATIVE_PROMPT\[0\] is not UTF-8"),
     "unknown input": ("vilex_tokenize", {"IMAGE": encoded(SAMPLE_PNG), "STEPS": np.array([[3]], np.int32)},
                       r"unexpected inference input 'STEPS' for model 'vilex_tokenize'"),
 }
@@ -541,6 +649,7 @@ def test_repository_config_and_shared_memory_apis_are_restricted(served):
 @pytest.mark.triton
 def test_cli_runs_through_the_server(served, in_process, sample_files, tmp_path, tiny_ckpt, capsys):
     from vilex.cli import main
+    from vilex.images import load_image
     from vilex.outputs import load_tokens
 
     image = str(sample_files[1])
@@ -548,6 +657,15 @@ def test_cli_runs_through_the_server(served, in_process, sample_files, tmp_path,
     assert main(["reconstruct", image, "--out", str(tmp_path / "rec"), "--tokens", "16", *remote]) == 0
     written = np.asarray(PIL.Image.open(tmp_path / "rec" / f"{sample_files[1].stem}.png"))
     assert max_pixel_difference(written, reference_image(in_process, sample_files[1], 5, 16)) <= PIXEL_TOLERANCE
+    # Every generation flag reaches the server.
+    flags = ["--prompt", "a red circle", "--negative-prompt", "dark", "--text-guidance", "2", "--order", "text_first",
+             "--height", "32", "--width", "48", "--guidance", "5"]
+    assert main(["reconstruct", image, "--out", str(tmp_path / "opt"), "--tokens", "16", *flags, *remote]) == 0
+    written = np.asarray(PIL.Image.open(tmp_path / "opt" / f"{sample_files[1].stem}.png"))
+    expected = np.asarray(in_process([load_image(sample_files[1])], num_tokens=16, prompt="a red circle",
+                                     negative_prompt="dark", text_guidance_scale=2.0, order="text_first", height=32,
+                                     width=48, guidance_scale=5.0, num_inference_steps=STEPS, seed=5).images[0])
+    assert written.shape == (32, 48, 3) and max_pixel_difference(written, expected) <= PIXEL_TOLERANCE
 
     grpc = ["--backend", "triton", "--url", served.grpc, "--protocol", "grpc"]
     assert main(["tokenize", image, str(sample_files[0]), "--out", str(tmp_path / "t.safetensors"), "--tokens", "4", *grpc]) == 0
@@ -562,8 +680,11 @@ def test_cli_runs_through_the_server(served, in_process, sample_files, tmp_path,
     assert "drop CKPT" in capsys.readouterr().err
     assert main(["reconstruct", image, "--out", str(tmp_path / "x"), "--tokens", "99", *remote]) == 2
     assert "NUM_TOKENS[0] must be in 1..75, got 99" in capsys.readouterr().err
-    assert main(["reconstruct", image, "--out", str(tmp_path / "x"), "--height", "32", *remote]) == 2
-    assert "height (--height) is not available over Triton" in capsys.readouterr().err
+    assert main(["reconstruct", image, "--out", str(tmp_path / "x"), "--height", "50", *remote]) == 2
+    assert "HEIGHT[0] must be a positive multiple of 4 in 32..128, got 50" in capsys.readouterr().err
+    assert main(["reconstruct", image, "--out", str(tmp_path / "x"), "--negative-prompt", "dark", "--guidance", "1",
+                 *remote]) == 2
+    assert "--negative-prompt needs --guidance > 1" in capsys.readouterr().err
     from vilex.serving.server import free_ports
 
     closed = f"127.0.0.1:{free_ports(1)[0]}"

@@ -72,15 +72,21 @@ def check_generation_args(args) -> None:
     settings.check_guidance(args.guidance, "--guidance")
     settings.check_text_guidance(args.text_guidance, "--text-guidance")
     settings.check_seed(args.seed, "--seed")
+    if args.negative_prompt and args.guidance <= 1.0:
+        raise ViLexUsageError(f"--negative-prompt needs --guidance > 1 (it replaces the empty prompt of "
+                              f"classifier-free guidance, which --guidance {args.guidance:g} turns off)")
 
 
 def generation_kwargs(args) -> dict:
-    return dict(num_inference_steps=args.steps, guidance_scale=args.guidance, text_guidance_scale=args.text_guidance,
-                order=args.order, height=args.height, width=args.width, seed=args.seed)
+    return dict(num_inference_steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+                text_guidance_scale=args.text_guidance, order=args.order, height=args.height, width=args.width,
+                seed=args.seed)
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=None, help="text mixed with the ViLex tokens")
+    parser.add_argument("--negative-prompt", default=None,
+                        help="text in place of the empty prompt of classifier-free guidance (needs --guidance > 1)")
     parser.add_argument("--order", default=DEFAULT_ORDER, choices=ORDERS)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps, 1..1000 (default {DEFAULT_STEPS})")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,

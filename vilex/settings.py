@@ -63,9 +63,10 @@ def check_num_tokens(value, num_queries: int, name: str = "num_tokens") -> int:
     return int(value)
 
 
-def check_side(value, multiple: int, name: str) -> int:
-    """A height or width: a positive multiple of `multiple` (the VAE factor times the UNet's downsampling)."""
-    check_range(name, value, 1, MAX_SIDE)
+def check_side(value, multiple: int, name: str, low: int = 1, high: int = MAX_SIDE) -> int:
+    """A height or width: a positive multiple of `multiple` (the VAE factor times the UNet's downsampling)
+    in low..high (a server passes its export's bounds)."""
+    check_range(name, value, low, high)
     if value % multiple:
-        raise ViLexUsageError(f"{name} must be a positive multiple of {multiple} up to {MAX_SIDE}, got {value}")
+        raise ViLexUsageError(f"{name} must be a positive multiple of {multiple} in {low}..{high}, got {value}")
     return int(value)

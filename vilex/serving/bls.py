@@ -10,7 +10,8 @@ the model config in `__init__` (called from `initialize`) and returns exactly on
 a per-request `TritonError` where the request was wrong (INVALID_ARG: HTTP 400 naming the input) or
 where running it failed (INTERNAL). Requests that Triton batched together run as one pipeline call per
 group of equal settings; each image has its own noise generator, so its result does not depend on
-which requests it was batched with.
+which requests it was batched with. (The rows of one group may still differ in prompt: a row without
+one gets the ViLex-only states, exactly as when alone.)
 """
 
 from __future__ import annotations
@@ -102,9 +103,9 @@ class PipelineModel:
         self.pipeline = pipeline_from_engines(folder, backend=backend)
         self.pipeline.set_progress_bar_config(disable=True)
         dims = folder.dims
-        self.limits = Limits(num_queries=dims.num_queries, hidden_size=dims.hidden_size,
-                             max_steps=int(parameters["max_steps"]), default_steps=int(parameters["default_steps"]),
-                             default_guidance=float(parameters["default_guidance"]))
+        self.limits = Limits.from_export(dims, folder.contracts()["unet"], max_steps=int(parameters["max_steps"]),
+                                         default_steps=int(parameters["default_steps"]),
+                                         default_guidance=float(parameters["default_guidance"]))
         self.served = pipeline_models(dims.hidden_size, dims.num_queries)[model]
 
     # ---- one call of execute() ---------------------------------------------------------------------------
@@ -160,19 +161,22 @@ class PipelineModel:
         except Exception as error:  # noqa: BLE001 - see the docstring
             return {index: error for index in checked}
 
-        # Rows with the same token count, steps and guidance run as one generate() call; prompts and seeds
-        # are per row (one generator each, so a row's noise does not depend on the others).
+        # Rows whose shared settings are all equal (token count, steps, guidance, text guidance, order, size)
+        # run as one generate() call; prompts, negative prompts and seeds are per row (one generator each,
+        # so a row's noise does not depend on the others).
         groups: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
         for i, r in rows:
-            groups[(checked[i].num_tokens[r], checked[i].steps[r], checked[i].guidance[r])].append((i, r))
+            groups[checked[i].shared_settings(r)].append((i, r))
         outcomes: dict[int, dict[str, np.ndarray] | Exception] = {}
         generated: dict[tuple[int, int], np.ndarray] = {}
-        for (k, steps, guidance), members in groups.items():
+        for (k, steps, guidance, text_guidance, order, height, width), members in groups.items():
             try:
                 images = self.pipeline.generate(
                     torch.stack([tokens[m][:k] for m in members]),  # (b, k, D)
                     prompt=[checked[i].prompts[r] for i, r in members],
-                    num_inference_steps=steps, guidance_scale=guidance,
+                    negative_prompt=[checked[i].negative_prompts[r] for i, r in members],
+                    num_inference_steps=steps, guidance_scale=guidance, text_guidance_scale=text_guidance,
+                    order=order, height=height, width=width,
                     generator=[torch.Generator().manual_seed(checked[i].seeds[r]) for i, r in members],
                     output_type="pil", progress=False).images
             except Exception as error:  # noqa: BLE001 - see the docstring

@@ -4,6 +4,12 @@
     tokens = client.tokenize([open("cat.png", "rb").read()], num_tokens=16)    # (1, 16, D) float32
     images = client.generate(tokens, prompt="a watercolor", seed=0)           # (1, H, W, 3) uint8
     images = client.reconstruct([pil_image], steps=25, seed=0)               # raw pixels travel as IMAGE_RGB
+    images = client.generate(tokens, prompt="a watercolor", text_guidance=3.0, negative_prompt="blurry",
+                             order="text_first", height=48, width=64)
+
+Every option of `generate` and `reconstruct` is one of the pipeline models' GENERATION_OPTIONS
+(interface.py), sent as an (n, 1) input for the n images of the request; None leaves it out, and the
+server's default applies.
 
 One `TritonClient` holds one tritonclient connection, which must not be shared between threads
 (tritonclient's HTTP client runs on gevent and fails with "Cannot switch to a different thread"):
@@ -26,7 +32,7 @@ import PIL.Image
 
 from vilex.errors import ViLexUsageError
 
-from .interface import PIPELINE_OUTPUTS
+from .interface import PER_IMAGE_PORTS, PIPELINE_OUTPUTS
 
 PROTOCOLS = ("http", "grpc")
 
@@ -120,20 +126,26 @@ class TritonClient:
         return self.infer("vilex_tokenize", inputs)["VILEX_TOKENS"]
 
     def generate(self, vilex_tokens: np.ndarray, prompt: str | None = None, steps: int | None = None,
-                 guidance: float | None = None, seed: int | None = None, num_tokens: int | None = None) -> np.ndarray:
+                 guidance: float | None = None, seed: int | None = None, num_tokens: int | None = None,
+                 negative_prompt: str | None = None, text_guidance: float | None = None, order: str | None = None,
+                 height: int | None = None, width: int | None = None) -> np.ndarray:
         """ViLex tokens (n, k, D) [+ prompt] -> images (n, H, W, 3) uint8, in one request."""
         vilex_tokens = np.ascontiguousarray(vilex_tokens, dtype=np.float32)
         inputs = {"VILEX_TOKENS": vilex_tokens}
-        inputs.update(per_image_values(len(vilex_tokens), NUM_TOKENS=num_tokens, PROMPT=prompt, STEPS=steps,
-                                       GUIDANCE=guidance, SEED=seed))
+        inputs.update(per_image_values(len(vilex_tokens), NUM_TOKENS=num_tokens, PROMPT=prompt,
+                                       NEGATIVE_PROMPT=negative_prompt, STEPS=steps, GUIDANCE=guidance,
+                                       TEXT_GUIDANCE=text_guidance, ORDER=order, HEIGHT=height, WIDTH=width, SEED=seed))
         return self.infer("vilex_generate", inputs)["IMAGE"]
 
     def reconstruct(self, images: Sequence[Image], num_tokens: int | None = None, prompt: str | None = None,
-                    steps: int | None = None, guidance: float | None = None, seed: int | None = None) -> np.ndarray:
+                    steps: int | None = None, guidance: float | None = None, seed: int | None = None,
+                    negative_prompt: str | None = None, text_guidance: float | None = None, order: str | None = None,
+                    height: int | None = None, width: int | None = None) -> np.ndarray:
         """Images -> tokens -> images (n, H, W, 3) uint8, in one request."""
         inputs = image_inputs(images)
-        inputs.update(per_image_values(len(images), NUM_TOKENS=num_tokens, PROMPT=prompt, STEPS=steps,
-                                       GUIDANCE=guidance, SEED=seed))
+        inputs.update(per_image_values(len(images), NUM_TOKENS=num_tokens, PROMPT=prompt,
+                                       NEGATIVE_PROMPT=negative_prompt, STEPS=steps, GUIDANCE=guidance,
+                                       TEXT_GUIDANCE=text_guidance, ORDER=order, HEIGHT=height, WIDTH=width, SEED=seed))
         return self.infer("vilex_reconstruct", inputs)["IMAGE"]
 
     # ---- the server ------------------------------------------------------------------------------------
@@ -178,19 +190,17 @@ class TritonClient:
 
 
 # ---- building inputs -------------------------------------------------------------------------------------
-PER_IMAGE_DTYPES = {"NUM_TOKENS": np.int32, "STEPS": np.int32, "GUIDANCE": np.float32, "SEED": np.int64,
-                    "PROMPT": object}
-
-
 def per_image_values(n: int, **values) -> dict[str, np.ndarray]:
-    """(n, 1) arrays for the optional inputs given (None: not sent, the server's default applies)."""
+    """(n, 1) arrays for the optional per-image inputs given, in their declared dtypes (None: not sent, the
+    server's default applies). Text (TYPE_STRING) travels as UTF-8 bytes."""
     arrays = {}
     for name, value in values.items():
         if value is None:
             continue
-        if name == "PROMPT":
-            value = value.encode("utf-8")
-        arrays[name] = np.full((n, 1), value, dtype=PER_IMAGE_DTYPES[name])
+        port = PER_IMAGE_PORTS[name]
+        if port.triton_dtype == "TYPE_STRING":
+            value = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        arrays[name] = np.full((n, 1), value, dtype=port.numpy_dtype)
     return arrays
 
 

@@ -3,9 +3,12 @@
 The config generator (`config.py`), the request checks (`pipeline_requests.py`) and the client
 (`client.py`) all read these declarations, so a name or dtype cannot differ between them.
 
-    vilex_tokenize     IMAGE | IMAGE_RGB [, NUM_TOKENS]                               -> VILEX_TOKENS
-    vilex_generate     VILEX_TOKENS [, NUM_TOKENS, PROMPT, STEPS, GUIDANCE, SEED]     -> IMAGE
-    vilex_reconstruct  IMAGE | IMAGE_RGB [, NUM_TOKENS, PROMPT, STEPS, GUIDANCE, SEED] -> IMAGE
+    vilex_tokenize     IMAGE | IMAGE_RGB [, NUM_TOKENS]                      -> VILEX_TOKENS
+    vilex_generate     VILEX_TOKENS [, NUM_TOKENS, GENERATION_OPTIONS...]   -> IMAGE
+    vilex_reconstruct  IMAGE | IMAGE_RGB [, NUM_TOKENS, GENERATION_OPTIONS...] -> IMAGE
+
+GENERATION_OPTIONS are the optional per-image settings of `ViLexPipeline.generate`: PROMPT,
+NEGATIVE_PROMPT, STEPS, GUIDANCE, TEXT_GUIDANCE, ORDER, HEIGHT, WIDTH and SEED.
 
 Every tensor has a leading batch dimension n (images in the request; Triton's `max_batch_size`), which
 the dims below leave out, as config.pbtxt does. Per-image values (NUM_TOKENS, SEED, ...) are (n, 1).
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vilex.settings import MAX_SEED  # SEED is int64
+from vilex.settings import GUIDANCE_RANGE, MAX_SEED, ORDERS, TEXT_GUIDANCE_RANGE
 
 # Triton dtype name -> numpy dtype name (TYPE_STRING travels as numpy object arrays of bytes).
 TRITON_TO_NUMPY = {"TYPE_FP32": "float32", "TYPE_FP16": "float16", "TYPE_INT32": "int32", "TYPE_INT64": "int64",
@@ -64,6 +67,33 @@ class ServedModel:
         return next(p for p in self.inputs if p.name == name)
 
 
+# The optional per-image generation settings, (n, 1) each, in the order the configs list them. They map
+# one to one onto `ViLexPipeline.generate`'s arguments; the bounds are vilex.settings' (HEIGHT and WIDTH:
+# the export's, read from its contract by the pipeline model).
+GENERATION_OPTIONS = (
+    Port("PROMPT", "TYPE_STRING", (1,), optional=True,
+         doc="UTF-8 text mixed with the ViLex tokens; it must fit next to them in the text encoder"),
+    Port("NEGATIVE_PROMPT", "TYPE_STRING", (1,), optional=True,
+         doc="UTF-8 text in place of the empty prompt of classifier-free guidance (needs GUIDANCE > 1)"),
+    Port("STEPS", "TYPE_INT32", (1,), optional=True, doc="denoising steps, 1..max_steps"),
+    Port("GUIDANCE", "TYPE_FP32", (1,), optional=True,
+         doc=f"classifier-free guidance scale, {GUIDANCE_RANGE[0]:g}..{GUIDANCE_RANGE[1]:g} (<= 1: off)"),
+    Port("TEXT_GUIDANCE", "TYPE_FP32", (1,), optional=True,
+         doc=f"text-free guidance weight, {TEXT_GUIDANCE_RANGE[0]:g}..{TEXT_GUIDANCE_RANGE[1]:g}, "
+             f"from ViLex-only to ViLex + PROMPT (needs PROMPT; default: none)"),
+    Port("ORDER", "TYPE_STRING", (1,), optional=True,
+         doc=f"where the prompt goes relative to the ViLex tokens: {' or '.join(ORDERS)} (default {ORDERS[0]})"),
+    Port("HEIGHT", "TYPE_INT32", (1,), optional=True,
+         doc="output height in pixels, within the export's bounds, a multiple of its pixel step (default: native)"),
+    Port("WIDTH", "TYPE_INT32", (1,), optional=True,
+         doc="output width in pixels, within the export's bounds, a multiple of its pixel step (default: native)"),
+    Port("SEED", "TYPE_INT64", (1,), optional=True,
+         doc=f"initial-noise seed per image, 0..{MAX_SEED} (default 0); results do not depend on batching"),
+)
+NUM_TOKENS = Port("NUM_TOKENS", "TYPE_INT32", (1,), optional=True, doc="keep the first k ViLex tokens (default: all)")
+PER_IMAGE_PORTS = {port.name: port for port in (NUM_TOKENS, *GENERATION_OPTIONS)}
+
+
 def pipeline_models(hidden_size: int, num_queries: int) -> dict[str, ServedModel]:
     """The three pipeline models for a checkpoint whose tokens are (k, hidden_size), k in 1..num_queries."""
     N, D = num_queries, hidden_size
@@ -73,21 +103,14 @@ def pipeline_models(hidden_size: int, num_queries: int) -> dict[str, ServedModel
                      doc="raw RGB pixels (H, W, 3); give IMAGE or IMAGE_RGB")
     num_tokens = Port("NUM_TOKENS", "TYPE_INT32", (1,), optional=True,
                       doc=f"keep the first k ViLex tokens, 1..{N} (default: all)")
-    prompt = Port("PROMPT", "TYPE_STRING", (1,), optional=True,
-                  doc="UTF-8 text mixed with the ViLex tokens; it must fit next to them in the text encoder")
-    steps = Port("STEPS", "TYPE_INT32", (1,), optional=True, doc="denoising steps, 1..max_steps")
-    guidance = Port("GUIDANCE", "TYPE_FP32", (1,), optional=True,
-                    doc="classifier-free guidance scale, 0..100 (<= 1: off)")
-    seed = Port("SEED", "TYPE_INT64", (1,), optional=True,
-                doc=f"initial-noise seed per image, 0..{MAX_SEED} (default 0); results do not depend on batching")
     tokens_in = Port("VILEX_TOKENS", "TYPE_FP32", (-1, D), doc=f"ViLex tokens (k, {D}), k in 1..{N}")
     tokens_out = Port("VILEX_TOKENS", "TYPE_FP32", (-1, D), doc=f"ViLex tokens (k, {D})")
     image_out = Port("IMAGE", "TYPE_UINT8", (-1, -1, 3), doc="generated RGB pixels (H, W, 3)")
     return {
         "vilex_tokenize": ServedModel("vilex_tokenize", (image, image_rgb, num_tokens), (tokens_out,),
                                       "images -> ViLex tokens"),
-        "vilex_generate": ServedModel("vilex_generate", (tokens_in, num_tokens, prompt, steps, guidance, seed),
+        "vilex_generate": ServedModel("vilex_generate", (tokens_in, num_tokens, *GENERATION_OPTIONS),
                                       (image_out,), "ViLex tokens (+ text) -> images"),
-        "vilex_reconstruct": ServedModel("vilex_reconstruct", (image, image_rgb, num_tokens, prompt, steps, guidance,
-                                                               seed), (image_out,), "images -> tokens -> images"),
+        "vilex_reconstruct": ServedModel("vilex_reconstruct", (image, image_rgb, num_tokens, *GENERATION_OPTIONS),
+                                         (image_out,), "images -> tokens -> images"),
     }

@@ -32,7 +32,23 @@ class Limits:
     max_steps: int
     default_steps: int
     default_guidance: float
+    # Output sides in pixels: the export's bounds (its UNet contract's latent axes times the VAE factor),
+    # each a multiple of side_multiple; default_size is the checkpoint's native side.
+    default_size: int
+    height_range: tuple[int, int]
+    width_range: tuple[int, int]
+    side_multiple: int
     max_image_pixels: int = MAX_IMAGE_PIXELS
+
+    @classmethod
+    def from_export(cls, dims, unet_contract, max_steps: int, default_steps: int, default_guidance: float) -> "Limits":
+        """The limits of an export: `dims` (ModelDims) and the UNet's GraphContract give the sizes."""
+        f = dims.vae_scale_factor
+        height, width = unet_contract.axes["latent_height"], unet_contract.axes["latent_width"]
+        return cls(num_queries=dims.num_queries, hidden_size=dims.hidden_size, max_steps=max_steps,
+                   default_steps=default_steps, default_guidance=default_guidance, default_size=dims.default_size,
+                   height_range=(height.min * f, height.max * f), width_range=(width.min * f, width.max * f),
+                   side_multiple=dims.pixel_multiple)
 
 
 @dataclass
@@ -44,9 +60,20 @@ class PipelineRequest:
     vilex_tokens: np.ndarray | None = None  # generate: (n, k, D) float32
     num_tokens: list[int] = field(default_factory=list)
     prompts: list[str | None] = field(default_factory=list)
+    negative_prompts: list[str | None] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     guidance: list[float] = field(default_factory=list)
+    text_guidance: list[float | None] = field(default_factory=list)  # None: no text-free guidance
+    orders: list[str] = field(default_factory=list)
+    heights: list[int] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+
+    def shared_settings(self, row: int) -> tuple:
+        """What one generate() call shares across its images: rows run together only where these are equal
+        (prompts, negative prompts and seeds are per image)."""
+        return (self.num_tokens[row], self.steps[row], self.guidance[row], self.text_guidance[row], self.orders[row],
+                self.heights[row], self.widths[row])
 
 
 def parse_request(model: str, inputs: dict[str, np.ndarray], limits: Limits, prompt_builder=None) -> PipelineRequest:
@@ -69,14 +96,33 @@ def parse_request(model: str, inputs: dict[str, np.ndarray], limits: Limits, pro
         return request
     request.steps = per_image_ints(inputs, "STEPS", n, 1, limits.max_steps, default=limits.default_steps)
     request.guidance = per_image_floats(inputs, "GUIDANCE", n, *settings.GUIDANCE_RANGE, default=limits.default_guidance)
+    request.text_guidance = per_image_floats(inputs, "TEXT_GUIDANCE", n, *settings.TEXT_GUIDANCE_RANGE, default=None)
+    request.orders = [settings.check_order(order, f"ORDER[{i}]") if order is not None else settings.DEFAULT_ORDER
+                      for i, order in enumerate(read_texts(inputs, "ORDER", n, empty_is_none=False))]
+    request.heights = per_image_sides(inputs, "HEIGHT", n, limits.height_range, limits)
+    request.widths = per_image_sides(inputs, "WIDTH", n, limits.width_range, limits)
+    for name, sides in (("HEIGHT", request.heights), ("WIDTH", request.widths)):
+        if len(set(sides)) > 1:
+            raise ViLexUsageError(f"{name} must be the same for every image of a request (its output is one "
+                                  f"(n, H, W, 3) tensor), got {sides}")
     request.seeds = per_image_ints(inputs, "SEED", n, 0, settings.MAX_SEED, default=0)
-    request.prompts = read_prompts(inputs, n)
+    request.prompts = read_texts(inputs, "PROMPT", n)
+    request.negative_prompts = read_texts(inputs, "NEGATIVE_PROMPT", n)
+    for i in range(n):
+        # What generate() would refuse for this image alone, named by input and row.
+        if request.text_guidance[i] is not None and not request.prompts[i]:
+            raise ViLexUsageError(f"TEXT_GUIDANCE[{i}] needs a PROMPT[{i}] (text-free guidance guides from the "
+                                  f"ViLex tokens alone to ViLex tokens + prompt)")
+        if request.negative_prompts[i] and request.guidance[i] <= 1.0:
+            raise ViLexUsageError(f"NEGATIVE_PROMPT[{i}] needs GUIDANCE[{i}] > 1 (it replaces the empty prompt of "
+                                  f"classifier-free guidance, which GUIDANCE {request.guidance[i]:g} turns off)")
     if prompt_builder is not None:
-        for i, (prompt, k) in enumerate(zip(request.prompts, request.num_tokens)):
-            try:
-                prompt_builder.check_fits(prompt, k)
-            except ViLexUsageError as error:
-                raise ViLexUsageError(f"PROMPT[{i}]: {error}") from None
+        for i, (prompt, negative, k) in enumerate(zip(request.prompts, request.negative_prompts, request.num_tokens)):
+            for name, text, tokens in (("PROMPT", prompt, k), ("NEGATIVE_PROMPT", negative, 0)):
+                try:
+                    prompt_builder.check_fits(text, tokens)
+                except ViLexUsageError as error:
+                    raise ViLexUsageError(f"{name}[{i}]: {error}") from None
     return request
 
 
@@ -145,7 +191,7 @@ def per_image_ints(inputs: dict[str, np.ndarray], name: str, n: int, low: int, h
 
 
 def per_image_floats(inputs: dict[str, np.ndarray], name: str, n: int, low: float, high: float,
-                     default: float) -> list[float]:
+                     default: float | None) -> list[float | None]:
     if name not in inputs:
         return [default] * n
     values = [float(v) for v in inputs[name].reshape(n)]
@@ -154,17 +200,28 @@ def per_image_floats(inputs: dict[str, np.ndarray], name: str, n: int, low: floa
     return values
 
 
-def read_prompts(inputs: dict[str, np.ndarray], n: int) -> list[str | None]:
-    if "PROMPT" not in inputs:
+def per_image_sides(inputs: dict[str, np.ndarray], name: str, n: int, bounds: tuple[int, int],
+                    limits: Limits) -> list[int]:
+    """HEIGHT or WIDTH: within the export's bounds, on its pixel multiple; absent: the native size."""
+    if name not in inputs:
+        return [limits.default_size] * n
+    return [settings.check_side(int(v), limits.side_multiple, f"{name}[{i}]", *bounds)
+            for i, v in enumerate(inputs[name].reshape(n))]
+
+
+def read_texts(inputs: dict[str, np.ndarray], name: str, n: int, empty_is_none: bool = True) -> list[str | None]:
+    """A STRING input (PROMPT, NEGATIVE_PROMPT, ORDER) as UTF-8 text per image; None where absent (and,
+    with empty_is_none, where empty: an empty prompt is no prompt)."""
+    if name not in inputs:
         return [None] * n
-    prompts = []
-    for i, value in enumerate(inputs["PROMPT"].reshape(n)):
+    texts = []
+    for i, value in enumerate(inputs[name].reshape(n)):
         data = _as_bytes(value)
         if len(data) > MAX_PROMPT_BYTES:
-            raise ViLexUsageError(f"PROMPT[{i}] is too long: {len(data)} bytes, at most {MAX_PROMPT_BYTES}")
+            raise ViLexUsageError(f"{name}[{i}] is too long: {len(data)} bytes, at most {MAX_PROMPT_BYTES}")
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise ViLexUsageError(f"PROMPT[{i}] is not UTF-8 text: {error}") from None
-        prompts.append(text or None)  # an empty prompt is no prompt
-    return prompts
+            raise ViLexUsageError(f"{name}[{i}] is not UTF-8 text: {error}") from None
+        texts.append((text or None) if empty_is_none else text)
+    return texts

@@ -9,10 +9,12 @@ So the command line gets one object and calls it the same way, local (`vilex.run
 or remote. Every image is one request, all sent together from their own client threads (the server
 batches them); each image is generated as if alone with `seed` (the server draws noise per image).
 Values are checked with `vilex.settings` before anything is sent; what only the server knows (its
-token count, its step limit) comes back as a ServedRequestError naming the input.
+token count, its step limit, its export's size bounds) comes back as a ServedRequestError naming the
+input (NUM_TOKENS[0], STEPS[0], HEIGHT[0], ...).
 
-Options the served models do not take yet (text_guidance_scale, order, height, width) are refused
-with an error naming them, rather than silently dropped.
+Every option of `ViLexPipeline.generate` but num_images_per_prompt and generator (the server draws noise
+from SEED) has a served input: prompt, negative_prompt, guidance_scale, text_guidance_scale, order,
+height, width, seed. Options that are not sent keep the server's defaults, which are the library's.
 """
 
 from __future__ import annotations
@@ -52,27 +54,31 @@ class RemotePipeline:
         return torch.from_numpy(np.concatenate(tokens))  # (n, k, D)
 
     # ---- tokens -> images ------------------------------------------------------------------------------
-    def _request_options(self, prompt, n: int, num_inference_steps, guidance_scale, text_guidance_scale, order,
-                         height, width, seed, output_type) -> tuple[list, dict]:
+    def _request_options(self, prompt, n: int, num_inference_steps, guidance_scale, negative_prompt,
+                         text_guidance_scale, order, height, width, seed, output_type) -> tuple[list, dict]:
+        """([(prompt, negative prompt) per image], the client options every image shares)."""
         settings.check_steps(num_inference_steps)
         settings.check_guidance(guidance_scale)
         settings.check_text_guidance(text_guidance_scale)
         settings.check_order(order)
         settings.check_seed(seed)
-        for name, flag, value, default in (("text_guidance_scale", "--text-guidance", text_guidance_scale, None),
-                                           ("order", "--order", order, settings.DEFAULT_ORDER),
-                                           ("height", "--height", height, None), ("width", "--width", width, None)):
-            if value != default:
-                raise ViLexUsageError(f"{name} ({flag}) is not available over Triton (the served models take "
-                                      f"NUM_TOKENS, PROMPT, STEPS, GUIDANCE and SEED)")
+        for name, value in (("height", height), ("width", width)):
+            if value is not None:  # the multiple and the bounds are the export's: the server checks those
+                check_range(name, value, 1, settings.MAX_SIDE)
         if output_type not in ("pil", "np"):
             raise ViLexUsageError(f"output_type must be 'pil' or 'np' over Triton, got {output_type!r}")
-        prompts = [prompt] * n if prompt is None or isinstance(prompt, str) else list(prompt)
-        if len(prompts) != n:
-            raise ViLexUsageError(f"got {len(prompts)} prompts for {n} images")
+        per_image = []
+        for what, value in (("prompts", prompt), ("negative prompts", negative_prompt)):
+            values = [value] * n if value is None or isinstance(value, str) else list(value)
+            if len(values) != n:
+                raise ViLexUsageError(f"got {len(values)} {what} for {n} images")
+            per_image.append(values)
         # No seed: a fresh draw, as the library does (the server's own default would repeat seed 0).
         seed = secrets.randbelow(settings.MAX_SEED) if seed is None else int(seed)
-        return prompts, dict(steps=int(num_inference_steps), guidance=float(guidance_scale), seed=seed)
+        options = dict(steps=int(num_inference_steps), guidance=float(guidance_scale), seed=seed,
+                       text_guidance=settings.check_text_guidance(text_guidance_scale), order=order,
+                       height=height, width=width)
+        return list(zip(*per_image)), options
 
     @staticmethod
     def _output(images: list[np.ndarray], output_type: str, vilex_tokens=None):
@@ -84,18 +90,21 @@ class RemotePipeline:
 
     def generate(self, vilex_tokens, prompt: str | Sequence[str] | None = None,
                  num_inference_steps: int = settings.DEFAULT_STEPS, guidance_scale: float = settings.DEFAULT_GUIDANCE,
-                 text_guidance_scale: float | None = None, order: str = settings.DEFAULT_ORDER, height: int | None = None,
-                 width: int | None = None, seed: int | None = None, output_type: str = "pil", progress: bool = True):
+                 negative_prompt: str | Sequence[str | None] | None = None, text_guidance_scale: float | None = None,
+                 order: str = settings.DEFAULT_ORDER, height: int | None = None, width: int | None = None,
+                 seed: int | None = None, output_type: str = "pil", progress: bool = True):
         """ViLex tokens (n, k, D) [+ prompt] -> images, one request per image."""
         if vilex_tokens is None:
             raise ViLexUsageError("over Triton, generate needs vilex_tokens (the served models have no text-only path)")
         tokens = np.ascontiguousarray(torch.as_tensor(vilex_tokens).float().numpy())
         if tokens.ndim != 3:
             raise ViLexUsageError(f"vilex_tokens must have shape (n, k, D), got {tuple(tokens.shape)}")
-        prompts, options = self._request_options(prompt, len(tokens), num_inference_steps, guidance_scale,
-                                                 text_guidance_scale, order, height, width, seed, output_type)
-        images = self._map(lambda client, item: client.generate(item[0][None], prompt=item[1], **options)[0],
-                           list(zip(tokens, prompts)))
+        texts, options = self._request_options(prompt, len(tokens), num_inference_steps, guidance_scale,
+                                               negative_prompt, text_guidance_scale, order, height, width, seed,
+                                               output_type)
+        images = self._map(lambda client, item: client.generate(item[0][None], prompt=item[1][0],
+                                                                negative_prompt=item[1][1], **options)[0],
+                           list(zip(tokens, texts)))
         return self._output(images, output_type, torch.from_numpy(tokens))
 
     def __call__(self, images, num_tokens: int | None = None, prompt=None, **generate_kwargs):
@@ -106,12 +115,13 @@ class RemotePipeline:
         output_type = generate_kwargs.get("output_type", "pil")
         generate_kwargs.pop("progress", None)
         defaults = dict(num_inference_steps=settings.DEFAULT_STEPS, guidance_scale=settings.DEFAULT_GUIDANCE,
-                        text_guidance_scale=None, order=settings.DEFAULT_ORDER, height=None, width=None, seed=None,
-                        output_type="pil")
+                        negative_prompt=None, text_guidance_scale=None, order=settings.DEFAULT_ORDER, height=None,
+                        width=None, seed=None, output_type="pil")
         unknown = set(generate_kwargs) - set(defaults)
         if unknown:
             raise ViLexUsageError(f"unknown options {sorted(unknown)}; RemotePipeline takes {sorted(defaults)}")
-        prompts, options = self._request_options(prompt, len(images), **{**defaults, **generate_kwargs})
-        results = self._map(lambda client, item: client.reconstruct([item[0]], num_tokens=num_tokens, prompt=item[1],
-                                                                    **options)[0], list(zip(images, prompts)))
+        texts, options = self._request_options(prompt, len(images), **{**defaults, **generate_kwargs})
+        results = self._map(lambda client, item: client.reconstruct([item[0]], num_tokens=num_tokens, prompt=item[1][0],
+                                                                    negative_prompt=item[1][1], **options)[0],
+                            list(zip(images, texts)))
         return self._output(results, output_type)
