@@ -2,6 +2,12 @@
 
 Every mode Pillow can open is converted explicitly rather than through `Image.convert("RGB")`, which
 clips 16-bit images to white and drops alpha onto black.
+
+What is refused rather than guessed at (an ImageInputError naming the image): more than
+MAX_IMAGE_PIXELS pixels; no pixels; an animation or a multi-page file (GIF, APNG, WebP, TIFF), whose
+first frame would silently stand for the rest (MPO, a JPEG with a preview or depth image after the
+photo, is read as its first image, the photo); float pixels (mode F) that are NaN or infinite, which
+would otherwise become 0 and 255 without a word.
 """
 
 from __future__ import annotations
@@ -19,12 +25,31 @@ from .errors import ImageInputError
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 
 
-def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB. Transparent pixels are composited onto white."""
+def check_decodable(image: Image.Image, name: str = "image") -> None:
+    """Refuse, from the header alone, what to_rgb would decode wrongly or at a cost out of proportion."""
     if image.width * image.height > MAX_IMAGE_PIXELS:
         raise ImageInputError(
             f"{name}: {image.width}x{image.height} pixels is above the limit of {MAX_IMAGE_PIXELS} pixels"
         )
+    if image.width < 1 or image.height < 1:
+        raise ImageInputError(f"{name}: {image.width}x{image.height} pixels; an image must have at least 1x1")
+    # is_animated is cheap (GIF reads ahead one frame header; APNG, WebP and TIFF count from headers).
+    if getattr(image, "is_animated", False) and image.format != "MPO":
+        raise ImageInputError(f"{name}: animated or multi-page {image.format} ({_frames(image)}); "
+                              "send one still image")
+
+
+def _frames(image: Image.Image) -> str:
+    # n_frames walks a GIF's frame headers; bounded by the file's size, which the caller already holds.
+    try:
+        return f"{image.n_frames} frames"
+    except Exception:  # noqa: BLE001 - a damaged later frame: the image is refused either way
+        return "more than one frame"
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB. Transparent pixels are composited onto white."""
+    check_decodable(image, name)
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit (or 32-bit int) grayscale: scale the full range to 8 bits instead of clipping at 255.
@@ -34,6 +59,9 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
         return Image.fromarray(gray).convert("RGB")
     if mode == "F":
         values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ImageInputError(f"{name}: float pixels contain NaN or infinite values "
+                                  f"({int((~np.isfinite(values)).sum())} of {values.size})")
         gray = np.clip(np.round(values * 255.0 if values.max() <= 1.0 else values), 0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
     if mode == "P":
@@ -53,6 +81,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageInputError(f"IMAGE '{path}': no such file")
     try:
         with Image.open(path) as image:
+            check_decodable(image, name=f"IMAGE '{path}'")
             image.load()
             return to_rgb(image, name=f"IMAGE '{path}'")
     except ImageInputError:
@@ -67,6 +96,7 @@ def decode_image(data: bytes, name: str = "IMAGE") -> Image.Image:
     """Decode encoded image bytes (PNG/JPEG/...) to RGB, with an ImageInputError naming `name`."""
     try:
         with Image.open(io.BytesIO(data)) as image:
+            check_decodable(image, name=name)  # before image.load(): nothing is decoded yet
             image.load()
             return to_rgb(image, name=name)
     except ImageInputError:
