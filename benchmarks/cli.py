@@ -1,4 +1,5 @@
-"""`vilex bench`: latency and throughput per stage and end to end, on every available backend."""
+"""`vilex bench`: latency and throughput per stage and end to end, on every available backend; `vilex stress`:
+hostile input, soak and overload against a running `vilex serve` (benchmarks/stress.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 from vilex import settings as generation_settings
 from vilex.errors import ViLexUsageError, check_range
 from vilex.settings import DEFAULT_STEPS
+
+STRESS_PARTS = ("hostile", "soak", "overload")  # as benchmarks/stress.py runs them; here to keep the parser cheap
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -48,6 +51,25 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cache", default=os.environ.get("VILEX_CACHE", str(Path.home() / ".cache" / "vilex")))
     p.set_defaults(func=cmd_bench)
 
+    p = subparsers.add_parser("stress", help="hostile input, soak and overload against a running `vilex serve` (loopback)")
+    p.add_argument("url", metavar="URL", help="HOST:PORT of the server's HTTP or gRPC port, on loopback")
+    p.add_argument("--protocol", default="both", choices=("http", "grpc", "both"))
+    p.add_argument("--parts", default=",".join(STRESS_PARTS), help=f"comma-separated, from {', '.join(STRESS_PARTS)}")
+    p.add_argument("--duration", type=float, default=1800.0, help="seconds the whole run may take (default 1800)")
+    p.add_argument("--concurrency", type=int, default=8, help="soak client threads (default 8)")
+    p.add_argument("--requests", type=int, default=200, help="soak requests after the warm-up (default 200)")
+    p.add_argument("--warmup", type=int, default=None, help="soak warm-up requests (default: max(2 C, N/10))")
+    p.add_argument("--steps", type=int, default=2, help="denoising steps of soak requests (default 2)")
+    p.add_argument("--overload-steps", type=int, default=None,
+                   help="denoising steps of overload requests, long enough to fill the queue (default min(20, max_steps))")
+    p.add_argument("--quick", action="store_true", help="leave out the hostile cases that cost seconds of server time")
+    p.add_argument("--server-pid", type=int, default=None, help="tritonserver's pid (default: found by URL's port)")
+    p.add_argument("--repository", default=None, help="the model repository, to read config.pbtxt (default: the server's)")
+    p.add_argument("--admin-key", default=os.environ.get("VILEX_TRITON_ADMIN_KEY"),
+                   help="read the model config over the restricted API instead (default: $VILEX_TRITON_ADMIN_KEY)")
+    p.add_argument("--out", default="stress-results", help="folder for results.json and results.md")
+    p.set_defaults(func=cmd_stress)
+
 
 def cmd_bench(args) -> None:
     from vilex.stages import STAGE_NAMES
@@ -78,3 +100,28 @@ def cmd_bench(args) -> None:
               out=Path(args.out), engines=Path(args.engines) if args.engines else None, precision=args.precision,
               concurrency=args.concurrency, compare=args.compare, command=command,
               date=datetime.date.today().isoformat())
+
+
+def cmd_stress(args) -> None:
+    from .stress import run_stress
+
+    parts = [p for p in args.parts.split(",") if p]
+    if not parts or any(p not in STRESS_PARTS for p in parts):
+        raise ViLexUsageError(f"--parts must be a comma-separated list from {', '.join(STRESS_PARTS)}, got {args.parts!r}")
+    check_range("--duration", args.duration, 1, 86400)
+    check_range("--concurrency", args.concurrency, 1, 256)
+    check_range("--requests", args.requests, 1, 1_000_000)
+    check_range("--steps", args.steps, 1, 1000)
+    if args.warmup is not None:
+        check_range("--warmup", args.warmup, 0, 1_000_000)
+    if args.overload_steps is not None:
+        check_range("--overload-steps", args.overload_steps, 1, 1000)
+    protocols = ["http", "grpc"] if args.protocol == "both" else [args.protocol]
+    command = "vilex " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("vilex") else \
+        "vilex stress ..."
+    report = run_stress(args.url, protocols, parts, Path(args.out), duration_s=args.duration, concurrency=args.concurrency,
+                        requests=args.requests, steps=args.steps, warmup=args.warmup, overload_steps=args.overload_steps,
+                        server_pid=args.server_pid, repository=args.repository, admin_key=args.admin_key,
+                        quick=args.quick, command=command)
+    if not report["passed"]:
+        raise SystemExit(1)
