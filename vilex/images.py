@@ -17,12 +17,18 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import ImageInputError
 
 # Reject decompression bombs with our own error instead of PIL's warning/exception.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+# Pillow's decoders raise more than OSError/ValueError on damaged input: its AVIF plugin raises
+# RuntimeError ("Failed to decode image: Missing or empty image item"), others EOFError or struct.error.
+# Whatever a decoder raises on bytes a caller sent is that caller's unreadable image, so load_image and
+# decode_image turn any Exception into an ImageInputError (MemoryError included: a file that needs more
+# memory than there is to decode is refused, not a crash).
+DECODER_ERRORS = Exception
 
 
 def check_decodable(image: Image.Image, name: str = "image") -> None:
@@ -86,7 +92,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             return to_rgb(image, name=f"IMAGE '{path}'")
     except ImageInputError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except DECODER_ERRORS as error:  # noqa: BLE001 - any decoder failure is an unreadable image
         raise ImageInputError(
             f"IMAGE '{path}': not a readable image (PNG, JPEG, WebP, BMP, TIFF, GIF ...): {error}"
         ) from None
@@ -101,7 +107,7 @@ def decode_image(data: bytes, name: str = "IMAGE") -> Image.Image:
             return to_rgb(image, name=name)
     except ImageInputError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except DECODER_ERRORS as error:  # noqa: BLE001 - any decoder failure is an unreadable image
         raise ImageInputError(f"{name}: bytes are not a readable image (PNG, JPEG, WebP ...): {error}") from None
 
 
