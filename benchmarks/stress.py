@@ -93,11 +93,16 @@ def read_served(host: str, ports: dict[str, int], process, repository: str | Non
     if not outputs:
         raise ViLexUsageError(f"the server at {host}:{ports['http']} did not serve a valid tokenize request: {status} {message}")
     _, num_queries, hidden_size = outputs["VILEX_TOKENS"].shape  # (1, N, D)
+    inputs = {}
+    for model in MODELS:  # the metadata API is public
+        with urllib.request.urlopen(f"http://{host}:{ports['http']}/v2/models/{model}", timeout=30) as response:
+            inputs[model] = {i["name"]: i["datatype"] for i in json.loads(response.read())["inputs"]}
     config, source = read_config(process, "vilex_reconstruct", repository, host, ports["http"], admin_key)
     queue = config.dynamic_batching.default_queue_policy
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     return {"served": Served(hidden_size=int(hidden_size), num_queries=int(num_queries),
-                             max_batch=config.max_batch_size, max_steps=int(parameters.get("max_steps", 200))),
+                             max_batch=config.max_batch_size, max_steps=int(parameters.get("max_steps", 200)),
+                             inputs=inputs),
             "max_queue_size": queue.max_queue_size,
             "queue_timeout_action": pb.ModelQueuePolicy.TimeoutAction.Name(queue.timeout_action),
             "queue_timeout_s": queue.default_timeout_microseconds / 1e6,
@@ -416,7 +421,8 @@ def run_stress(url: str, protocols: list[str], parts: list[str], out: Path, dura
         outcomes = hostile.run_hostile(host, ports, protocols, served, log=log, deadline=deadline, quick=quick)
         by_protocol = {p: [o for o in outcomes if o.protocol == p] for p in protocols}
         report["hostile"] = {
-            "per_protocol": {p: {"tried": len(o), "passed": sum(x.passed for x in o),
+            "per_protocol": {p: {"tried": len(o), "malformed": sum(x.expect != hostile.SERVE for x in o),
+                                 "passed": sum(x.passed for x in o),
                                  "rejected_4xx": sum(x.status in hostile.INVALID.values() for x in o),
                                  "served": sum(x.status == ok_status(p) for x in o),
                                  "followups_failed": sum(not x.followup_ok for x in o)} for p, o in by_protocol.items()},
@@ -481,9 +487,9 @@ def markdown(report: dict) -> str:
              f"{report['wall_s']} s.", ""]
     if "hostile" in report:
         part = report["hostile"]
-        lines += ["## Hostile input", "", "| protocol | tried | passed | refused 400 / INVALID_ARGUMENT | served | next request failed |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {p} | {s['tried']} | {s['passed']} | {s['rejected_4xx']} | {s['served']} | {s['followups_failed']} |"
+        lines += ["## Hostile input", "", "| protocol | cases | malformed | passed | refused 400 / INVALID_ARGUMENT | served | next request failed |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {p} | {s['tried']} | {s['malformed']} | {s['passed']} | {s['rejected_4xx']} | {s['served']} | {s['followups_failed']} |"
                   for p, s in part["per_protocol"].items()]
         lines += ["", "| protocol | model | case | expected | answer | ms | ok | message |", "| --- | --- | --- | --- | --- | ---: | --- | --- |"]
         for c in part["cases"]:

@@ -1,0 +1,273 @@
+"""`vilex stress` and the image-decoding hardening it led to.
+
+CPU tests: the hostile images are what they claim (the WebP bomb really decodes to any size; every
+truncated or corrupt image is refused by the server's own decoding code), images.py refuses animations,
+NaN pixels and decoder crashes with a message naming the image, and the case list covers what the issue
+asks for.
+
+Server test (marked `triton`): the tiny checkpoint exported, served by `vilex serve` on free ports, and
+`vilex stress` run against it as a command, CI-sized (--quick, 24 soak requests, overload at 4 steps);
+results.json is checked part by part.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from vilex.benchmarks import hostile_images as images
+from vilex.benchmarks.hostile import FRONTEND, REJECT, SERVE, Served, all_cases
+from vilex.errors import ImageInputError, ViLexUsageError
+from vilex.images import decode_image, load_image
+
+TINY_INPUTS = {  # the pipeline models' inputs as the metadata API lists them for the tiny export
+    "vilex_tokenize": {"IMAGE": "BYTES", "IMAGE_RGB": "UINT8", "NUM_TOKENS": "INT32"},
+    "vilex_generate": {"VILEX_TOKENS": "FP32", "NUM_TOKENS": "INT32", "PROMPT": "BYTES", "STEPS": "INT32",
+                       "GUIDANCE": "FP32", "SEED": "INT64"},
+    "vilex_reconstruct": {"IMAGE": "BYTES", "IMAGE_RGB": "UINT8", "NUM_TOKENS": "INT32", "PROMPT": "BYTES",
+                          "STEPS": "INT32", "GUIDANCE": "FP32", "SEED": "INT64"},
+}
+TINY = Served(hidden_size=32, num_queries=75, max_batch=4, max_steps=200, inputs=TINY_INPUTS)
+
+
+# ---- the hostile images are real -------------------------------------------------------------------------------
+def test_webp_bomb_is_a_real_bomb():
+    """38 bytes whose patched header really decodes, one color, at the size it claims (checked small)."""
+    data = images.webp_bomb(3000, 2000)
+    assert len(data) < 64
+    with PIL.Image.open(io.BytesIO(data)) as image:
+        image.load()
+        pixels = np.asarray(image)
+    assert pixels.shape == (2000, 3000, 3) and (pixels == pixels[0, 0]).all()
+
+
+def test_png_bomb_is_a_valid_png():
+    data = images.png_bomb(3000)  # 9 M pixels from about 1 KB
+    assert len(data) < 4096
+    with PIL.Image.open(io.BytesIO(data)) as image:
+        image.load()
+        assert image.size == (3000, 3000) and image.mode == "1"
+
+
+@pytest.mark.parametrize("case", [c for c in all_cases(TINY) if c.expect == REJECT and "IMAGE" in (c.inputs or {})
+                                  and re.match(r"IMAGE\\\[\d\\\]", c.names)], ids=lambda c: c.name)
+def test_every_hostile_image_is_refused_by_the_servers_decoding(case):
+    """The server's own check (header, then decode_image) refuses each one with a message naming the row."""
+    from vilex.serving.pipeline_requests import decode_encoded
+
+    for row, data in enumerate(case.inputs["IMAGE"][:, 0]):
+        try:
+            decode_encoded(data, f"IMAGE[{row}]", TINY.max_image_pixels)
+        except ViLexUsageError as error:
+            assert re.search(case.names, str(error)), str(error)
+            return
+        except Exception as error:  # noqa: BLE001 - recorded below
+            if case.name == "AVIF corrupt":
+                # KNOWN DEFECT (vilex/serving/pipeline_requests.py, decode_encoded): its PIL.Image.open catches
+                # a fixed list of exceptions; Pillow's AVIF plugin raises RuntimeError at open, which escapes
+                # execute() and fails every request batched with it (500). The stress report records it.
+                pytest.xfail(f"decode_encoded lets {type(error).__name__} through: {error}")
+            raise
+    pytest.fail(f"{case.name}: decoded without an error")
+
+
+# ---- images.py: what it refuses --------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP", "TIFF"])
+def test_animated_images_are_refused(fmt, tmp_path):
+    data = images.animated(fmt)
+    with pytest.raises(ImageInputError, match=rf"IMAGE\[0\]: animated or multi-page {fmt} \(3 frames\); send one still"):
+        decode_image(data, name="IMAGE[0]")
+    path = tmp_path / f"animated.{fmt.lower()}"
+    path.write_bytes(data)
+    with pytest.raises(ImageInputError, match=rf"IMAGE '{re.escape(str(path))}': animated"):
+        load_image(path)
+
+
+def test_a_still_gif_and_an_mpo_photo_are_read():
+    still = decode_image(images.encode(images.picture().convert("P"), "GIF"))
+    assert still.size == (24, 24) and still.mode == "RGB"
+    photo, preview = images.picture(), images.picture().point(lambda v: 255 - v)
+    mpo = images.encode(photo, "MPO", save_all=True, append_images=[preview])
+    with PIL.Image.open(io.BytesIO(mpo)) as opened:
+        assert opened.format == "MPO" and opened.n_frames == 2
+    decoded = np.asarray(decode_image(mpo)).astype(int)
+    assert np.abs(decoded - np.asarray(photo).astype(int)).mean() < 8  # the photo (JPEG-compressed), not the preview
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_float_pixels_that_are_not_finite_are_refused(value):
+    with pytest.raises(ImageInputError, match=r"IMAGE\[0\]: float pixels contain NaN or infinite values \(64 of 64\)"):
+        decode_image(images.float_tiff(value), name="IMAGE[0]")
+    finite = np.asarray(decode_image(images.float_tiff(0.5)))
+    assert finite.shape == (8, 8, 3) and (finite == 128).all()  # 0..1 floats scale to 0..255
+
+
+def test_an_image_without_pixels_is_refused():
+    from vilex.images import to_rgb
+
+    with pytest.raises(ImageInputError, match=r"IMAGE\[0\]: 0x5 pixels; an image must have at least 1x1"):
+        to_rgb(PIL.Image.new("RGB", (0, 5)), name="IMAGE[0]")
+
+
+def test_a_decoder_crash_is_an_unreadable_image():
+    """Pillow's AVIF plugin raises RuntimeError on a damaged file (seen by fuzzing); it must not escape."""
+    if "AVIF" not in images.truncatable_formats():
+        pytest.skip("this Pillow has no AVIF support")
+    with pytest.raises(ImageInputError, match=r"IMAGE\[0\]: bytes are not a readable image.*Missing or empty image item"):
+        decode_image(images.corrupt_avif(), name="IMAGE[0]")
+
+
+def test_bombs_are_refused_from_the_header():
+    with pytest.raises(ImageInputError, match=r"IMAGE\[0\]: 9000x9000 pixels is above the limit of 67108864"):
+        decode_image(images.webp_bomb(9000, 9000), name="IMAGE[0]")
+    for bomb in (images.png_bomb(20000), images.gif_bomb(), images.webp_bomb()):
+        with pytest.raises(ImageInputError, match=r"IMAGE\[0\].*(above the limit|exceeds limit)"):
+            decode_image(bomb, name="IMAGE[0]")
+
+
+def test_one_pixel_wide_images_are_read():
+    assert decode_image(images.line_png(1, 4096)).size == (1, 4096)
+    assert decode_image(images.line_png(4096, 1)).size == (4096, 1)
+
+
+# ---- the case list ------------------------------------------------------------------------------------------
+def test_cases_cover_the_issue():
+    cases = all_cases(TINY)
+    assert len({c.name for c in cases}) == len(cases)
+    for protocol in ("http", "grpc"):
+        malformed = [c for c in cases if protocol in c.protocols and c.expect != SERVE]
+        assert len(malformed) >= 40, protocol
+        assert {c.model for c in malformed} == set(TINY_INPUTS)
+    names = " | ".join(c.name for c in cases)
+    for fmt in images.truncatable_formats():
+        assert f"{fmt} truncated" in names
+    for fmt in ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"):
+        assert f"{fmt} corrupt" in names
+    for needed in ("PNG bomb", "GIF bomb", "WebP bomb", "animated GIF", "PNG 0x0", "PNG 1x4096", "not UTF-8",
+                   "PROMPT of 1 MB", "one too narrow", "empty batch", "batch of 256", "no VILEX_TOKENS",
+                   "unknown input", "201 MB body", "HTTP: broken JSON", "Inference-Header-Content-Length",
+                   "gRPC: not a protobuf"):
+        assert needed in names, needed
+    # NaN and inf in every FP32 per-image input, the extremes of every integer one, as the metadata lists them
+    for model in ("vilex_generate", "vilex_reconstruct"):
+        for name, dtype in TINY_INPUTS[model].items():
+            short = model[6:]
+            if dtype == "FP32" and name != "VILEX_TOKENS":
+                assert all(f"{name} {v} ({short})" in names for v in ("NaN", "+inf", "-inf")), name
+            if dtype in ("INT32", "INT64"):
+                assert f"{name} {dtype} min ({short})" in names, name
+    assert all(c.expect in (REJECT, SERVE, FRONTEND) for c in cases)
+
+
+def test_a_case_for_an_input_the_server_lacks_is_left_out():
+    without_seed = Served(**{**TINY.__dict__, "inputs": {**TINY_INPUTS, "vilex_reconstruct": {
+        k: v for k, v in TINY_INPUTS["vilex_reconstruct"].items() if k != "SEED"}}})
+    assert any("SEED" in (c.inputs or {}) and c.model == "vilex_reconstruct" for c in all_cases(TINY))
+    assert not any("SEED" in (c.inputs or {}) and c.model == "vilex_reconstruct" for c in all_cases(without_seed))
+
+
+def test_stress_refuses_anything_but_loopback():
+    from vilex.benchmarks.stress import parse_url
+
+    assert parse_url("localhost:8000") == ("127.0.0.1", 8000)
+    for url in ("10.0.0.5:8000", "example.com:8001", "http://127.0.0.1:8000"):
+        with pytest.raises(ViLexUsageError, match="loopback|without a scheme"):
+            parse_url(url)
+
+
+# ---- against a real server ------------------------------------------------------------------------------------
+# Defects the stress run finds in files this work does not own (vilex/serving/pipeline_requests.py); the
+# README's Reliability section gives the fix. Strict: once fixed, these cases pass and this list must go.
+KNOWN_DEFECTS = {
+    "no VILEX_TOKENS": "KeyError: 'VILEX_TOKENS'",  # parse_request reads inputs["VILEX_TOKENS"] unchecked
+    "AVIF corrupt": "RuntimeError",  # decode_encoded's PIL.Image.open lets RuntimeError through
+}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_ckpt, tmp_path_factory):
+    """`vilex serve` on a python-ort repository of the tiny export, on free ports (as tests/test_serving.py)."""
+    from vilex.engines.contract import ExportOptions
+    from vilex.export.onnx_export import export_checkpoint
+    from vilex.serving.repository import build_repository
+    from vilex.serving.server import Ports
+
+    root = tmp_path_factory.mktemp("stress")
+    export_checkpoint(tiny_ckpt, root / "engines", ExportOptions(max_batch=4), log=lambda *_: None)
+    repository = build_repository(root / "engines", root / "repository", platform="python-ort")
+    ports = Ports.free()
+    command = [sys.executable, "-m", "vilex.cli", "serve", str(repository), "--http-port", str(ports.http),
+               "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--log", str(root / "server.log")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True).start()
+    deadline = time.monotonic() + 300
+    while not any("tritonserver ready" in line for line in output):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("vilex serve did not become ready:\n" + "".join(output)[-4000:])
+        time.sleep(0.2)
+    yield ports, root
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+
+
+@pytest.mark.triton
+def test_stress_run_against_a_real_server(served):
+    ports, root = served
+    out = root / "stress-results"
+    command = [sys.executable, "-m", "vilex.cli", "stress", f"127.0.0.1:{ports.http}", "--quick", "--requests", "24",
+               "--concurrency", "4", "--warmup", "8", "--steps", "1", "--overload-steps", "4", "--duration", "600",
+               "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ})
+    print(run.stdout[-6000:])
+    report = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").read_text().startswith("# vilex stress:")
+
+    # 1. Hostile: >= 40 malformed requests per protocol, each refused cleanly (but the known defects), the
+    # server serving after every one.
+    hostile = report["hostile"]
+    for protocol, counts in hostile["per_protocol"].items():
+        assert counts["malformed"] >= 40 and counts["followups_failed"] == 0, (protocol, counts)
+    failed = {(c["case"], c["protocol"]): c for c in hostile["cases"] if not c["passed"]}
+    assert {case for case, _ in failed} == set(KNOWN_DEFECTS), sorted(failed)
+    for (case, protocol), outcome in failed.items():
+        assert outcome["status"] == {"http": "500", "grpc": "StatusCode.INTERNAL"}[protocol]
+        assert KNOWN_DEFECTS[case] in outcome["message"] and outcome["followup_ok"]
+    assert hostile["server_alive"]
+    by_name = {(c["case"], c["protocol"]): c for c in hostile["cases"]}
+    assert by_name[("animated GIF (3 frames)", "grpc")]["status"] == "StatusCode.INVALID_ARGUMENT"
+    assert "animated or multi-page GIF" in by_name[("animated GIF (3 frames)", "http")]["message"]
+    assert by_name[("HTTP: broken JSON", "http")]["status"] in ("400", "500")  # Triton 2.51's frontend: 500
+
+    # 2. Soak: every request answered, right (the same answer for the same input and seed), nothing left open.
+    soak = report["soak"]
+    assert (soak["done"], soak["errors"], soak["hung"], soak["mismatches"]) == (24, 0, 0, 0), soak["error_examples"]
+    growth = soak["resources"]["growth"]
+    assert growth["shm_files"] <= 0 and growth["shm_mb"] <= 0 and growth["fds"] <= 0, growth
+    assert soak["resources"]["after"]["server_alive"] and soak["resources"]["after"]["stubs"] == 7
+
+    # 3. Overload, per protocol: the excess refused at once with 503 / UNAVAILABLE, never timed out; at most
+    # what the queue holds accepted, and all of it served; then served again.
+    for overload in report["overload"]:
+        assert overload["rejected"] >= 1 and overload["other"] == 0 and overload["hung"] == 0, overload
+        assert overload["served"] + overload["rejected"] == overload["sent"]
+        assert overload["served"] <= overload["capacity"]
+        assert "Exceeds maximum queue size" in overload["rejection_message"]
+        assert overload["rejection_latency"]["max_ms"] < 1000  # refused, not queued until a timeout (target: 100)
+        assert overload["checks"]["recovered: next requests served"]
+
+    # The exit code says something failed (the known defects), and the findings name them.
+    assert run.returncode == 1 and not report["passed"]
+    assert all(any(case in finding for finding in report["findings"]) for case in KNOWN_DEFECTS)
