@@ -31,7 +31,7 @@ import pytest
 from vilex.errors import ViLexUsageError
 from vilex.engines.contract import ExportOptions, ModelDims, build_contracts
 from vilex.serving.config import (PLATFORMS, check_max_batch, graph_config, pipeline_config, pipeline_parameters,
-                                  source_dir, triton_dims)
+                                  checkout_source_dir, triton_dims)
 from vilex.serving.interface import pipeline_models
 
 STEPS = 3  # denoising steps in server tests: enough to run the loop, cheap on 2 cores
@@ -151,7 +151,7 @@ def test_committed_configs_describe_the_tiny_export(tiny_dims):
     checked against the contracts of a default export of tiny and against the served interface."""
     from tritonclient.grpc import model_config_pb2 as pb
 
-    root = source_dir()
+    root = checkout_source_dir()
     committed = {p.parent.name: parse_config(p.read_text()) for p in root.glob("*/config.pbtxt")}
     served = pipeline_models(tiny_dims.hidden_size, tiny_dims.num_queries)
     contracts = build_contracts(tiny_dims, ExportOptions())

@@ -185,12 +185,32 @@ def pipeline_config(model: ServedModel, max_batch: int, parameters: dict[str, st
 
 
 # ---- the committed source configs ---------------------------------------------------------------------
+SOURCE_FILES = ("onnxruntime_model.py", "vilex_tokenize/1/model.py", "vilex_generate/1/model.py",
+                "vilex_reconstruct/1/model.py")
+
+
 def source_dir() -> Path:
-    """triton_repo/ of the source checkout (the BLS model.py files and the tiny preset's configs)."""
+    """The Triton repository's source files (the pipeline models' model.py, the python-ort graph model).
+
+    An installed wheel carries them as package data in vilex/triton_repo/ (pyproject.toml maps the
+    checkout's top-level triton_repo/ there); a source checkout, editable install included, has them in
+    triton_repo/ next to vilex/."""
+    package = Path(__file__).resolve().parents[1]  # vilex/
+    candidates = (package / "triton_repo", package.parent / "triton_repo")
+    for path in candidates:
+        if all((path / name).is_file() for name in SOURCE_FILES):
+            return path
+    raise ViLexUsageError(f"the Triton repository source ({', '.join(SOURCE_FILES)}) is in neither "
+                          f"{candidates[0]} (an installed wheel) nor {candidates[1]} (a source checkout): "
+                          f"reinstall vilex")
+
+
+def checkout_source_dir() -> Path:
+    """triton_repo/ of the source checkout, where the tiny preset's configs are committed."""
     path = Path(__file__).resolve().parents[2] / "triton_repo"
-    if not (path / "vilex_reconstruct" / "1" / "model.py").is_file():
-        raise ViLexUsageError(f"the Triton repository source is not at {path}: `vilex triton-repo` runs from a "
-                              f"source checkout of vilex (pip install -e .)")
+    if not (path / "README.md").is_file() or not (Path(__file__).resolve().parents[2] / "pyproject.toml").is_file():
+        raise ViLexUsageError(f"{path} is not the triton_repo/ of a source checkout of vilex; the committed configs "
+                              f"are rewritten there only")
     return path
 
 
@@ -214,7 +234,7 @@ def tiny_source_configs() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    root = source_dir()
+    root = checkout_source_dir()
     for relative, text in tiny_source_configs().items():
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         (root / relative).write_text(text)
