@@ -32,7 +32,7 @@ from vilex.errors import ViLexUsageError
 from vilex.engines.contract import ExportOptions, ModelDims, build_contracts
 from vilex.serving.config import (PLATFORMS, check_max_batch, graph_config, pipeline_config, pipeline_parameters,
                                   checkout_source_dir, triton_dims)
-from vilex.serving.interface import pipeline_models
+from vilex.serving.interface import PIPELINE_MODELS, pipeline_models
 
 STEPS = 3  # denoising steps in server tests: enough to run the loop, cheap on 2 cores
 # Served and in-process runs execute the same ONNX graphs on the same inputs in the same order of
@@ -69,7 +69,7 @@ TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_
 UNET_BRANCHES = 3
 
 
-def check_graph_config(config, contract, max_batch: int, instances: int, kind: str) -> None:
+def check_graph_config(config, contract, max_batch: int, instances: int, kind: str, queue_delay_us: int = 0) -> None:
     """A parsed graph-model config against the graph's contract, field by field."""
     from tritonclient.grpc import model_config_pb2 as pb
 
@@ -95,11 +95,23 @@ def check_graph_config(config, contract, max_batch: int, instances: int, kind: s
     # a per-request timeout that the BLS models override with their stage timeout (vilex/serving/bls.py).
     batching = config.dynamic_batching
     queue = batching.default_queue_policy
-    assert batching.max_queue_delay_microseconds > 0
+    # A pipeline instance waits for each stage it sends: a graph's queue delay only adds to every step unless
+    # several pipeline instances are to share batches, which the repository must ask for.
+    assert config.HasField("dynamic_batching") and batching.max_queue_delay_microseconds == queue_delay_us
     assert queue.max_queue_size >= config.max_batch_size
     assert queue.timeout_action == pb.ModelQueuePolicy.REJECT and queue.default_timeout_microseconds > 0
     assert queue.allow_timeout_override
     assert [(g.count, pb.ModelInstanceGroup.Kind.Name(g.kind)) for g in config.instance_group] == [(instances, kind)]
+    # One warm-up request when the model loads, at the contract's opt shapes (what TensorRT tunes for), as a
+    # request would send it: every input, its dtype, its sizes without the batch axis (timestep (n,) as (n, 1)).
+    (warmup,) = config.model_warmup
+    opt = {spec.name: [contract.axes[d].opt if isinstance(d, str) else d for d in spec.shape] for spec in contract.inputs}
+    assert warmup.batch_size == min(contract.axes["batch"].opt, config.max_batch_size) >= 1 and warmup.count >= 1
+    assert set(warmup.inputs) == set(opt)
+    for spec in contract.inputs:
+        tensor = warmup.inputs[spec.name]
+        assert pb.DataType.Name(tensor.data_type) == TRITON_DTYPES[spec.dtype], spec.name
+        assert list(tensor.dims) == (opt[spec.name][1:] or [1]) and tensor.zero_data, spec.name
 
 
 @pytest.mark.parametrize("platform", list(PLATFORMS))
@@ -107,6 +119,9 @@ def test_graph_configs_follow_the_contract(tiny_contracts, platform):
     for name, contract in tiny_contracts.items():
         config = parse_config(graph_config(contract, platform, max_batch=3, instances=2))
         check_graph_config(config, contract, max_batch=3, instances=2,
+                           kind="KIND_CPU" if platform == "python-ort" else "KIND_GPU")
+        batched = parse_config(graph_config(contract, platform, max_batch=3, instances=2, queue_delay_us=1500))
+        check_graph_config(batched, contract, max_batch=3, instances=2, queue_delay_us=1500,
                            kind="KIND_CPU" if platform == "python-ort" else "KIND_GPU")
         if platform == "python-ort":
             # triton_repo/onnxruntime_model.py opens parameters["graph_file"] in the version folder.
@@ -180,6 +195,30 @@ def test_committed_configs_describe_the_tiny_export(tiny_dims):
     # Served tokens are as wide as the text encoder's input embeddings, k of them per image.
     tokens = next(t for t in committed["vilex_generate"].input if t.name == "VILEX_TOKENS")
     assert list(tokens.dims) == [-1, committed["text_encoder"].input[0].dims[-1]] == [-1, tiny_dims.hidden_size]
+
+
+def test_repository_options_reach_the_configs(engines, tmp_path):
+    """--instances (graph models) and --pipeline-instances are separate; --graph-queue-delay reaches the graph
+    models only; out-of-range values are refused naming the flag."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    from vilex.serving.repository import build_repository
+
+    repository = build_repository(engines, tmp_path / "repo", instances=2, pipeline_instances=3,
+                                  graph_queue_delay_us=500)
+    configs = {p.parent.name: parse_config(p.read_text()) for p in repository.glob("*/config.pbtxt")}
+    for name, config in configs.items():
+        pipeline = name in PIPELINE_MODELS
+        assert [(g.count, pb.ModelInstanceGroup.Kind.Name(g.kind)) for g in config.instance_group] == \
+            [(3 if pipeline else 2, "KIND_CPU")], name
+        assert config.dynamic_batching.max_queue_delay_microseconds == (20_000 if pipeline else 500), name
+        assert len(config.model_warmup) == (0 if pipeline else 1), name
+    for flags, pattern in ((dict(pipeline_instances=0), r"--pipeline-instances must be in 1\.\.64, got 0"),
+                           (dict(instances=65), r"--instances must be in 1\.\.64, got 65"),
+                           (dict(graph_queue_delay_us=-1), r"--graph-queue-delay must be in 0\.\.1000000 microseconds")):
+        with pytest.raises(ViLexUsageError, match=pattern):
+            build_repository(engines, tmp_path / "bad", **flags)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_max_batch_beyond_the_export_is_refused(tiny_contracts):

@@ -13,7 +13,7 @@ import sys
 
 from vilex.errors import ViLexUsageError
 
-from .config import DEFAULT_MAX_STEPS, PLATFORMS
+from .config import DEFAULT_MAX_STEPS, GRAPH_QUEUE_DELAY_US, PLATFORMS
 
 
 def add_parser(subparsers) -> None:
@@ -24,7 +24,13 @@ def add_parser(subparsers) -> None:
                    help=f"how the graphs run: {', '.join(PLATFORMS)} (default python-ort: the CPU server in "
                         f"nvidia-pytriton; onnxruntime/tensorrt: NVIDIA's container on a GPU host)")
     p.add_argument("--max-batch", type=int, default=None, help="images per batch, 1..the export's --max-batch (default: that)")
-    p.add_argument("--instances", type=int, default=1, help="instances of every model, 1..64 (default 1)")
+    p.add_argument("--instances", type=int, default=1, help="instances of each graph model, 1..64 (default 1)")
+    p.add_argument("--pipeline-instances", type=int, default=1,
+                   help="instances of each pipeline model (vilex_tokenize, vilex_generate, vilex_reconstruct), "
+                        "1..64 (default 1)")
+    p.add_argument("--graph-queue-delay", type=int, default=GRAPH_QUEUE_DELAY_US, metavar="US",
+                   help="microseconds a graph model waits to fill a batch, 0..1000000 (default 0: run what is "
+                        "queued at once; more lets concurrent pipeline instances share a batch)")
     p.add_argument("--max-queue", type=int, default=None, help="requests queued per model before rejecting (default: 8 batches)")
     p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS,
                    help=f"the most denoising steps one request may ask for, 1..1000 (default {DEFAULT_MAX_STEPS})")
@@ -51,7 +57,8 @@ def cmd_triton_repo(args) -> None:
 
     out = build_repository(args.engines, args.out, platform=args.platform, max_batch=args.max_batch,
                            instances=args.instances, max_queue=args.max_queue, max_steps=args.max_steps,
-                           replace=args.replace)
+                           replace=args.replace, pipeline_instances=args.pipeline_instances,
+                           graph_queue_delay_us=args.graph_queue_delay)
     models = sorted(p.name for p in out.iterdir() if (p / "config.pbtxt").is_file())
     print(f"wrote model repository {out} ({args.platform}): {', '.join(models)}")
     print(f"serve it with: vilex serve {out}")

@@ -9,7 +9,10 @@ pipeline models take theirs from `interface.py`. Each platform differs only in h
     tensorrt     platform "tensorrt_plan": a TensorRT engine from `vilex build-engines` (NVIDIA's container)
 
 Every model has dynamic batching with a bounded queue (`default_queue_policy`; there is no
-`max_queue_size` field of `dynamic_batching` itself) and an `instance_group`.
+`max_queue_size` field of `dynamic_batching` itself) and an `instance_group`; graph models have a
+`model_warmup` request at the contract's opt shapes. Configs are built as Triton's own `ModelConfig`
+protobuf message (tritonclient ships its model_config.proto) and printed in text format, so a field
+Triton does not know cannot be written.
 
 `python -m vilex.serving.config` rewrites the committed configs in triton_repo/ for the tiny preset.
 """
@@ -51,11 +54,15 @@ class QueuePolicy:
     allow_timeout_override: bool = False  # let a request's own timeout replace timeout_us
 
 
-# Graph models are called by the pipeline models only; a UNet call takes tens of milliseconds or more,
-# so 2 ms of waiting costs little and lets concurrent pipeline instances share a batch. The BLS passes
-# its own per-stage timeout with every sub-request, hence the override.
+# Graph models are called by the pipeline models only. A pipeline instance sends one request per stage
+# and waits for it, so a graph model's queue delay only helps when several pipeline instances run at once
+# (their requests can then share a batch), and otherwise adds itself to every denoising step: 0 unless
+# `vilex triton-repo --graph-queue-delay US` asks for batching across pipeline instances. (Requests that
+# are already queued are still batched with a delay of 0.) The BLS passes its own per-stage timeout with
+# every sub-request, hence the override.
 STAGE_TIMEOUT_S = 120.0
-GRAPH_QUEUE_DELAY_US = 2_000
+GRAPH_QUEUE_DELAY_US = 0
+MAX_QUEUE_DELAY_US = 1_000_000
 # Pipeline models run a whole generation (many UNet calls), so waiting 20 ms to batch is cheap.
 PIPELINE_QUEUE_DELAY_US = 20_000
 PIPELINE_QUEUE_TIMEOUT_S = 300.0
@@ -93,72 +100,115 @@ def check_max_batch(contracts: dict[str, GraphContract], max_batch: int) -> None
                                   f"allows {contract.axes['batch'].max}; re-export with a larger --max-batch")
 
 
-# ---- rendering ---------------------------------------------------------------------------------------
-def _dims(dims) -> str:
-    return "[ " + ", ".join(str(d) for d in dims) + " ]" if dims else "[ ]"
+# ---- rendering: Triton's own ModelConfig message, printed in protobuf text format ----------------------
+# tritonclient ships the model_config.proto of the server as a compiled module; a field or enum value that
+# Triton does not know fails here, at `vilex triton-repo` time, instead of when the server loads the model.
+# Imported where used: the pipeline models' processes import this module (triton_dims) without tritonclient.
+def _pb():
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2
 
 
-def _tensor(name: str, triton_dtype: str, dims, reshape=None, optional: bool = False) -> str:
-    fields = [f'name: "{name}"', f"data_type: {triton_dtype}", f"dims: {_dims(dims)}"]
+def _add_tensor(container, name: str, triton_dtype: str, dims, reshape=None, optional: bool = False):
+    tensor = container.add()
+    tensor.name = name
+    tensor.data_type = _pb().DataType.Value(triton_dtype)
+    tensor.dims.extend(dims)
     if reshape is not None:
-        fields.append(f"reshape: {{ shape: {_dims(reshape)} }}")
+        tensor.reshape.SetInParent()  # present even when empty: `reshape { }` makes (n, 1) arrive as (n,)
+        tensor.reshape.shape.extend(reshape)
     if optional:
-        fields.append("optional: true")
-    return "  { " + " ".join(fields) + " }"
+        tensor.optional = True
+    return tensor
 
 
-def _block(key: str, items: list[str]) -> str:
-    return f"{key} [\n" + ",\n".join(items) + "\n]"
+def _set_dynamic_batching(config, queue: QueuePolicy) -> None:
+    batching = config.dynamic_batching
+    batching.SetInParent()
+    batching.max_queue_delay_microseconds = queue.max_queue_delay_us
+    policy = batching.default_queue_policy
+    policy.max_queue_size = queue.max_queue_size
+    policy.timeout_action = _pb().ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = queue.timeout_us
+    policy.allow_timeout_override = queue.allow_timeout_override
 
 
-def _dynamic_batching(queue: QueuePolicy) -> str:
-    override = "\n    allow_timeout_override: true" if queue.allow_timeout_override else ""
-    return (
-        "dynamic_batching {\n"
-        f"  max_queue_delay_microseconds: {queue.max_queue_delay_us}\n"
-        "  default_queue_policy {\n"
-        f"    max_queue_size: {queue.max_queue_size}\n"
-        "    timeout_action: REJECT\n"
-        f"    default_timeout_microseconds: {queue.timeout_us}{override}\n"
-        "  }\n"
-        "}"
-    )
+def _add_instances(config, count: int, kind: str) -> None:
+    group = config.instance_group.add()
+    group.count = count
+    group.kind = _pb().ModelInstanceGroup.Kind.Value(kind)
 
 
-def _instances(count: int, kind: str) -> str:
-    return f"instance_group [ {{ count: {count} kind: {kind} }} ]"
+def _add_warmup(config, contract: GraphContract) -> None:
+    """One warm-up request at the contract's opt shapes (the size TensorRT tunes for and the default request
+    runs at), zeros, run when the model loads: onnxruntime and TensorRT allocate and pick kernels on their
+    first run, so without it the first real request pays for that."""
+    shapes = contract.input_shapes("opt")  # {input: (batch, ...)}
+    warmup = config.model_warmup.add()
+    warmup.name = f"{contract.name} at its opt shapes"
+    # A repository may take a smaller --max-batch than the export's opt batch: warm up within what it takes.
+    warmup.batch_size = min(next(iter(shapes.values()))[0], config.max_batch_size)
+    warmup.count = 1
+    for spec in contract.inputs:
+        tensor = warmup.inputs[spec.name]
+        tensor.data_type = _pb().DataType.Value(NUMPY_TO_TRITON[spec.dtype])
+        tensor.dims.extend(shapes[spec.name][1:] or [1])  # as a request sends it: timestep (n,) is (n, 1)
+        tensor.zero_data = True
 
 
-def _parameters(parameters: dict[str, str]) -> list[str]:
-    return [f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in parameters.items()]
+# Top-level fields in reading order (text format prints by field number, which puts `backend` near the end).
+FIELD_ORDER = ("name", "backend", "platform", "default_model_filename", "max_batch_size", "input", "output",
+               "dynamic_batching", "instance_group", "model_warmup", "parameters")
+
+
+def _render(config, what: str) -> str:
+    """The message in protobuf text format, one top-level field after another in FIELD_ORDER (each piece is
+    that field alone; text format merges them back into the same message when parsed)."""
+    from google.protobuf import text_format
+
+    present = [field.name for field, _ in config.ListFields()]
+    pieces = []
+    for name in sorted(present, key=lambda n: FIELD_ORDER.index(n) if n in FIELD_ORDER else len(FIELD_ORDER)):
+        piece = type(config)()
+        piece.CopyFrom(config)
+        for other in present:
+            if other != name:
+                piece.ClearField(other)
+        pieces.append(text_format.MessageToString(piece))
+    return _header(what) + "\n" + "".join(pieces)
 
 
 def _header(what: str) -> str:
     return (f"# {what}\n"
-            "# Generated by `vilex triton-repo` (vilex/serving/config.py) from the export contract; change the\n"
-            "# export or the command's options rather than this file.\n")
+            "# Generated by `vilex triton-repo` (vilex/serving/config.py) from the export contract, as Triton's\n"
+            "# ModelConfig protobuf; change the export or the command's options rather than this file. Fields at\n"
+            "# their protobuf default are not printed: timeout_action is REJECT, an absent delay is 0.\n")
 
 
 def graph_config(contract: GraphContract, platform: str, max_batch: int, instances: int = 1,
-                 max_queue: int | None = None) -> str:
+                 max_queue: int | None = None, queue_delay_us: int = GRAPH_QUEUE_DELAY_US, warmup: bool = True) -> str:
     """config.pbtxt of one graph model."""
     spec = PLATFORMS[platform]
-    batch = graph_max_batch(contract, max_batch)
-    queue = QueuePolicy(GRAPH_QUEUE_DELAY_US, max_queue or QUEUE_PER_BATCH * batch, int(STAGE_TIMEOUT_S * 1e6),
-                        allow_timeout_override=True)
-    runner = f'backend: "{spec.backend}"' if spec.backend else f'platform: "{spec.platform}"'
-    lines = [_header(f"{contract.name}: the exported graph, run by {platform}"),
-             f'name: "{contract.name}"', runner, f"max_batch_size: {batch}"]
-    if spec.platform:
-        lines.append(f'default_model_filename: "{spec.model_file}"')
-    inputs = [_tensor(s.name, NUMPY_TO_TRITON[s.dtype], *triton_dims(s)) for s in contract.inputs]
-    outputs = [_tensor(s.name, NUMPY_TO_TRITON[s.dtype], *triton_dims(s)) for s in contract.outputs]
-    lines += [_block("input", inputs), _block("output", outputs), _dynamic_batching(queue),
-              _instances(instances, spec.kind)]
+    config = _pb().ModelConfig(name=contract.name, max_batch_size=graph_max_batch(contract, max_batch))
+    if spec.backend:
+        config.backend = spec.backend
+    else:
+        config.platform = spec.platform
+        config.default_model_filename = spec.model_file
+    for specs, container in ((contract.inputs, config.input), (contract.outputs, config.output)):
+        for tensor in specs:
+            _add_tensor(container, tensor.name, NUMPY_TO_TRITON[tensor.dtype], *triton_dims(tensor))
+    _set_dynamic_batching(config, QueuePolicy(queue_delay_us, max_queue or QUEUE_PER_BATCH * config.max_batch_size,
+                                              int(STAGE_TIMEOUT_S * 1e6), allow_timeout_override=True))
+    _add_instances(config, instances, spec.kind)
+    if warmup:
+        _add_warmup(config, contract)
     if platform == "python-ort":
+        config.parameters["graph_file"].string_value = spec.model_file
         # 0: onnxruntime's default (one thread per core); lower it when several instances share the cores.
-        lines += _parameters({"graph_file": spec.model_file, "intra_op_num_threads": "0"})
-    return "\n".join(lines) + "\n"
+        config.parameters["intra_op_num_threads"].string_value = "0"
+    return _render(config, f"{contract.name}: the exported graph, run by {platform}")
 
 
 def pipeline_parameters(max_steps: int, default_steps: int, default_guidance: float,
@@ -171,17 +221,17 @@ def pipeline_parameters(max_steps: int, default_steps: int, default_guidance: fl
 def pipeline_config(model: ServedModel, max_batch: int, parameters: dict[str, str], instances: int = 1,
                     max_queue: int | None = None) -> str:
     """config.pbtxt of one pipeline (BLS) model."""
-    queue = QueuePolicy(PIPELINE_QUEUE_DELAY_US, max_queue or QUEUE_PER_BATCH * max_batch,
-                        int(PIPELINE_QUEUE_TIMEOUT_S * 1e6))
-
-    def port(p: Port) -> str:
-        return _tensor(p.name, p.triton_dtype, p.dims, optional=p.optional)
-
-    lines = [_header(f"{model.name}: {model.doc} (a Python-backend BLS model over the graph models)"),
-             f'name: "{model.name}"', 'backend: "python"', f"max_batch_size: {max_batch}",
-             _block("input", [port(p) for p in model.inputs]), _block("output", [port(p) for p in model.outputs]),
-             _dynamic_batching(queue), _instances(instances, "KIND_CPU"), *_parameters(parameters)]
-    return "\n".join(lines) + "\n"
+    config = _pb().ModelConfig(name=model.name, backend="python", max_batch_size=max_batch)
+    for port in model.inputs:
+        _add_tensor(config.input, port.name, port.triton_dtype, port.dims, optional=port.optional)
+    for port in model.outputs:
+        _add_tensor(config.output, port.name, port.triton_dtype, port.dims)
+    _set_dynamic_batching(config, QueuePolicy(PIPELINE_QUEUE_DELAY_US, max_queue or QUEUE_PER_BATCH * max_batch,
+                                              int(PIPELINE_QUEUE_TIMEOUT_S * 1e6)))
+    _add_instances(config, instances, "KIND_CPU")
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    return _render(config, f"{model.name}: {model.doc} (a Python-backend BLS model over the graph models)")
 
 
 # ---- the committed source configs ---------------------------------------------------------------------

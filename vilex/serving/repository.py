@@ -28,8 +28,8 @@ from pathlib import Path
 from vilex.errors import ViLexUsageError
 from vilex.outputs import swap_folder_into_place
 
-from .config import (DEFAULT_MAX_STEPS, PLATFORMS, check_max_batch, graph_config, graph_max_batch, pipeline_config,
-                     pipeline_parameters, source_dir)
+from .config import (DEFAULT_MAX_STEPS, GRAPH_QUEUE_DELAY_US, MAX_QUEUE_DELAY_US, PLATFORMS, check_max_batch,
+                     graph_config, graph_max_batch, pipeline_config, pipeline_parameters, source_dir)
 from .interface import PIPELINE_MODELS, pipeline_models
 
 REPOSITORY_FILE = "repository.json"
@@ -38,8 +38,12 @@ GRAPH_MODEL_SOURCE = "onnxruntime_model.py"
 
 def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platform: str = "python-ort",
                      max_batch: int | None = None, instances: int = 1, max_queue: int | None = None,
-                     max_steps: int = DEFAULT_MAX_STEPS, replace: bool = False) -> Path:
-    """Write the model repository for export folder `engines` to `out`; return `out`."""
+                     max_steps: int = DEFAULT_MAX_STEPS, replace: bool = False, pipeline_instances: int = 1,
+                     graph_queue_delay_us: int = GRAPH_QUEUE_DELAY_US) -> Path:
+    """Write the model repository for export folder `engines` to `out`; return `out`.
+
+    instances: of each graph model; pipeline_instances: of each pipeline model. graph_queue_delay_us: how
+    long a graph model waits to fill a batch (0: never; more lets concurrent pipeline instances share one)."""
     from vilex.settings import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from vilex.engines.folder import MANIFEST, EngineFolder
 
@@ -50,8 +54,12 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
     contracts = folder.contracts()
     max_batch = folder.options.max_batch if max_batch is None else max_batch
     check_max_batch(contracts, max_batch)
-    if not 1 <= instances <= 64:
-        raise ViLexUsageError(f"--instances must be in 1..64, got {instances}")
+    for flag, count in (("--instances", instances), ("--pipeline-instances", pipeline_instances)):
+        if not 1 <= count <= 64:
+            raise ViLexUsageError(f"{flag} must be in 1..64, got {count}")
+    if not 0 <= graph_queue_delay_us <= MAX_QUEUE_DELAY_US:
+        raise ViLexUsageError(f"--graph-queue-delay must be in 0..{MAX_QUEUE_DELAY_US} microseconds, "
+                              f"got {graph_queue_delay_us}")
     if max_queue is not None and not 1 <= max_queue <= 100_000:
         raise ViLexUsageError(f"--max-queue must be in 1..100000, got {max_queue}")
     if not 1 <= max_steps <= 1000:
@@ -77,7 +85,7 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
             version = staging / name / "1"
             version.mkdir(parents=True)
             (staging / name / "config.pbtxt").write_text(
-                graph_config(contract, platform, max_batch, instances, max_queue))
+                graph_config(contract, platform, max_batch, instances, max_queue, queue_delay_us=graph_queue_delay_us))
             _link_or_copy(graph_files[name], version / spec.model_file)
             external = graph_files[name].with_name(graph_files[name].name + ".data")
             if platform != "tensorrt" and external.is_file():
@@ -93,7 +101,7 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
             version = staging / name / "1"
             version.mkdir(parents=True)
             (staging / name / "config.pbtxt").write_text(
-                pipeline_config(model, max_batch, parameters, instances, max_queue))
+                pipeline_config(model, max_batch, parameters, pipeline_instances, max_queue))
             shutil.copyfile(source / name / "1" / "model.py", version / "model.py")
             engine = version / parameters["engine_dir"]
             engine.mkdir()
@@ -107,8 +115,9 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
         (staging / REPOSITORY_FILE).write_text(json.dumps({
             "format": "vilex-triton-repository", "format_version": 1,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "platform": platform, "max_batch": max_batch, "instances": instances, "max_queue": max_queue,
-            "max_steps": max_steps,
+            "platform": platform, "max_batch": max_batch, "instances": instances,
+            "pipeline_instances": pipeline_instances, "graph_queue_delay_us": graph_queue_delay_us,
+            "max_queue": max_queue, "max_steps": max_steps,
             "models": {"graphs": list(contracts), "pipeline": list(PIPELINE_MODELS)},
             "graph_files": {name: path.relative_to(folder.root).as_posix() for name, path in graph_files.items()},
             "engines": {"path": str(folder.root.resolve()), "source": folder.manifest.get("source"),
