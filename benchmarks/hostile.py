@@ -413,6 +413,90 @@ class Followup:
         return True, latency, ""
 
 
+# Cases that reach a model's execute(): each is also sent together with valid requests that have the same
+# inputs (Triton batches only requests with the same set of inputs; so "no VILEX_TOKENS" cannot be here).
+BATCHED_CASES = ("AVIF corrupt", "IMAGE random bytes", "animated GIF (3 frames)", "TIFF of NaN floats",
+                 "PROMPT not UTF-8", "PNG bomb 20000x20000 (49 KB)")
+NEIGHBOURS = 3
+
+
+def neighbour(case: Case) -> dict[str, np.ndarray]:
+    """A valid request with the same inputs as `case` (so Triton may batch the two): its image and prompt
+    replaced by good ones."""
+    good = {"IMAGE": rows(images.line_png(40, 30)), "PROMPT": rows(b"a red circle")}
+    return {name: np.repeat(good[name], len(array), axis=0) if name in good else array
+            for name, array in case.inputs.items()}
+
+
+def blocker(served: Served, model: str) -> dict[str, np.ndarray]:
+    """A valid request that keeps `model` busy for a while (about a second here), so that requests sent
+    during it wait in the queue and run together in the next execute() call."""
+    if model == "vilex_tokenize":
+        return {"IMAGE_RGB": np.random.default_rng(3).integers(0, 256, (1, 2500, 2500, 3), dtype=np.uint8)}
+    if model == "vilex_generate":
+        return {"VILEX_TOKENS": np.zeros((1, 2, served.hidden_size), np.float32), "STEPS": i32(min(30, served.max_steps))}
+    return {"IMAGE": rows(images.line_png(40, 30)), "STEPS": i32(min(30, served.max_steps))}
+
+
+def run_batched(host: str, ports: dict[str, int], protocols: list[str], served: Served, log=print) -> list[dict]:
+    """Each of BATCHED_CASES with NEIGHBOURS valid requests, sent while a slow request keeps the model busy,
+    so that the four wait in the queue and Triton runs them as one batch (the model's statistics say whether
+    it did). The bad one must get its own error and the valid ones must be served ("a bad request does not
+    fail the requests batched with it")."""
+    import threading
+
+    from vilex.serving.client import TritonClient
+
+    cases = {c.name: c for c in tensor_cases(served)}
+    results = []
+    for protocol in protocols:
+        for name in (n for n in BATCHED_CASES if n in cases):
+            case = cases[name]
+            requests = [blocker(served, case.model), case.inputs] + [neighbour(case)] * NEIGHBOURS
+            answers: list = [None] * len(requests)
+            barrier = threading.Barrier(len(requests) - 1, timeout=60)
+
+            def send(n: int):
+                module, client = connect(protocol, host, ports[protocol], CASE_TIMEOUT_S)
+                try:
+                    if n > 0:
+                        barrier.wait()
+                    start = time.perf_counter()
+                    status, message, outputs = send_tensors(client, module, case.model, requests[n], protocol, CASE_TIMEOUT_S)
+                    answers[n] = (status, message, outputs, time.perf_counter() - start)
+                finally:
+                    client.close()
+
+            with TritonClient(f"{host}:{ports['http']}") as stats:
+                before = stats.batch_sizes(case.model)
+                threads = [threading.Thread(target=send, args=(n,), daemon=True) for n in range(len(requests))]
+                threads[0].start()
+                time.sleep(0.3)  # the blocker is executing
+                for thread in threads[1:]:
+                    thread.start()
+                for thread in threads:
+                    thread.join(timeout=2 * CASE_TIMEOUT_S)
+                time.sleep(0.5)  # Triton records an execution's statistics just after its responses
+                after = stats.batch_sizes(case.model)
+            executions = {size: after.get(size, 0) - before.get(size, 0) for size in after if after.get(size, 0) > before.get(size, 0)}
+            answers = [a or ("timeout", "no answer", {}, 0.0) for a in answers]
+            passed, reason = judge(case, protocol, *answers[1][:3])
+            neighbours_ok = sum(bool(a[2]) for a in answers[2:])
+            if neighbours_ok < NEIGHBOURS:
+                reason = (reason + "; " if reason else "") + \
+                    f"{NEIGHBOURS - neighbours_ok} of {NEIGHBOURS} valid requests sent with it failed " \
+                    f"({sorted({a[0] for a in answers[2:] if not a[2]})})"
+                passed = False
+            results.append({"case": name, "protocol": protocol, "model": case.model, "status": answers[1][0],
+                            "message": answers[1][1].strip()[:300], "neighbours_served": neighbours_ok,
+                            "neighbour_statuses": [a[0] for a in answers[2:]], "blocker_status": answers[0][0],
+                            "executions_by_batch_size": executions, "passed": passed, "reason": reason})
+            log(f"  {'ok  ' if passed else 'FAIL'} {protocol:4s} {case.model:17s} {('batched: ' + name)[:58]:58s} "
+                f"{answers[1][0]:28s} {neighbours_ok}/{NEIGHBOURS} neighbours served, executions {executions}"
+                f"{'  ' + reason if reason else ''}")
+    return results
+
+
 def connect(protocol: str, host: str, port: int, timeout_s: float):
     if protocol == "http":
         import tritonclient.http as module

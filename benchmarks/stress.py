@@ -419,6 +419,8 @@ def run_stress(url: str, protocols: list[str], parts: list[str], out: Path, dura
     if "hostile" in parts:
         log("hostile: one malformed request per case, then a valid one")
         outcomes = hostile.run_hostile(host, ports, protocols, served, log=log, deadline=deadline, quick=quick)
+        log("hostile: bad requests sent at the same moment as valid ones (batched together)")
+        batched = hostile.run_batched(host, ports, protocols, served, log=log)
         by_protocol = {p: [o for o in outcomes if o.protocol == p] for p in protocols}
         report["hostile"] = {
             "per_protocol": {p: {"tried": len(o), "malformed": sum(x.expect != hostile.SERVE for x in o),
@@ -428,7 +430,8 @@ def run_stress(url: str, protocols: list[str], parts: list[str], out: Path, dura
                                  "followups_failed": sum(not x.followup_ok for x in o)} for p, o in by_protocol.items()},
             "server_alive": watch.sample().server_alive,
             "cases": [asdict(o) for o in outcomes],
-            "passed": all(o.passed for o in outcomes) and watch.sample().server_alive}
+            "batched": batched,
+            "passed": all(o.passed for o in outcomes) and all(b["passed"] for b in batched) and watch.sample().server_alive}
     if "soak" in parts:
         remaining = max(1.0, deadline - time.monotonic())
         report["soak"] = run_soak(host, ports, protocols, watch, served, requests, concurrency, remaining, steps,
@@ -459,6 +462,9 @@ def findings(report: dict) -> list[str]:
         elif case["expect"] == hostile.FRONTEND and case["status"] in ("500", "StatusCode.INTERNAL"):
             found.append(f"hostile: {case['protocol']} '{case['case']}': Triton's frontend answers {case['status']} "
                          f"({case['message'][:100]!r}) where 400 would be right; the server kept serving")
+    for batched in report.get("hostile", {}).get("batched", []):
+        if not batched["passed"]:
+            found.append(f"hostile, batched: {batched['protocol']} {batched['model']} '{batched['case']}': {batched['reason']}")
     soak = report.get("soak")
     if soak:
         for check, ok in soak["checks"].items():
@@ -496,6 +502,11 @@ def markdown(report: dict) -> str:
             message = c["message"].replace("|", "\\|").replace("\n", " ")[:140]
             lines.append(f"| {c['protocol']} | {c['model']} | {c['case']} | {c['expect']} | {c['status']} | "
                          f"{c['latency_s'] * 1e3:.0f} | {'yes' if c['passed'] else '**no**: ' + c['reason']} | {message} |")
+        lines += ["", f"Sent at the same moment as {hostile.NEIGHBOURS} valid requests to the same model (one batch):", "",
+                  "| protocol | model | case | answer | valid requests served | ok |", "| --- | --- | --- | --- | ---: | --- |"]
+        for b in part["batched"]:
+            lines.append(f"| {b['protocol']} | {b['model']} | {b['case']} | {b['status']} | {b['neighbours_served']} of "
+                         f"{hostile.NEIGHBOURS} | {'yes' if b['passed'] else '**no**: ' + b['reason']} |")
         lines.append("")
     if "soak" in report:
         s = report["soak"]
