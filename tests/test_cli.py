@@ -57,12 +57,12 @@ def test_init_preset_and_existing_out(tmp_path, capsys):
     assert code == 2 and "already exists" in err
 
 
-def test_init_from_local_sd_and_vision_folders(tmp_path, capsys):
+def local_folders(tmp_path):
+    """A "Stable Diffusion folder" in diffusers layout and a SigLIP vision folder, as a user would have them."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     from vilex.presets import tiny
 
-    # A "Stable Diffusion folder" in diffusers layout and a SigLIP vision folder, as a user would have them.
     base = tiny(seed=1)
     sd = tmp_path / "sd"
     for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
@@ -71,7 +71,11 @@ def test_init_from_local_sd_and_vision_folders(tmp_path, capsys):
                                                   num_attention_heads=4, image_size=32, patch_size=8))
     vision.save_pretrained(tmp_path / "siglip")
     base.image_processor.save_pretrained(tmp_path / "siglip")
+    return base, sd, vision
 
+
+def test_init_from_local_sd_and_vision_folders(tmp_path, capsys):
+    base, sd, vision = local_folders(tmp_path)
     code, _, err = run_cli(capsys, "init", tmp_path / "ck", "--base", sd, "--vision", tmp_path / "siglip",
                            "--num-queries", 20)
     assert code == 0, err
@@ -99,6 +103,26 @@ def test_init_from_local_sd_and_vision_folders(tmp_path, capsys):
     assert code == 2 and "do not match its config.json" in err
     assert "missing keys" in err and dropped[0] in err and "extra.weight" in err
     assert not (tmp_path / "ck3").exists()
+
+
+def test_init_refuses_a_vision_tower_that_is_not_the_one_vilex_builds(tmp_path, capsys, monkeypatch):
+    """The second check of from_local: the loaded tower's weights must fill ViLex's own vision model (built from
+    the same config). Here ViLex builds one layer more than the folder holds: an error naming the keys that
+    would have stayed random, and no checkpoint written."""
+    import vilex.presets
+
+    _, sd, _ = local_folders(tmp_path)
+    original = vilex.presets.ViLexModel
+
+    def deeper(vision_config, **kwargs):
+        return original(vision_config={**vision_config, "num_hidden_layers": vision_config["num_hidden_layers"] + 1},
+                        **kwargs)
+
+    monkeypatch.setattr(vilex.presets, "ViLexModel", deeper)
+    code, _, err = run_cli(capsys, "init", tmp_path / "ck", "--base", sd, "--vision", tmp_path / "siglip")
+    assert code == 2 and "do not match the vision model of its config" in err, err
+    assert "encoder.layers.2." in err and "unexpected 0 ()" in err, err
+    assert not (tmp_path / "ck").exists()
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "I;16", "CMYK"])

@@ -42,4 +42,9 @@ def test_eval_rejects_bad_options(tiny_ckpt, tmp_path, capsys):
     assert "--backend onnxruntime needs an export folder" in capsys.readouterr().err
     assert main(["eval", str(tiny_ckpt), "--sweep-schedulers", "euler", "--out", str(tmp_path / "e")]) == 2
     assert "--sweep-schedulers takes ddim, dpm++, got 'euler'" in capsys.readouterr().err
+    # The generation settings are checked by vilex.settings, as everywhere else: NaN is refused, not run
+    assert main(["eval", str(tiny_ckpt), "--guidance", "nan", "--out", str(tmp_path / "e")]) == 2
+    assert "--guidance must be" in capsys.readouterr().err
+    assert main(["eval", str(tiny_ckpt), "--sweep-steps", "10,0", "--out", str(tmp_path / "e")]) == 2
+    assert "--sweep-steps must be in 1..1000, got 0" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()

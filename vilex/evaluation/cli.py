@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ViLexUsageError
+from ..settings import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 
 def _list(text: str) -> list[str]:
@@ -30,9 +31,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n", type=int, default=200, help="held-out images (default 200)")
     p.add_argument("--images", default=None, help="a folder of images instead of toy scenes (PSNR/SSIM only)")
     p.add_argument("--probe", default=None, help="attribute probe folder (default: the shipped one)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps of the main table (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--edit-guidance", type=float, default=7.5, help="text-free guidance weight of the edit row (default 7.5)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help=f"denoising steps of the main table (default {DEFAULT_STEPS})")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
+    p.add_argument("--edit-guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"text-free guidance weight of the edit row (default {DEFAULT_GUIDANCE})")
     p.add_argument("--sweep-steps", default="10,25,50", help="steps of the trade-off sweep (default 10,25,50)")
     p.add_argument("--sweep-schedulers", default="ddim,dpm++", help="schedulers of the sweep (default ddim,dpm++)")
     p.add_argument("--sweep-n", type=int, default=32, help="images in the sweep, 0 = no sweep (default 32)")

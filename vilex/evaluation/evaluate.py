@@ -32,6 +32,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .. import settings
 from ..errors import ViLexUsageError, check_range
 from . import metrics
 
@@ -49,9 +50,9 @@ class EvalConfig:
     n: int = 200
     images: str | None = None  # a folder of images instead of toy scenes
     probe: str | None = None  # the attribute probe; default: the shipped one, for toy checkpoints
-    steps: int = 25
-    guidance: float = 7.5
-    edit_guidance: float = 7.5  # text-free guidance weight of the edit row
+    steps: int = settings.DEFAULT_STEPS
+    guidance: float = settings.DEFAULT_GUIDANCE
+    edit_guidance: float = settings.DEFAULT_GUIDANCE  # text-free guidance weight of the edit row
     sweep_steps: list[int] = field(default_factory=lambda: [10, 25, 50])
     sweep_schedulers: list[str] = field(default_factory=lambda: ["ddim", "dpm++"])
     sweep_n: int = 32  # 0 turns the sweep off
@@ -240,7 +241,11 @@ class Evaluation:
 
         self.config = config
         check_range("--n", config.n, 1, 100_000)
-        check_range("--steps", config.steps, 1, 1000)
+        settings.check_steps(config.steps, "--steps")
+        settings.check_guidance(config.guidance, "--guidance")
+        settings.check_text_guidance(config.edit_guidance, "--edit-guidance")
+        for steps in config.sweep_steps:
+            settings.check_steps(steps, "--sweep-steps")
         check_range("--sweep-n", config.sweep_n, 0, config.n)
         check_range("--batch-size", config.batch_size, 1, 4096)
         for name in config.sweep_schedulers:
