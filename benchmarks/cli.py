@@ -117,8 +117,8 @@ def cmd_stress(args) -> None:
     if args.overload_steps is not None:
         check_range("--overload-steps", args.overload_steps, 1, 1000)
     protocols = ["http", "grpc"] if args.protocol == "both" else [args.protocol]
-    command = "vilex " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("vilex") else \
-        "vilex stress ..."
+    # As typed (`vilex stress ...` or `python -m vilex.cli stress ...`): the report says how it was made.
+    command = "vilex " + shlex.join(sys.argv[1:]) if "stress" in sys.argv[1:2] else "vilex stress ..."
     report = run_stress(args.url, protocols, parts, Path(args.out), duration_s=args.duration, concurrency=args.concurrency,
                         requests=args.requests, steps=args.steps, warmup=args.warmup, overload_steps=args.overload_steps,
                         server_pid=args.server_pid, repository=args.repository, admin_key=args.admin_key,

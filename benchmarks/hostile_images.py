@@ -15,7 +15,6 @@ import zlib
 
 import numpy as np
 import PIL.Image
-import PIL.features
 
 # Formats Pillow both writes and reads here, with the mode each is written in. JPEG 2000 and AVIF need
 # their libraries; `truncatable_formats` keeps those this Pillow has.

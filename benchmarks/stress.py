@@ -411,7 +411,7 @@ def run_stress(url: str, protocols: list[str], parts: list[str], out: Path, dura
     report = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "url": url, "ports": ports, "server_pid": process.pid, "protocols": protocols, "parts": parts,
               "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                       "load_average": os.getloadavg()},
+                       "load_average": os.getloadavg(), "nice": os.nice(0), "server_nice": process.nice()},
               "served": {**asdict(served), **{k: v for k, v in info.items() if k != "served"}},
               "start": as_dict(watch.sample())}
     log(f"stress: server pid {process.pid}, http {ports['http']}, grpc {ports['grpc']}; N={served.num_queries} "
@@ -438,10 +438,19 @@ def run_stress(url: str, protocols: list[str], parts: list[str], out: Path, dura
         report["soak"] = run_soak(host, ports, protocols, watch, served, requests, concurrency, remaining, steps,
                                   warmup if warmup is not None else max(2 * concurrency, requests // 10), windows=10, log=log)
     if "overload" in parts:
-        report["overload"] = [run_overload(host, ports, protocol, info, overload_steps or min(served.max_steps, 20), log=log)
-                              for protocol in protocols]
+        report["overload"] = []
+        for protocol in protocols:
+            if time.monotonic() > deadline:
+                # Bounded like the other parts; a part not run is said so, and is not a pass.
+                report["overload"].append({"protocol": protocol, "not_run": "--duration reached", "checks": {},
+                                           "passed": False})
+                log(f"overload ({protocol}): not run, --duration reached")
+                continue
+            report["overload"].append(run_overload(host, ports, protocol, info, overload_steps or min(served.max_steps, 20),
+                                                   log=log))
     report["wall_s"] = round(time.monotonic() - started, 1)
     report["end"] = as_dict(watch.sample())
+    report["host"]["load_average_at_end"] = os.getloadavg()
     report["findings"] = findings(report)
     report["passed"] = all(report[name]["passed"] for name in ("hostile", "soak") if name in report) and \
         all(o["passed"] for o in report.get("overload", []))
@@ -473,6 +482,8 @@ def findings(report: dict) -> list[str]:
                 found.append(f"soak: '{check}' failed (growth {soak['resources']['growth']}, errors {soak['errors']}, "
                              f"hung {soak['hung']})")
     for overload in report.get("overload", []):
+        if "not_run" in overload:
+            found.append(f"overload ({overload['protocol']}): not run ({overload['not_run']})")
         for check, ok in overload["checks"].items():
             if not ok:
                 found.append(f"overload ({overload['protocol']}): '{check}' failed (served {overload['served']}, refused "
@@ -490,8 +501,9 @@ def write_report(report: dict, out: Path) -> None:
 def markdown(report: dict) -> str:
     lines = [f"# vilex stress: {'passed' if report['passed'] else 'FAILED'}", "",
              f"`{report['command']}` on {report['date']}, server pid {report['server_pid']} ({report['url']}); "
-             f"{report['host']['cpus']} CPUs, load average at start {', '.join(f'{v:.1f}' for v in report['host']['load_average'])}; "
-             f"{report['wall_s']} s.", ""]
+             f"{report['host']['cpus']} CPUs, load average at start {', '.join(f'{v:.1f}' for v in report['host']['load_average'])}, "
+             f"at the end {', '.join(f'{v:.1f}' for v in report['host']['load_average_at_end'])}; client nice "
+             f"{report['host']['nice']}, server nice {report['host']['server_nice']}; {report['wall_s']} s.", ""]
     if "hostile" in report:
         part = report["hostile"]
         lines += ["## Hostile input", "", "| protocol | cases | malformed | passed | refused 400 / INVALID_ARGUMENT | served | next request failed |",
@@ -534,6 +546,9 @@ def markdown(report: dict) -> str:
             lines.append(f"| {model} | {p['n']} | {p.get('p50_ms', '')} | {p.get('p90_ms', '')} | {p.get('p99_ms', '')} | {p.get('max_ms', '')} |")
         lines += ["", *[f"- {'ok' if ok else '**FAILED**'}: {check}" for check, ok in s["checks"].items()], ""]
     for o in report.get("overload", []):
+        if "not_run" in o:
+            lines += [f"## Overload ({o['protocol']})", "", f"Not run: {o['not_run']}.", ""]
+            continue
         lines += [f"## Overload ({o['protocol']})", "",
                   f"{o['sent']} {o['model']} requests at once ({o['steps']} steps): queue {o['max_queue_size']}, batch "
                   f"{o['max_batch']}, {o['instances']} instance(s), so at most {o['capacity']} can be held. Served {o['served']}, "
