@@ -13,7 +13,8 @@ real SIGTERM, real sockets.
   and never says ready;
 * the trace and logging APIs are restricted, and the admin key written to its 0600 file opens them.
 
-All marked `triton` (each server start takes 30-90 s on 2 busy cores).
+The server tests are marked `triton` (each server start takes 30-90 s on 2 busy cores); the first three
+tests check the pieces on their own, in a second.
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ import numpy as np
 import pytest
 
 from vilex.engines.contract import ExportOptions
-
-pytestmark = pytest.mark.triton
 
 STEPS = 2  # denoising steps of the requests that check the server serves
 SLOW_STEPS = 150  # a request that is still running when the test acts on the server
@@ -138,7 +137,58 @@ def generate(server_url: str, tokens: np.ndarray, steps: int = STEPS) -> np.ndar
         return client.generate(tokens, steps=steps, seed=3)
 
 
+# ---- the pieces, without a server ---------------------------------------------------------------------------------
+# A real line of tritonserver 2.51's log for a truncated unet graph (JSON-escaped, the stub's traceback after "At:").
+LOAD_FAILED_LINE = (
+    'E1201 19:26:49.211437 7095 model_lifecycle.cc:642] "failed to load \'unet\' version 1: Internal: InvalidProtobuf: '
+    '[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from /srv/repo/unet/1/model.onnx failed:Protobuf parsing '
+    'failed.\\n\\nAt:\\n  /srv/repo/unet/1/model.py(46): initialize\\n"')
+
+
+def test_load_failures_name_the_model_and_the_file():
+    from vilex.serving.server import load_failures
+
+    log = "\n".join(['I1201 19:26:47.916962 7095 model_lifecycle.cc:472] "loading: unet:1"', LOAD_FAILED_LINE,
+                     LOAD_FAILED_LINE, 'I1201 19:26:49.211459 7095 model_lifecycle.cc:777] "failed to load \'unet\'"'])
+    assert load_failures(log) == ["unet (version 1): Internal: InvalidProtobuf: [ONNXRuntimeError] : 7 : "
+                                  "INVALID_PROTOBUF : Load model from /srv/repo/unet/1/model.onnx failed:Protobuf "
+                                  "parsing failed."]
+    assert load_failures('I1201 server.cc:674] "successfully loaded \'unet\' version 1"') == []
+
+
+def test_dead_stubs_sees_a_killed_child_that_stays_a_zombie():
+    """A stub killed with SIGKILL stays a zombie under tritonserver (it never reaps it): gone for dead_stubs."""
+    import psutil
+
+    from vilex.serving.health import dead_stubs
+
+    children = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    try:
+        stubs = {f"model_{i}_0": psutil.Process(c.pid) for i, c in enumerate(children)}
+        assert dead_stubs(stubs) == []
+        os.kill(children[0].pid, signal.SIGKILL)
+        poll(lambda: stubs["model_0_0"].status() == psutil.STATUS_ZOMBIE, 10, 0.05, "the zombie")
+        assert dead_stubs(stubs) == [f"model_0_0 (pid {children[0].pid})"]  # not reaped: still a pid, but dead
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    assert len(dead_stubs(stubs)) == 2  # reaped: gone
+
+
+def test_admin_key_file_is_private_and_replaced_whole(tmp_path):
+    from vilex.serving.server import write_private_file
+
+    path = tmp_path / "serve" / "admin-key-8000"
+    write_private_file(path, "first\n")
+    os.chmod(path, 0o644)  # an old file with loose permissions is replaced, not reused
+    write_private_file(path, "second\n")
+    assert path.read_text() == "second\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700 and sorted(os.listdir(path.parent)) == ["admin-key-8000"]
+
+
 # ---- security: trace and logging restricted, the key file usable ---------------------------------------------------
+@pytest.mark.triton
 def test_admin_key_file_opens_the_restricted_trace_and_logging_apis(supervised):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
@@ -187,6 +237,7 @@ def executions(server, model: str) -> int:
     return int(stats["execution_count"]) + int(stats["inference_stats"]["fail"]["count"])
 
 
+@pytest.mark.triton
 def test_clients_that_hang_up_leave_the_server_serving(supervised, tokens):
     reference = generate(supervised.url(), tokens)
     stubs = {name: process.pid for name, process in supervised.stubs.items()}
@@ -215,6 +266,7 @@ def test_clients_that_hang_up_leave_the_server_serving(supervised, tokens):
 
 
 # ---- a stub killed with SIGKILL --------------------------------------------------------------------------------------
+@pytest.mark.triton
 def test_a_killed_stub_makes_the_server_not_ready_until_restarted(supervised, tokens):
     from vilex.serving.client import ServingError
     from vilex.serving.server import group_alive
@@ -255,6 +307,7 @@ def test_a_killed_stub_makes_the_server_not_ready_until_restarted(supervised, to
     assert set(supervised.stubs) == set(old_stubs)
 
 
+@pytest.mark.triton
 def test_stop_after_a_restart_leaves_nothing(supervised):
     from vilex.serving.server import group_alive
 
@@ -282,6 +335,7 @@ def start_vilex_serve(repository: Path, log: Path, env: dict | None = None):
     return process, ports, output, reader
 
 
+@pytest.mark.triton
 def test_sigterm_with_requests_in_flight_answers_every_client_and_leaves_nothing(repository, tokens, tmp_path):
     from vilex.serving.server import admin_key_path, group_alive
 
@@ -360,6 +414,7 @@ def _stub_of(proc: Path, repository: Path) -> bool:
 
 
 # ---- a truncated graph ------------------------------------------------------------------------------------------------
+@pytest.mark.triton
 def test_a_truncated_graph_fails_the_start_naming_the_file(engines, tmp_path):
     from vilex.serving.repository import build_repository
 

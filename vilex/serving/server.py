@@ -185,6 +185,7 @@ class TritonServer:
         self._watchdog = None
         self._health = None
         self._wrote_key_file = False
+        self._log_start = 0
 
     # ---- start -----------------------------------------------------------------------------------------
     def command(self) -> list[str]:
@@ -247,6 +248,8 @@ class TritonServer:
         if self.workspace is None:  # kept across restarts (and the default log in it)
             self._prepare_workspace()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # The log is appended to (a restart, a reused --log): load failures are read from this start on only.
+        self._log_start = self.log_path.stat().st_size if self.log_path.is_file() else 0
         with open(self.log_path, "ab") as log:
             # Its own session: stop() can signal the server and its backend stubs as one process group.
             self.process = subprocess.Popen(self.command(), env=self.environment(), stdout=log,
@@ -265,7 +268,7 @@ class TritonServer:
             if self._stopping.is_set():
                 raise ServerError("tritonserver was stopped while it was starting")
             if self.process.poll() is not None:
-                failed = load_failures(self.log_text())
+                failed = load_failures(self.log_text(start=self._log_start))
                 if failed:
                     raise ModelLoadError(f"tritonserver could not load {len(failed)} model(s) of {self.repository}:\n"
                                          + "\n".join(f"  {line}" for line in failed))
@@ -280,10 +283,11 @@ class TritonServer:
             time.sleep(0.5)
         raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
-    def log_text(self) -> str:
+    def log_text(self, start: int = 0) -> str:
+        """The server's log from byte `start` on."""
         if self.log_path is None or not self.log_path.is_file():
             return ""
-        return self.log_path.read_text(errors="replace")
+        return self.log_path.read_bytes()[start:].decode(errors="replace")
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.log_text().splitlines()
