@@ -521,6 +521,42 @@ def test_concurrent_requests_are_batched_and_correct(served, in_process, sample_
         assert max_pixel_difference(image, reference_image(in_process, path, seed)) <= PIXEL_TOLERANCE, (path, seed)
 
 
+# ---- the UNet in the pipeline model's process (--unet local) ------------------------------------------------------------
+@pytest.mark.triton
+@pytest.mark.slow
+def test_local_unet_serves_the_same_images_without_unet_requests(engines, in_process, sample_files, tmp_path):
+    """`--unet local`: vilex_generate and vilex_reconstruct run the UNet's ONNX graph in their own process. The
+    images are the in-process ones (over HTTP and gRPC, with an option that stacks three UNet branches), and
+    the server's statistics show the denoising steps never reached the `unet` model, while the per-request
+    stages still went to their graph models."""
+    from vilex.images import load_image
+    from vilex.serving.client import TritonClient
+    from vilex.serving.repository import build_repository
+    from vilex.serving.server import Ports, TritonServer
+
+    from vilex.engines.folder import EngineFolder
+
+    repository = build_repository(engines, tmp_path / "repository", unet="local")
+    graph = EngineFolder.open(engines).graph_path("unet", "onnx").relative_to(engines)
+    for name in ("vilex_generate", "vilex_reconstruct"):  # the UNet graph, where the manifest names it
+        assert (repository / name / "1" / "engine" / graph).is_file()
+    assert not list((repository / "vilex_tokenize" / "1" / "engine").rglob("*.onnx"))
+    image = load_image(sample_files[1])
+    with TritonServer(repository, ports=Ports.free()) as server:
+        for protocol, options, library in (("http", {}, {}),
+                                           ("grpc", dict(prompt="a red circle", text_guidance=2.0),
+                                            dict(prompt="a red circle", text_guidance_scale=2.0))):
+            with TritonClient(server.url(protocol), protocol) as client:
+                served_image = client.reconstruct([sample_files[1].read_bytes()], num_tokens=16, steps=STEPS, seed=4,
+                                                  **options)[0]
+                stats = {name: client.statistics(name) for name in ("unet", "text_encoder", "vae_decoder")}
+            expected = np.asarray(in_process([image], num_tokens=16, num_inference_steps=STEPS, seed=4,
+                                             **library).images[0])
+            assert max_pixel_difference(served_image, expected) <= PIXEL_TOLERANCE, protocol
+        assert stats["unet"]["executions"] == 0, stats["unet"]
+        assert stats["vae_decoder"]["executions"] == 2 and stats["text_encoder"]["executions"] >= 2, stats
+
+
 # ---- bad inputs -------------------------------------------------------------------------------------------------------
 def encoded(*items: bytes) -> np.ndarray:
     return np.array([[item] for item in items], dtype=object)

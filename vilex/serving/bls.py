@@ -1,7 +1,9 @@
 """What runs inside the pipeline models' Python-backend processes (their model.py files stay thin).
 
 `TritonStageBackend` is a StageBackend whose stages are other models of the same server, called through
-BLS (`pb_utils.InferenceRequest(...).exec()`, with a timeout, `has_error()` checked). The pipeline built
+BLS (`pb_utils.InferenceRequest(...).exec()`, with a timeout, `has_error()` checked). With
+`vilex triton-repo --unet local`, `LocalUNetBackend` runs the UNet in the pipeline model's own process
+instead (one onnxruntime session) and sends the other stages by BLS. The pipeline built
 on it by `pipeline_from_engines` is the ordinary `ViLexPipeline`: the denoising loop is the one in
 vilex/pipeline.py, only where a stage runs differs.
 
@@ -26,7 +28,7 @@ import torch
 from vilex.backends.base import StageBackend
 from vilex.errors import ViLexUsageError
 
-from .config import triton_dims
+from .config import LOOP_MODELS, triton_dims
 from .interface import pipeline_models
 from .pipeline_requests import Limits, PipelineRequest, parse_request
 
@@ -84,6 +86,45 @@ class TritonStageBackend(StageBackend):
         return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).clone()
 
 
+class LocalUNetBackend(StageBackend):
+    """The UNet in this process, every other stage through BLS (`vilex triton-repo --unet local`).
+
+    The denoising loop calls the UNet once per step; here that call is an onnxruntime session in the
+    pipeline model's own process (on the GPU, with IO binding, where onnxruntime has CUDA), so a step costs
+    no inter-process hop, no host copy of the latents and no graph-model queue. The per-request stages
+    (`vilex_encoder`, `text_encoder`, `vae_decoder`) still go to their graph models."""
+
+    name = "triton-bls+local-unet"
+
+    def __init__(self, bls: TritonStageBackend, unet: StageBackend):
+        self.bls, self.unet = bls, unet
+        self.device = unet.device  # the loop keeps its tensors where the UNet runs
+
+    def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (self.unet if stage == "unet" else self.bls).run(stage, inputs)
+
+
+def local_unet(folder, contract) -> StageBackend:
+    """An onnxruntime backend for the export's UNet graph in `folder` (a pipeline model's engine/), warmed up
+    once at the contract's opt shapes, as the graph models are by their config's model_warmup."""
+    import onnxruntime as ort
+
+    from vilex.backends.onnxruntime import OnnxRuntimeBackend
+    from vilex.engines.folder import EngineFolder
+
+    # A folder whose manifest lists the UNet alone: the other graphs are not in the engine folder.
+    manifest = {**folder.manifest, "graphs": {"unet": folder.manifest["graphs"]["unet"]}}
+    options = ort.SessionOptions()
+    # As in triton_repo/onnxruntime_model.py: other stages run in other processes, and threads spinning
+    # idle in this one would take the cores they run on.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    backend = OnnxRuntimeBackend(EngineFolder(folder.root, manifest), variant="onnx", session_options=options)
+    opt = contract.input_shapes("opt")  # {input: shape}
+    backend.run("unet", {spec.name: torch.zeros(opt[spec.name], dtype=getattr(torch, spec.dtype))
+                         for spec in contract.inputs})
+    return backend
+
+
 class PipelineModel:
     """The logic of one pipeline model. `args` is what Triton passes to `initialize`."""
 
@@ -100,6 +141,8 @@ class PipelineModel:
         engine_dir = Path(args["model_repository"]) / args["model_version"] / parameters["engine_dir"]
         folder = EngineFolder(engine_dir, json.loads((engine_dir / MANIFEST).read_text()))
         backend = TritonStageBackend(pb_utils, folder.contracts(), float(parameters["stage_timeout_seconds"]))
+        if parameters.get("unet", "bls") == "local" and model in LOOP_MODELS:
+            backend = LocalUNetBackend(backend, local_unet(folder, folder.contract("unet")))
         self.pipeline = pipeline_from_engines(folder, backend=backend)
         self.pipeline.set_progress_bar_config(disable=True)
         dims = folder.dims

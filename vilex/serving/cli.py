@@ -13,7 +13,7 @@ import sys
 
 from vilex.errors import ViLexUsageError
 
-from .config import DEFAULT_MAX_STEPS, GRAPH_QUEUE_DELAY_US, PLATFORMS
+from .config import DEFAULT_MAX_STEPS, DEFAULT_UNET, GRAPH_QUEUE_DELAY_US, PLATFORMS, UNET_PLACEMENTS
 
 
 def add_parser(subparsers) -> None:
@@ -34,6 +34,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=None, help="requests queued per model before rejecting (default: 8 batches)")
     p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS,
                    help=f"the most denoising steps one request may ask for, 1..1000 (default {DEFAULT_MAX_STEPS})")
+    p.add_argument("--unet", default=DEFAULT_UNET, choices=UNET_PLACEMENTS,
+                   help=f"where vilex_generate and vilex_reconstruct run the UNet: bls (each denoising step a request "
+                        f"to the unet model) or local (an onnxruntime session in their own process; no per-step "
+                        f"hop). Default {DEFAULT_UNET}")
     p.add_argument("--replace", action="store_true", help="replace an existing repository at --out (atomically)")
     p.set_defaults(func=cmd_triton_repo)
 
@@ -58,7 +62,7 @@ def cmd_triton_repo(args) -> None:
     out = build_repository(args.engines, args.out, platform=args.platform, max_batch=args.max_batch,
                            instances=args.instances, max_queue=args.max_queue, max_steps=args.max_steps,
                            replace=args.replace, pipeline_instances=args.pipeline_instances,
-                           graph_queue_delay_us=args.graph_queue_delay)
+                           graph_queue_delay_us=args.graph_queue_delay, unet=args.unet)
     models = sorted(p.name for p in out.iterdir() if (p / "config.pbtxt").is_file())
     print(f"wrote model repository {out} ({args.platform}): {', '.join(models)}")
     print(f"serve it with: vilex serve {out}")

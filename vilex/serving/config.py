@@ -68,6 +68,13 @@ PIPELINE_QUEUE_DELAY_US = 20_000
 PIPELINE_QUEUE_TIMEOUT_S = 300.0
 QUEUE_PER_BATCH = 8  # default queue bound: this many full batches
 DEFAULT_MAX_STEPS = 200  # a server bound on one request's work (the library allows 1000)
+# Where the pipeline models run the UNet: "bls" sends every denoising step to the `unet` graph model;
+# "local" runs it in the pipeline model's own process (an onnxruntime session over the export's graph), so
+# a step makes no inter-process hop. The per-request stages stay BLS calls either way.
+UNET_PLACEMENTS = ("bls", "local")
+DEFAULT_UNET = "bls"
+# The pipeline models that run the denoising loop (vilex_tokenize only encodes images).
+LOOP_MODELS = ("vilex_generate", "vilex_reconstruct")
 
 
 def triton_dims(spec: TensorSpec) -> tuple[list[int], list[int] | None]:
@@ -212,10 +219,11 @@ def graph_config(contract: GraphContract, platform: str, max_batch: int, instanc
 
 
 def pipeline_parameters(max_steps: int, default_steps: int, default_guidance: float,
-                        stage_timeout_s: float = STAGE_TIMEOUT_S) -> dict[str, str]:
+                        stage_timeout_s: float = STAGE_TIMEOUT_S, unet: str = DEFAULT_UNET) -> dict[str, str]:
     """Parameters of the pipeline models; `PipelineModel` reads them in initialize()."""
     return {"engine_dir": "engine", "max_steps": str(max_steps), "default_steps": str(default_steps),
-            "default_guidance": str(default_guidance), "stage_timeout_seconds": str(stage_timeout_s)}
+            "default_guidance": str(default_guidance), "stage_timeout_seconds": str(stage_timeout_s),
+            "unet": unet}
 
 
 def pipeline_config(model: ServedModel, max_batch: int, parameters: dict[str, str], instances: int = 1,

@@ -10,7 +10,8 @@
         config.pbtxt                  from interface.py
         1/model.py                    triton_repo/<model>/1/model.py (thin; logic in vilex/serving/bls.py)
         1/engine/                     the export's manifest.json and host/ files (tokenizer, scheduler,
-                                      configs, token embeddings): what the pipeline needs besides the graphs
+                                      configs, token embeddings): what the pipeline needs besides the graphs;
+                                      with --unet local also the UNet's ONNX graph (generate, reconstruct)
 
 The repository is written to a temporary sibling and renamed into place, so a failure leaves nothing.
 Large files are hard-linked from the export folder where the file system allows, else copied.
@@ -28,8 +29,9 @@ from pathlib import Path
 from vilex.errors import ViLexUsageError
 from vilex.outputs import swap_folder_into_place
 
-from .config import (DEFAULT_MAX_STEPS, GRAPH_QUEUE_DELAY_US, MAX_QUEUE_DELAY_US, PLATFORMS, check_max_batch,
-                     graph_config, graph_max_batch, pipeline_config, pipeline_parameters, source_dir)
+from .config import (DEFAULT_MAX_STEPS, DEFAULT_UNET, GRAPH_QUEUE_DELAY_US, LOOP_MODELS, MAX_QUEUE_DELAY_US,
+                     PLATFORMS, UNET_PLACEMENTS, check_max_batch, graph_config, graph_max_batch, pipeline_config,
+                     pipeline_parameters, source_dir)
 from .interface import PIPELINE_MODELS, pipeline_models
 
 REPOSITORY_FILE = "repository.json"
@@ -39,11 +41,13 @@ GRAPH_MODEL_SOURCE = "onnxruntime_model.py"
 def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platform: str = "python-ort",
                      max_batch: int | None = None, instances: int = 1, max_queue: int | None = None,
                      max_steps: int = DEFAULT_MAX_STEPS, replace: bool = False, pipeline_instances: int = 1,
-                     graph_queue_delay_us: int = GRAPH_QUEUE_DELAY_US) -> Path:
+                     graph_queue_delay_us: int = GRAPH_QUEUE_DELAY_US, unet: str = DEFAULT_UNET) -> Path:
     """Write the model repository for export folder `engines` to `out`; return `out`.
 
     instances: of each graph model; pipeline_instances: of each pipeline model. graph_queue_delay_us: how
-    long a graph model waits to fill a batch (0: never; more lets concurrent pipeline instances share one)."""
+    long a graph model waits to fill a batch (0: never; more lets concurrent pipeline instances share one).
+    unet: "bls" (each step a request to the `unet` model) or "local" (vilex_generate and vilex_reconstruct
+    run the UNet's ONNX graph in their own process; the `unet` model stays servable on its own)."""
     from vilex.settings import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from vilex.engines.folder import MANIFEST, EngineFolder
 
@@ -64,6 +68,8 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
         raise ViLexUsageError(f"--max-queue must be in 1..100000, got {max_queue}")
     if not 1 <= max_steps <= 1000:
         raise ViLexUsageError(f"--max-steps must be in 1..1000, got {max_steps}")
+    if unet not in UNET_PLACEMENTS:
+        raise ViLexUsageError(f"--unet must be one of {', '.join(UNET_PLACEMENTS)}, got {unet!r}")
     spec = PLATFORMS[platform]
     if platform == "tensorrt":
         graph_files = tensorrt_engines(folder, {name: graph_max_batch(c, max_batch) for name, c in contracts.items()})
@@ -95,7 +101,7 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
                 shutil.copyfile(source / GRAPH_MODEL_SOURCE, version / "model.py")
 
         # 3. Pipeline (BLS) models, each with the export's host files
-        parameters = pipeline_parameters(max_steps, DEFAULT_STEPS, DEFAULT_GUIDANCE)
+        parameters = pipeline_parameters(max_steps, DEFAULT_STEPS, DEFAULT_GUIDANCE, unet=unet)
         dims = folder.dims
         for name, model in pipeline_models(dims.hidden_size, dims.num_queries).items():
             version = staging / name / "1"
@@ -110,13 +116,21 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
                 target = engine / "host" / path.relative_to(folder.host_dir)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(path, target)
+            if unet == "local" and name in LOOP_MODELS:
+                # The UNet's ONNX graph (and its external weights), where the manifest names it.
+                graph = folder.graph_path("unet", "onnx")
+                for path in (graph, graph.with_name(graph.name + ".data")):
+                    if path.is_file():
+                        target = engine / path.relative_to(folder.root)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        _link_or_copy(path, target)
 
         # 4. What this repository is
         (staging / REPOSITORY_FILE).write_text(json.dumps({
             "format": "vilex-triton-repository", "format_version": 1,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "platform": platform, "max_batch": max_batch, "instances": instances,
-            "pipeline_instances": pipeline_instances, "graph_queue_delay_us": graph_queue_delay_us,
+            "pipeline_instances": pipeline_instances, "graph_queue_delay_us": graph_queue_delay_us, "unet": unet,
             "max_queue": max_queue, "max_steps": max_steps,
             "models": {"graphs": list(contracts), "pipeline": list(PIPELINE_MODELS)},
             "graph_files": {name: path.relative_to(folder.root).as_posix() for name, path in graph_files.items()},
