@@ -73,8 +73,10 @@ def kill_inside_a_save(process: subprocess.Popen, run: Path, timeout_s: float = 
     for step in range(2, MAX_STEPS):
         staging, done = ckpt.staging_folder(run, step), run / ckpt.CHECKPOINTS / ckpt.checkpoint_name(step)
         while not staging.is_dir() and not done.is_dir():
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"vilex train ended (code {process.poll()}) before a save was caught")
+            if process.poll() is not None:
+                pytest.fail(f"vilex train ended (code {process.returncode}) before a save was caught")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no save of step {step} within {timeout_s:.0f} s")
             time.sleep(0.001)
         if done.is_dir():  # this save came and went between two looks
             continue
@@ -85,7 +87,7 @@ def kill_inside_a_save(process: subprocess.Popen, run: Path, timeout_s: float = 
         previous = hashes(run / ckpt.CHECKPOINTS / ckpt.checkpoint_name(step - 1))
         while not blocked_opening_fifo(process.pid):
             if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("vilex train did not block on the FIFO")
+                pytest.fail(f"vilex train did not block on the FIFO (exit code {process.poll()})")
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=30) == -signal.SIGKILL
