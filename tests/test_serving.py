@@ -542,7 +542,10 @@ def test_local_unet_serves_the_same_images_without_unet_requests(engines, in_pro
         assert (repository / name / "1" / "engine" / graph).is_file()
     assert not list((repository / "vilex_tokenize" / "1" / "engine").rglob("*.onnx"))
     image = load_image(sample_files[1])
-    with TritonServer(repository, ports=Ports.free()) as server:
+    server = TritonServer(repository, ports=Ports.free())
+    # Seven models load at once; on 2 cores taken by another job the start has taken over 300 s (seen once).
+    server.start(timeout_s=900)
+    try:
         for protocol, options, library in (("http", {}, {}),
                                            ("grpc", dict(prompt="a red circle", text_guidance=2.0),
                                             dict(prompt="a red circle", text_guidance_scale=2.0))):
@@ -555,6 +558,8 @@ def test_local_unet_serves_the_same_images_without_unet_requests(engines, in_pro
             assert max_pixel_difference(served_image, expected) <= PIXEL_TOLERANCE, protocol
         assert stats["unet"]["executions"] == 0, stats["unet"]
         assert stats["vae_decoder"]["executions"] == 2 and stats["text_encoder"]["executions"] >= 2, stats
+    finally:
+        server.stop()
 
 
 # ---- bad inputs -------------------------------------------------------------------------------------------------------
