@@ -326,7 +326,7 @@ def start_vilex_serve(repository: Path, log: Path, env: dict | None = None):
 
     ports = Ports.free()
     command = [sys.executable, "-m", "vilex.cli", "serve", str(repository), "--http-port", str(ports.http),
-               "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--log", str(log)]
+               "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--health-port", "0", "--log", str(log)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, **(env or {})})
     output: list[str] = []

@@ -9,7 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Source folders and the import names they ship as (pyproject.toml's package-dir).
-PACKAGES = {"vilex": "vilex", "export": "vilex.export", "benchmarks": "vilex.benchmarks", "triton_repo": "triton_repo"}
+PACKAGES = {"vilex": "vilex", "export": "vilex.export", "benchmarks": "vilex.benchmarks",
+            "triton_repo": "vilex.triton_repo"}
 COMMANDS_PATTERN = "*/cli.py"  # "every `*/cli.py`": a package's command module is a command
 
 

@@ -321,7 +321,7 @@ def served(engines, tmp_path_factory):
     ports = Ports.free()
     admin_key = "test-admin-key"
     command = [sys.executable, "-m", "vilex.cli", "serve", str(repository), "--http-port", str(ports.http),
-               "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--log", str(root / "server.log")]
+               "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--health-port", "0", "--log", str(root / "server.log")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "VILEX_TRITON_ADMIN_KEY": admin_key})
     output: list[str] = []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shlex
 import signal
-import subprocess
 import sys
 
 from vilex.errors import ViLexUsageError
@@ -46,6 +45,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--health-port", type=int, default=8003,
+                   help="vilex's own readiness: GET /ready (200 only while every model can serve), /live "
+                        "(default 8003; 0: a free port)")
     p.add_argument("--address", default="127.0.0.1",
                    help="where to listen (default 127.0.0.1: this host only; 0.0.0.0: every interface)")
     p.add_argument("--log", default=None, help="write the server's log to this file (default: a temporary file)")
@@ -76,8 +78,12 @@ def cmd_serve(args) -> None:
     for flag, port in (("--http-port", ports.http), ("--grpc-port", ports.grpc), ("--metrics-port", ports.metrics)):
         if not 1 <= port <= 65535:
             raise ViLexUsageError(f"{flag} must be in 1..65535, got {port}")
-    if len({ports.http, ports.grpc, ports.metrics}) < 3:
-        raise ViLexUsageError(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
+    if not 0 <= args.health_port <= 65535:
+        raise ViLexUsageError(f"--health-port must be in 0..65535 (0: a free port), got {args.health_port}")
+    given = [ports.http, ports.grpc, ports.metrics] + ([args.health_port] if args.health_port else [])
+    if len(set(given)) < len(given):
+        raise ViLexUsageError(f"--http-port, --grpc-port, --metrics-port and --health-port must differ, got "
+                              f"{', '.join(map(str, given))}")
     if args.docker:
         read_repository(args.repository)
         print("# NVIDIA's Triton container on a GPU host. The pipeline models import vilex (with torch, diffusers,")
@@ -86,7 +92,8 @@ def cmd_serve(args) -> None:
         print(shlex.join(docker_command(args.repository, ports, args.image or CONTAINER_IMAGE)))
         return
 
-    server = TritonServer(args.repository, ports=ports, address=args.address, log=args.log)
+    server = TritonServer(args.repository, ports=ports, address=args.address, log=args.log,
+                          health_port=args.health_port)
     # SIGTERM (docker stop, systemd, kill) stops the server the same way Ctrl-C does. SIGINT is set too:
     # a shell starts background commands with SIGINT ignored, and Python then keeps ignoring it.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -95,16 +102,14 @@ def cmd_serve(args) -> None:
         print(f"starting tritonserver on {server.repository} ...", flush=True)
         server.start(timeout_s=args.timeout)
         print(f"tritonserver ready (pid {server.pid}): http {server.url('http')}, grpc {server.url('grpc')}, "
-              f"metrics {server.address}:{ports.metrics}; log {server.log_path}", flush=True)
+              f"metrics {server.address}:{ports.metrics}; readiness {server.health_url()}/ready; "
+              f"admin key in {server.admin_key_file or '$VILEX_TRITON_ADMIN_KEY'}; log {server.log_path}", flush=True)
         print("models: " + ", ".join(server.info["models"]["pipeline"] + server.info["models"]["graphs"]), flush=True)
         print("stop with Ctrl-C", flush=True)
-        while server.process.poll() is None:
-            try:
-                server.process.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                pass
-        print(f"tritonserver exited on its own with code {server.process.returncode}:\n{server.log_tail()}",
-              file=sys.stderr, flush=True)
+        # The watchdog restarts tritonserver when a stub dies; wait() returns only when it gave up.
+        code = server.wait()
+        print(f"tritonserver ended for good (code {code}): {server.readiness_report()['reason']}\n"
+              f"{server.log_tail()}", file=sys.stderr, flush=True)
         raise SystemExit(1)
     except KeyboardInterrupt:
         print("stopping tritonserver ...", flush=True)

@@ -22,6 +22,7 @@ other failure is a `ServingError`.
 
 from __future__ import annotations
 
+import http.client
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -117,6 +118,8 @@ class TritonClient:
             raise ServingError(f"{self.protocol}://{self.url}: {error.message()} (status {status or 'unknown'})") from None
         except (ConnectionError, OSError) as error:
             raise ViLexUsageError(f"--url {self.url}: no tritonserver answers over {self.protocol} ({error})") from None
+        except http.client.HTTPException as error:  # geventhttpclient's HTTPConnectionClosed: the server hung up
+            raise ServingError(f"{self.protocol}://{self.url}: the server closed the connection ({error!r})") from None
 
     # ---- the pipeline models -----------------------------------------------------------------------------
     def tokenize(self, images: Sequence[Image], num_tokens: int | None = None) -> np.ndarray:
