@@ -1,6 +1,6 @@
 """Train the toy world's text-to-image base from scratch: the VAE, then the text encoder and UNet on captions.
 
-    vilex toyworld train-base OUT [--vae-steps 1500] [--unet-steps 4000] [--seed 0]
+    vilex toyworld train-base OUT [--vae-steps 1500] [--unet-steps 5000] [--seed 0]
 
 1. scenes: `num_scenes` training scenes rendered once (split "train"), held in memory as uint8
 2. VAE stage: AutoencoderKL on random 32x32 crops (the VAE is convolutional, so crops teach it the same
@@ -53,7 +53,7 @@ class BaseConfig:
     vae_batch_size: int = 16
     vae_crop: int = 32
     vae_lr: float = 1e-3
-    unet_steps: int = 4000
+    unet_steps: int = 5000
     unet_batch_size: int = 32
     unet_lr: float = 5e-4
     warmup_steps: int = 100
