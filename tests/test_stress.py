@@ -69,17 +69,22 @@ def test_every_hostile_image_is_refused_by_the_servers_decoding(case):
     for row, data in enumerate(case.inputs["IMAGE"][:, 0]):
         try:
             decode_encoded(data, f"IMAGE[{row}]", TINY.max_image_pixels)
-        except ViLexUsageError as error:
+        except ViLexUsageError as error:  # regression: a damaged AVIF raised RuntimeError here (a 500)
             assert re.search(case.names, str(error)), str(error)
             return
-        except Exception as error:  # noqa: BLE001 - recorded below
-            if case.name == "AVIF corrupt":
-                # KNOWN DEFECT (vilex/serving/pipeline_requests.py, decode_encoded): its PIL.Image.open catches
-                # a fixed list of exceptions; Pillow's AVIF plugin raises RuntimeError at open, which escapes
-                # execute() and fails every request batched with it (500). The stress report records it.
-                pytest.xfail(f"decode_encoded lets {type(error).__name__} through: {error}")
-            raise
     pytest.fail(f"{case.name}: decoded without an error")
+
+
+def test_generate_without_vilex_tokens_is_a_400_naming_it():
+    """Regression (found by vilex stress): Triton 2.51 passes a vilex_generate request without its required
+    VILEX_TOKENS to the model, where it was a KeyError (500, a traceback with server paths)."""
+    from vilex.serving.pipeline_requests import Limits, parse_request
+
+    limits = Limits(num_queries=TINY.num_queries, hidden_size=TINY.hidden_size, max_steps=TINY.max_steps,
+                    default_steps=25, default_guidance=7.5, default_size=64, height_range=(32, 128),
+                    width_range=(32, 128), side_multiple=4)
+    with pytest.raises(ViLexUsageError, match=r"VILEX_TOKENS is required: ViLex tokens \(n, k, 32\) float32, k in 1..75"):
+        parse_request("vilex_generate", {"SEED": np.zeros((1, 1), np.int64)}, limits)
 
 
 # ---- images.py: what it refuses --------------------------------------------------------------------------------
@@ -189,9 +194,10 @@ def test_stress_refuses_anything_but_loopback():
 # ---- against a real server ------------------------------------------------------------------------------------
 # Defects the stress run finds in files this work does not own (vilex/serving/pipeline_requests.py); the
 # README's Reliability section gives the fix. Strict: once fixed, these cases pass and this list must go.
-KNOWN_DEFECTS = {
-    "no VILEX_TOKENS": "KeyError: 'VILEX_TOKENS'",  # parse_request reads inputs["VILEX_TOKENS"] unchecked
-    "AVIF corrupt": "RuntimeError",  # decode_encoded's PIL.Image.open lets RuntimeError through
+KNOWN_DEFECTS: dict[str, str] = {
+    # Found by vilex stress and fixed (regression: this run): "no VILEX_TOKENS" answered 500 KeyError (Triton
+    # 2.51 passes a request without a required input to the model); "AVIF corrupt" answered 500 RuntimeError
+    # and failed the 3 requests batched with it. Both are 400s naming the input now.
 }
 
 
@@ -208,7 +214,7 @@ def served(tiny_ckpt, tmp_path_factory):
     repository = build_repository(root / "engines", root / "repository", platform="python-ort")
     ports = Ports.free()
     command = [sys.executable, "-m", "vilex.cli", "serve", str(repository), "--http-port", str(ports.http),
-               "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--log", str(root / "server.log")]
+               "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--health-port", "0", "--log", str(root / "server.log")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
     threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True).start()

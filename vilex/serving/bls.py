@@ -163,6 +163,8 @@ class PipelineModel:
                                                self.pipeline.prompt_builder)
             except ViLexUsageError as error:
                 responses[index] = self._error(str(error), pb.TritonError.INVALID_ARG)
+            except Exception as error:  # noqa: BLE001 - a bug in a check fails its own request, not the batch
+                responses[index] = self._error(f"{self.model}: {type(error).__name__}: {error}", pb.TritonError.INTERNAL)
         # 2. Run them together; a failure is reported to the requests it concerns.
         for index, outcome in self._run(checked).items():
             if isinstance(outcome, Exception):

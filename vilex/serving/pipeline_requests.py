@@ -18,7 +18,7 @@ import PIL.Image
 
 from vilex import settings
 from vilex.errors import ViLexUsageError, check_range
-from vilex.images import MAX_IMAGE_PIXELS, decode_image
+from vilex.images import DECODER_ERRORS, MAX_IMAGE_PIXELS, decode_image
 
 from .interface import MAX_PROMPT_BYTES
 
@@ -86,6 +86,9 @@ def parse_request(model: str, inputs: dict[str, np.ndarray], limits: Limits, pro
         request.images = read_images(inputs, n, limits.max_image_pixels)
         available = limits.num_queries
     else:
+        if "VILEX_TOKENS" not in inputs:  # required in config.pbtxt, yet Triton 2.51 passes requests without it
+            raise ViLexUsageError(f"VILEX_TOKENS is required: ViLex tokens (n, k, {limits.hidden_size}) float32, "
+                                  f"k in 1..{limits.num_queries}")
         request.vilex_tokens = read_tokens(inputs["VILEX_TOKENS"], limits)
         available = request.vilex_tokens.shape[1]
     request.num_tokens = per_image_ints(inputs, "NUM_TOKENS", n, 1, available, default=available)
@@ -157,7 +160,7 @@ def decode_encoded(data: bytes, name: str, max_pixels: int) -> PIL.Image.Image:
     try:
         with PIL.Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+    except DECODER_ERRORS as error:  # noqa: BLE001 - whatever a decoder raises on these bytes (AVIF: RuntimeError)
         raise ViLexUsageError(f"{name}: bytes are not a readable image (PNG, JPEG, WebP ...): {error}") from None
     if width * height > max_pixels:
         raise ViLexUsageError(f"{name}: {width}x{height} pixels is above the limit of {max_pixels} pixels")
