@@ -113,7 +113,7 @@ class Trainer:
             latest = ckpt.latest_checkpoint(self.run_dir)
             if latest is not None:
                 self.load_checkpoint(latest)
-            if self.is_main and cfg.progress:
+            if self.is_main:  # said with or without --no-progress (which turns off the progress bar only)
                 print(f"resuming {self.run_dir} from step {self.step}" if latest is not None else
                       f"{self.run_dir} has no checkpoint yet: starting it over from step 0")
             resume_step = self.step
