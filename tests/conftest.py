@@ -53,3 +53,15 @@ def image_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("images") / "red.png"
     Image.new("RGB", (40, 30), (220, 20, 20)).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_ckpt, tmp_path_factory) -> Path:
+    """The session's tiny checkpoint exported to ONNX with max batch 4 (what the served tests use). Tests
+    must not change it: a repository built from it hard-links the graphs, so break a link before writing."""
+    from vilex.engines.contract import ExportOptions
+    from vilex.export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-max-batch-4"
+    export_checkpoint(tiny_ckpt, out, ExportOptions(max_batch=4), log=lambda *_: None)
+    return out

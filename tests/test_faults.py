@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vilex.engines.contract import ExportOptions
 
 STEPS = 2  # denoising steps of the requests that check the server serves
 SLOW_STEPS = 150  # a request that is still running when the test acts on the server
@@ -91,12 +90,8 @@ def sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_ckpt, tmp_path_factory) -> Path:
-    from vilex.export.onnx_export import export_checkpoint
-
-    out = tmp_path_factory.mktemp("faults") / "engines"
-    export_checkpoint(tiny_ckpt, out, ExportOptions(max_batch=4), log=lambda *_: None)
-    return out
+def engines(tiny_engines) -> Path:
+    return tiny_engines  # conftest.py: one export for the session
 
 
 @pytest.fixture(scope="module")

@@ -76,6 +76,17 @@ REFERENCE_STEPS = 3
 REFERENCE_ATOL = 1e-5
 
 
+def stock_pipeline(pipeline):
+    """diffusers' own StableDiffusionPipeline on the same components: the reference."""
+    from diffusers import StableDiffusionPipeline
+
+    stock = StableDiffusionPipeline(vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
+                                    unet=pipeline.unet, scheduler=pipeline.scheduler, safety_checker=None,
+                                    feature_extractor=None, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    return stock
+
+
 def with_scheduler(pipeline, name: str):
     import diffusers
 
@@ -89,18 +100,13 @@ def with_scheduler(pipeline, name: str):
 def test_generate_equals_stable_diffusion_pipeline(tiny_pipeline, sample_images, scheduler, guidance_scale):
     """diffusers' own StableDiffusionPipeline over the same modules, given our text-encoder states (ViLex
     tokens + a prompt per image) as prompt_embeds and the empty prompt's as negative_prompt_embeds."""
-    from diffusers import StableDiffusionPipeline
-
     pipeline = with_scheduler(tiny_pipeline, scheduler)
     tokens = pipeline.tokenize(sample_images, num_tokens=8)  # (2, 8, 32)
     prompts = ["a watercolor painting", "a red house"]
     ours = pipeline.generate(tokens, prompt=prompts, num_inference_steps=REFERENCE_STEPS,
                              guidance_scale=guidance_scale, seed=0, output_type="np").images
 
-    stock = StableDiffusionPipeline(vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
-                                    unet=pipeline.unet, scheduler=pipeline.scheduler, safety_checker=None,
-                                    feature_extractor=None, requires_safety_checker=False)
-    stock.set_progress_bar_config(disable=True)
+    stock = stock_pipeline(pipeline)
     with torch.no_grad():
         prompt_embeds = pipeline.encode_prompt(tokens, prompts)  # (2, 77, 32)
         negative_prompt_embeds = pipeline.encode_prompt(None, ["", ""])
@@ -123,18 +129,13 @@ def test_negative_prompt_equals_stable_diffusion_pipeline(tiny_pipeline, sample_
     """negative_prompt replaces the empty prompt of the unconditional branch, as in diffusers: against
     StableDiffusionPipeline given our text-encoder states as prompt_embeds and the negative prompts as
     text, which diffusers tokenizes and encodes itself with the stock CLIP forward."""
-    from diffusers import StableDiffusionPipeline
-
     pipeline = with_scheduler(tiny_pipeline, "ddim-v")
     tokens = pipeline.tokenize(sample_images, num_tokens=8)  # (2, 8, 32)
     prompts, negatives = ["a watercolor painting", None], ["a blurry photo", "dark"]
     ours = pipeline.generate(tokens, prompt=prompts, negative_prompt=negatives, num_inference_steps=REFERENCE_STEPS,
                              guidance_scale=7.5, seed=0, output_type="np").images
 
-    stock = StableDiffusionPipeline(vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
-                                    unet=pipeline.unet, scheduler=pipeline.scheduler, safety_checker=None,
-                                    feature_extractor=None, requires_safety_checker=False)
-    stock.set_progress_bar_config(disable=True)
+    stock = stock_pipeline(pipeline)
     with torch.no_grad():
         prompt_embeds = pipeline.encode_prompt(tokens, prompts)  # (2, 77, 32)
     reference = stock(prompt_embeds=prompt_embeds, negative_prompt=negatives, num_inference_steps=REFERENCE_STEPS,

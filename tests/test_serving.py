@@ -302,12 +302,8 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_ckpt, tmp_path_factory) -> Path:
-    from vilex.export.onnx_export import export_checkpoint
-
-    out = tmp_path_factory.mktemp("serving") / "engines"
-    export_checkpoint(tiny_ckpt, out, ExportOptions(max_batch=4), log=lambda *_: None)
-    return out
+def engines(tiny_engines) -> Path:
+    return tiny_engines  # conftest.py: one export for the session
 
 
 @pytest.fixture(scope="module")
