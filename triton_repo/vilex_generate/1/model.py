@@ -1,17 +1,10 @@
 """vilex_generate: ViLex tokens (+ text) -> images, chaining `text_encoder`, `unet` and `vae_decoder`.
 
-Inputs (n images per request; see vilex/serving/interface.py). Per-image values are (n, 1)
-and optional; each is an argument of ViLexPipeline.generate, and absent means the library's default:
+Inputs (n images per request). Declared once, with their dtypes, shapes and allowed values, in
+vilex/serving/interface.py (`pipeline_models`, `GENERATION_OPTIONS`); each optional per-image value
+(n, 1) is an argument of ViLexPipeline.generate, and absent means the library's default:
     VILEX_TOKENS    TYPE_FP32   (n, k, D)  tokens from vilex_tokenize (or `vilex tokenize`)
-    NUM_TOKENS      TYPE_INT32  (n, 1)     use the first k of them
-    PROMPT          TYPE_STRING (n, 1)     UTF-8 text mixed with the tokens
-    NEGATIVE_PROMPT TYPE_STRING (n, 1)     UTF-8 text in place of the empty prompt of guidance (GUIDANCE > 1)
-    STEPS           TYPE_INT32  (n, 1)     denoising steps, 1..max_steps (a config.pbtxt parameter)
-    GUIDANCE        TYPE_FP32   (n, 1)     classifier-free guidance, 0..100 (default 7.5)
-    TEXT_GUIDANCE   TYPE_FP32   (n, 1)     text-free guidance weight, 0..100 (needs PROMPT; default none)
-    ORDER           TYPE_STRING (n, 1)     vilex_first (default) or text_first: where PROMPT goes
-    HEIGHT, WIDTH   TYPE_INT32  (n, 1)     output size in pixels, within the export's bounds (default native)
-    SEED            TYPE_INT64  (n, 1)     initial-noise seed per image (default 0)
+    NUM_TOKENS, PROMPT, NEGATIVE_PROMPT, STEPS, GUIDANCE, TEXT_GUIDANCE, ORDER, HEIGHT, WIDTH, SEED
 Output:
     IMAGE           TYPE_UINT8  (n, H, W, 3)
 
