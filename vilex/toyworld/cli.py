@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--split", default="train", help="train | probe | heldout | test (each its own seeds; default train)")
     p.set_defaults(func=cmd_make_data)
 
-    from .train_base import BaseConfig
+    from .config import BaseConfig
 
     p = sub.add_parser("train-base", help="train the toy text-to-image base (VAE, text encoder, UNet) from scratch",
                        description="Train the VAE, then the CLIP text encoder and UNet on captions; resumable: run the "
@@ -78,7 +78,8 @@ def cmd_make_data(args) -> None:
 
 
 def cmd_train_base(args) -> None:
-    from .train_base import BaseConfig, train_base
+    from .config import BaseConfig
+    from .train_base import train_base
 
     names = [f.name for f in dataclasses.fields(BaseConfig)]
     train_base(BaseConfig(**{name: getattr(args, name) for name in names}))
