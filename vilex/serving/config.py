@@ -8,6 +8,8 @@ pipeline models take theirs from `interface.py`. Each platform differs only in h
     onnxruntime  platform "onnxruntime_onnx": Triton's onnxruntime backend (NVIDIA's container)
     tensorrt     platform "tensorrt_plan": a TensorRT engine from `vilex build-engines` (NVIDIA's container)
 
+Instances are KIND_CPU on python-ort and KIND_GPU on onnxruntime and tensorrt, graph and pipeline models alike.
+
 Every model has dynamic batching with a bounded queue (`default_queue_policy`; there is no
 `max_queue_size` field of `dynamic_batching` itself) and an `instance_group`; graph models have a
 `model_warmup` request at the contract's opt shapes. Configs are built as Triton's own `ModelConfig`
@@ -35,12 +37,19 @@ class Platform:
     model_file: str  # the graph's file name in the version folder
     backend: str | None = None
     platform: str | None = None
+    # Instance kind of the pipeline (BLS) models. KIND_GPU gives each instance a GPU (Triton passes it to
+    # initialize() as model_instance_kind "GPU" and model_instance_device_id): the denoising loop keeps its
+    # tensors there and hands them to the graph models by DLPack, with no host copy (vilex/serving/bls.py).
+    pipeline_kind: str = "KIND_CPU"
 
 
 PLATFORMS = {
+    # The CPU server (nvidia-pytriton's tritonserver has only the Python backend).
     "python-ort": Platform("python-ort", "KIND_CPU", "model.onnx", backend="python"),
-    "onnxruntime": Platform("onnxruntime", "KIND_GPU", "model.onnx", platform="onnxruntime_onnx"),
-    "tensorrt": Platform("tensorrt", "KIND_GPU", "model.plan", platform="tensorrt_plan"),
+    # GPU hosts (NVIDIA's container): graph and pipeline models on the GPU.
+    "onnxruntime": Platform("onnxruntime", "KIND_GPU", "model.onnx", platform="onnxruntime_onnx",
+                            pipeline_kind="KIND_GPU"),
+    "tensorrt": Platform("tensorrt", "KIND_GPU", "model.plan", platform="tensorrt_plan", pipeline_kind="KIND_GPU"),
 }
 
 
@@ -227,8 +236,11 @@ def pipeline_parameters(max_steps: int, default_steps: int, default_guidance: fl
 
 
 def pipeline_config(model: ServedModel, max_batch: int, parameters: dict[str, str], instances: int = 1,
-                    max_queue: int | None = None) -> str:
-    """config.pbtxt of one pipeline (BLS) model."""
+                    max_queue: int | None = None, kind: str = "KIND_CPU") -> str:
+    """config.pbtxt of one pipeline (BLS) model; `kind` is its instance kind (the platform's pipeline_kind).
+
+    Its own inputs stay in host memory even on KIND_GPU (the Python backend's default,
+    FORCE_CPU_ONLY_INPUT_TENSORS): they are request data (bytes, tokens, settings) read with as_numpy()."""
     config = _pb().ModelConfig(name=model.name, backend="python", max_batch_size=max_batch)
     for port in model.inputs:
         _add_tensor(config.input, port.name, port.triton_dtype, port.dims, optional=port.optional)
@@ -236,7 +248,7 @@ def pipeline_config(model: ServedModel, max_batch: int, parameters: dict[str, st
         _add_tensor(config.output, port.name, port.triton_dtype, port.dims)
     _set_dynamic_batching(config, QueuePolicy(PIPELINE_QUEUE_DELAY_US, max_queue or QUEUE_PER_BATCH * max_batch,
                                               int(PIPELINE_QUEUE_TIMEOUT_S * 1e6)))
-    _add_instances(config, instances, "KIND_CPU")
+    _add_instances(config, instances, kind)
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     return _render(config, f"{model.name}: {model.doc} (a Python-backend BLS model over the graph models)")

@@ -107,7 +107,7 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
             version = staging / name / "1"
             version.mkdir(parents=True)
             (staging / name / "config.pbtxt").write_text(
-                pipeline_config(model, max_batch, parameters, pipeline_instances, max_queue))
+                pipeline_config(model, max_batch, parameters, pipeline_instances, max_queue, kind=spec.pipeline_kind))
             shutil.copyfile(source / name / "1" / "model.py", version / "model.py")
             engine = version / parameters["engine_dir"]
             engine.mkdir()
