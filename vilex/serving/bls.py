@@ -41,15 +41,20 @@ class TritonStageBackend(StageBackend):
     """Runs each stage as a BLS request to the graph model of the same name.
 
     pb_utils: the `triton_python_backend_utils` module (passed in: it exists only inside the stub).
-    Outputs come back on the device the inputs came from, as with the other backends.
+    device: where the denoising loop keeps its tensors, the instance's own (`instance_device`).
+    Outputs come back on the device the inputs came from, as with the other backends. Tensors cross by
+    DLPack both ways (`pb_utils.Tensor.from_dlpack`, `Tensor.to_dlpack`), and the request's
+    `preferred_memory` asks Triton for the outputs on that same device: on a GPU instance the latents and
+    prompt states stay in device memory from one step to the next, with no host round trip.
     """
 
     name = "triton-bls"
 
-    def __init__(self, pb_utils, contracts: dict, timeout_s: float):
+    def __init__(self, pb_utils, contracts: dict, timeout_s: float, device: torch.device = torch.device("cpu")):
         self.pb_utils = pb_utils
         self.contracts = contracts
         self.timeout_us = int(timeout_s * 1e6)
+        self.device = torch.device(device)
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         pb = self.pb_utils
@@ -64,7 +69,7 @@ class TritonStageBackend(StageBackend):
             tensors.append(self._to_triton(spec.name, value))
         output_name = contract.output_names[0]
         request = pb.InferenceRequest(model_name=stage, inputs=tensors, requested_output_names=[output_name],
-                                      timeout=self.timeout_us)
+                                      timeout=self.timeout_us, preferred_memory=preferred_memory(pb, device))
         response = request.exec()
         if response.has_error():
             raise StageError(f"stage '{stage}' failed on the server: {response.error().message()}")
@@ -74,16 +79,33 @@ class TritonStageBackend(StageBackend):
         return self._to_torch(output).to(device)
 
     def _to_triton(self, name: str, value: torch.Tensor):
-        if value.is_cuda:
-            return self.pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value))
-        return self.pb_utils.Tensor(name, value.numpy())
+        # The torch tensor itself, not a capsule: the stub then calls its __dlpack__ with the stub's own CUDA
+        # stream and synchronizes on it, so work torch queued on the tensor is finished before Triton reads it
+        # (a bare to_dlpack() capsule carries no stream). On the CPU this is a view of the same memory.
+        return self.pb_utils.Tensor.from_dlpack(name, value)
 
     @staticmethod
     def _to_torch(tensor) -> torch.Tensor:
-        if tensor.is_cpu():
-            # as_numpy() views the response's shared memory, which is released with the response: copy.
-            return torch.from_numpy(np.array(tensor.as_numpy()))
+        # A view of the output where Triton put it (preferred_memory: the caller's device), copied once on that
+        # device: the view alone would keep the response's shared-memory or CUDA-pool block allocated for as long
+        # as the torch tensor lives (prompt states live for the whole loop).
         return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).clone()
+
+
+def instance_device(args: dict) -> torch.device:
+    """The device of this model instance, from what Triton passes to initialize(): model_instance_kind "GPU"
+    (instance_group KIND_GPU: `--platform onnxruntime|tensorrt`) with model_instance_device_id, else the CPU."""
+    if args.get("model_instance_kind") == "GPU":
+        return torch.device("cuda", int(args.get("model_instance_device_id", 0)))
+    return torch.device("cpu")
+
+
+def preferred_memory(pb_utils, device: torch.device):
+    """A BLS request's `preferred_memory`: where Triton is to put the graph model's outputs. On the device the
+    inputs came from, so a GPU loop gets device memory back (and a CPU loop host memory) with no extra copy."""
+    if device.type == "cuda":
+        return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, device.index or 0)
+    return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
 
 
 class LocalUNetBackend(StageBackend):
@@ -104,9 +126,10 @@ class LocalUNetBackend(StageBackend):
         return (self.unet if stage == "unet" else self.bls).run(stage, inputs)
 
 
-def local_unet(folder, contract) -> StageBackend:
+def local_unet(folder, contract, device_id: int = 0) -> StageBackend:
     """An onnxruntime backend for the export's UNet graph in `folder` (a pipeline model's engine/), warmed up
-    once at the contract's opt shapes, as the graph models are by their config's model_warmup."""
+    once at the contract's opt shapes, as the graph models are by their config's model_warmup. device_id: the
+    instance's GPU, where onnxruntime has CUDA."""
     import onnxruntime as ort
 
     from vilex.backends.onnxruntime import OnnxRuntimeBackend
@@ -118,7 +141,8 @@ def local_unet(folder, contract) -> StageBackend:
     # As in triton_repo/onnxruntime_model.py: other stages run in other processes, and threads spinning
     # idle in this one would take the cores they run on.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    backend = OnnxRuntimeBackend(EngineFolder(folder.root, manifest), variant="onnx", session_options=options)
+    backend = OnnxRuntimeBackend(EngineFolder(folder.root, manifest), variant="onnx", session_options=options,
+                                 device_id=device_id)
     opt = contract.input_shapes("opt")  # {input: shape}
     backend.run("unet", {spec.name: torch.zeros(opt[spec.name], dtype=getattr(torch, spec.dtype))
                          for spec in contract.inputs})
@@ -140,9 +164,15 @@ class PipelineModel:
         # 2. The export's host files (tokenizer, scheduler, configs, token embeddings), copied into the version folder
         engine_dir = Path(args["model_repository"]) / args["model_version"] / parameters["engine_dir"]
         folder = EngineFolder(engine_dir, json.loads((engine_dir / MANIFEST).read_text()))
-        backend = TritonStageBackend(pb_utils, folder.contracts(), float(parameters["stage_timeout_seconds"]))
+        # 3. Where this instance runs: the GPU Triton gave it (KIND_GPU), else the CPU
+        device = instance_device(args)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"{model}: Triton gave this instance GPU {device.index} (instance_group KIND_GPU), but "
+                               f"torch {torch.__version__} in the serving environment has no CUDA; install a CUDA "
+                               f"build of torch, or write the repository with --platform python-ort for a CPU server")
+        backend = TritonStageBackend(pb_utils, folder.contracts(), float(parameters["stage_timeout_seconds"]), device)
         if parameters.get("unet", "bls") == "local" and model in LOOP_MODELS:
-            backend = LocalUNetBackend(backend, local_unet(folder, folder.contract("unet")))
+            backend = LocalUNetBackend(backend, local_unet(folder, folder.contract("unet"), device.index or 0))
         self.pipeline = pipeline_from_engines(folder, backend=backend)
         self.pipeline.set_progress_bar_config(disable=True)
         dims = folder.dims
