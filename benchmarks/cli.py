@@ -44,6 +44,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--e2e-batch", type=int, default=1, help="images per end-to-end request")
     p.add_argument("--no-e2e", action="store_true", help="skip end-to-end measurements")
     p.add_argument("--concurrency", type=int_list, default=(1, 2, 4), help="Triton concurrency sweep")
+    p.add_argument("--unet", default=None,
+                   help="Triton UNet placements to measure, comma-separated from bls, local (default: the repository's "
+                        "default); each gets its own repository and server")
     p.add_argument("--window", type=float, default=0.5, help="seconds per measurement window (stages)")
     p.add_argument("--stability", type=float, default=0.10, help="windows agree within this fraction")
     p.add_argument("--compare", action="store_true", help="print latency ratios between backends")
@@ -91,6 +94,13 @@ def cmd_bench(args) -> None:
     check_range("--window", args.window, 0)
     if not 0 < args.stability < 1 or args.window < 0:
         raise ViLexUsageError(f"--stability must be in (0, 1) and --window >= 0, got {args.stability}, {args.window}")
+    unet = None
+    if args.unet is not None:
+        from vilex.serving.config import UNET_PLACEMENTS
+
+        unet = tuple(dict.fromkeys(u for u in args.unet.split(",") if u))
+        if not unet or any(u not in UNET_PLACEMENTS for u in unet):
+            raise ViLexUsageError(f"--unet must be a comma-separated list from {', '.join(UNET_PLACEMENTS)}, got {args.unet!r}")
     settings = BenchSettings(batch_sizes=args.batch_sizes, num_tokens=args.tokens, steps=args.steps,
                              e2e_batch=args.e2e_batch, stages=stages, end_to_end=not args.no_e2e,
                              window_s=args.window, stability=args.stability)
@@ -99,7 +109,7 @@ def cmd_bench(args) -> None:
     run_bench(ckpt=args.ckpt, preset=args.preset, cache=Path(args.cache), backends=backends, settings=settings,
               out=Path(args.out), engines=Path(args.engines) if args.engines else None, precision=args.precision,
               concurrency=args.concurrency, compare=args.compare, command=command,
-              date=datetime.date.today().isoformat())
+              date=datetime.date.today().isoformat(), unet=unet)
 
 
 def cmd_stress(args) -> None:

@@ -3,7 +3,7 @@
 1. the checkpoint (given, or a preset made in the cache) and, for non-PyTorch backends, its export
 2. FLOPs per stage and batch, counted once on the fp32 PyTorch modules
 3. per backend: every stage at every batch size, then image -> image end to end
-4. Triton: the served pipeline over HTTP and gRPC at each concurrency
+4. Triton: the served pipeline over HTTP and gRPC at each concurrency, for each UNet placement (`unet`)
 5. results.json / results.md / plots, and the ratios with --compare
 """
 
@@ -27,7 +27,7 @@ def _peak(device: str, precision: str, env: dict) -> tuple[float | None, str]:
 
 def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: BenchSettings, out: Path,
               engines: Path | None = None, precision: str = "fp32", concurrency=(1, 2, 4), compare: bool = False,
-              command: str = "vilex bench", date: str = "") -> dict:
+              command: str = "vilex bench", date: str = "", unet: tuple[str, ...] | None = None) -> dict:
     import torch
 
     from vilex.images import load_image
@@ -78,7 +78,7 @@ def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: Ben
     results, skipped, peaks = [], {}, {}
 
     def record(backend: str, kind: str, batch: int, stats, device: str, precision_: str, stage: str | None = None,
-               call_flops: int | None = None):
+               call_flops: int | None = None, server: dict | None = None):
         peak, source = _peak(device, precision_, env)
         peaks[f"{device} {precision_}"] = source
         fraction = None
@@ -87,10 +87,13 @@ def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: Ben
         row = {"backend": backend, "kind": kind, "stage": stage, "batch": batch, "device": device,
                "precision": precision_, "steps": settings.steps, "num_tokens": settings.num_tokens,
                "flops": call_flops, "fraction_of_peak": fraction, "stats": stats.to_dict()}
+        if server:
+            row["server"] = server  # where the served request's time went (benchmarks/triton.py)
         results.append(row)
         what = stage or f"end-to-end {settings.steps} steps"
         print(f"  {backend:<16} {what:<22} batch {batch:>2} conc {stats.concurrency:>2}: p50 {stats.p50_ms:9.2f} ms  "
-              f"{stats.throughput:8.2f} img/s" + (f"  {100 * fraction:5.1f}% of peak" if fraction else ""))
+              f"{stats.throughput:8.2f} img/s" + (f"  {100 * fraction:5.1f}% of peak" if fraction else "")
+              + (f"  server overhead {server['overhead_ms']:.1f} ms" if server else ""))
 
     # 3. Stage and end-to-end measurements per backend
     for name in (b for b in backends if b != "triton"):
@@ -116,10 +119,11 @@ def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: Ben
         from .triton import measure_triton
 
         try:
-            for protocol, stats in measure_triton(engines, images, settings, concurrency):
+            for placement, protocol, stats, server in measure_triton(engines, images, settings, concurrency,
+                                                                     placements=unet):
                 # The server's processes hold the models: peak RSS here is the client's only.
-                record(f"triton-{protocol}", "e2e", settings.e2e_batch, stats, "cpu", "fp32",
-                       call_flops=_end_to_end_flops(flops, settings) if settings.end_to_end else None)
+                record(f"triton-{placement}-{protocol}", "e2e", settings.e2e_batch, stats, "cpu", "fp32",
+                       call_flops=_end_to_end_flops(flops, settings) if settings.end_to_end else None, server=server)
         except Unavailable as reason:
             skipped["triton"] = str(reason)
             print(f"skipped triton: {reason}")

@@ -185,11 +185,25 @@ def test_bench_rejects_unknown_backend(capsys):
 def test_bench_triton_sweep_on_tiny(tmp_path, tiny_ckpt, capsys):
     from vilex.cli import main
 
-    code = main(["bench", str(tiny_ckpt), "--backends", "onnxruntime,triton", "--stages", "", "--steps", "1",
-                 "--concurrency", "1,2", "--compare", "--out", str(tmp_path / "b")])
+    steps = 2
+    code = main(["bench", str(tiny_ckpt), "--backends", "onnxruntime,triton", "--stages", "", "--steps", str(steps),
+                 "--concurrency", "1,2", "--unet", "bls,local", "--compare", "--out", str(tmp_path / "b")])
     assert code == 0
     data = json.loads((tmp_path / "b" / "results.json").read_text())
-    served = {(r["backend"], r["stats"]["concurrency"]) for r in data["results"] if r["backend"].startswith("triton")}
-    assert served == {("triton-http", 1), ("triton-http", 2), ("triton-grpc", 1), ("triton-grpc", 2)}
-    assert "triton-http/onnxruntime (in-process)" in capsys.readouterr().out
+    served = {(r["backend"], r["stats"]["concurrency"]): r for r in data["results"] if r["backend"].startswith("triton")}
+    assert set(served) == {(f"triton-{unet}-{protocol}", c) for unet in ("bls", "local") for protocol in ("http", "grpc")
+                           for c in (1, 2)}
+    assert "triton-local-http/onnxruntime (in-process)" in capsys.readouterr().out
     assert (tmp_path / "b" / "triton_throughput_vs_concurrency.png").is_file()
+    # The server's own account of each measurement: every execution of the pipeline model (one request, or
+    # several batched) ran `steps` UNet calls (the guidance branches and batched images go as one call), as
+    # `unet` model requests with bls and as runs of the pipeline's local UNet with local; a request's time is at
+    # least its stages' runs.
+    for (backend, _), row in served.items():
+        server = row["server"]
+        placement = backend.split("-")[1]
+        assert server["unet_placement"] == placement and server["requests"] >= 2
+        assert server["unet_calls"] == steps * server["executions"], server
+        assert server["pipeline_ms"] >= server["stages_ms"] > server["unet_ms"] > 0, server
+        assert ("unet_queue_ms" in server) == (placement == "bls")
+        assert set(server["overhead_ms_by_steps"]) == {str(steps), str(2 * steps)}  # JSON keys

@@ -19,6 +19,7 @@ one gets the ViLex-only states, exactly as when alone.)
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -118,12 +119,35 @@ class LocalUNetBackend(StageBackend):
 
     name = "triton-bls+local-unet"
 
-    def __init__(self, bls: TritonStageBackend, unet: StageBackend):
+    def __init__(self, bls: TritonStageBackend, unet: StageBackend, pb_utils=None, model: str = ""):
         self.bls, self.unet = bls, unet
         self.device = unet.device  # the loop keeps its tensors where the UNet runs
+        # The UNet's own run time on the metrics port, as `vilex_local_unet_duration_us{model=...}` and
+        # `vilex_local_unet_runs{model=...}` (Python-backend custom metrics): a graph model's compute time is in
+        # the server's statistics, and this UNet has no model of its own, so serving overhead per step (the
+        # pipeline's time less the stages' own runs) stays measurable (benchmarks/triton.py).
+        self._duration = self._runs = None
+        if pb_utils is not None and hasattr(pb_utils, "MetricFamily"):
+            labels = {"model": model}
+            # A family must outlive its metrics (Triton refuses to count into a deleted family): both are kept.
+            self._families = (
+                pb_utils.MetricFamily(name="vilex_local_unet_duration_us", kind=pb_utils.MetricFamily.COUNTER,
+                                      description="microseconds spent in the local UNet's runs"),
+                pb_utils.MetricFamily(name="vilex_local_unet_runs", kind=pb_utils.MetricFamily.COUNTER,
+                                      description="runs of the local UNet (one per denoising step)"))
+            self._duration, self._runs = (family.Metric(labels=labels) for family in self._families)
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (self.unet if stage == "unet" else self.bls).run(stage, inputs)
+        if stage != "unet":
+            return self.bls.run(stage, inputs)
+        start = time.perf_counter_ns()
+        output = self.unet.run(stage, inputs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the run's end, not its launch
+        if self._duration is not None:
+            self._duration.increment((time.perf_counter_ns() - start) / 1000)
+            self._runs.increment(1)
+        return output
 
 
 def local_unet(folder, contract, device_id: int = 0) -> StageBackend:
@@ -172,7 +196,8 @@ class PipelineModel:
                                f"build of torch, or write the repository with --platform python-ort for a CPU server")
         backend = TritonStageBackend(pb_utils, folder.contracts(), float(parameters["stage_timeout_seconds"]), device)
         if parameters.get("unet", "bls") == "local" and model in LOOP_MODELS:
-            backend = LocalUNetBackend(backend, local_unet(folder, folder.contract("unet"), device.index or 0))
+            backend = LocalUNetBackend(backend, local_unet(folder, folder.contract("unet"), device.index or 0),
+                                       pb_utils, model)
         self.pipeline = pipeline_from_engines(folder, backend=backend)
         self.pipeline.set_progress_bar_config(disable=True)
         dims = folder.dims
