@@ -1,8 +1,18 @@
-"""Shared fixtures: one tiny checkpoint per test session, saved and loaded through the real code."""
+"""Shared fixtures: one tiny checkpoint per test session, saved and loaded through the real code; its export;
+and one `vilex serve` of that export for every module that only sends requests (a server start is the
+costliest thing a served test does)."""
 
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -65,3 +75,54 @@ def tiny_engines(tiny_ckpt, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("engines") / "tiny-max-batch-4"
     export_checkpoint(tiny_ckpt, out, ExportOptions(max_batch=4), log=lambda *_: None)
     return out
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen  # `vilex serve`
+    server_pid: int  # tritonserver (its own process group)
+    http: str
+    grpc: str
+    metrics_port: int
+    admin_key: str
+    engines: Path
+    repository: Path
+    output: list[str]
+
+    def url(self, protocol: str) -> str:
+        return self.http if protocol == "http" else self.grpc
+
+
+@pytest.fixture(scope="session")
+def served(tiny_engines, tmp_path_factory):
+    """`vilex serve` on a python-ort repository of the tiny export (the default UNet placement), on free ports,
+    for the whole session. Tests send requests and read statistics as differences; none may stop it or change
+    its repository (tests/test_faults.py starts its own servers for that)."""
+    from vilex.serving.repository import build_repository
+    from vilex.serving.server import Ports
+
+    root = tmp_path_factory.mktemp("triton")
+    repository = build_repository(tiny_engines, root / "repository", platform="python-ort")
+    ports = Ports.free()
+    admin_key = "test-admin-key"
+    command = [sys.executable, "-m", "vilex.cli", "serve", str(repository), "--http-port", str(ports.http),
+               "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--health-port", "0",
+               "--log", str(root / "server.log")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "VILEX_TRITON_ADMIN_KEY": admin_key})
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while not any("tritonserver ready" in line for line in output):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            log = (root / "server.log").read_text(errors="replace")[-4000:] if (root / "server.log").exists() else ""
+            pytest.fail("vilex serve did not become ready:\n" + "".join(output)[-4000:] + "\n" + log)
+        time.sleep(0.2)
+    pid = int(re.search(r"tritonserver ready \(pid (\d+)\)", "".join(output)).group(1))
+    yield Served(process, pid, f"127.0.0.1:{ports.http}", f"127.0.0.1:{ports.grpc}", ports.metrics, admin_key,
+                 tiny_engines, repository, output)
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)

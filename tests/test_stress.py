@@ -16,11 +16,8 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import PIL.Image
@@ -201,40 +198,13 @@ KNOWN_DEFECTS: dict[str, str] = {
 }
 
 
-@pytest.fixture(scope="module")
-def served(tiny_ckpt, tmp_path_factory):
-    """`vilex serve` on a python-ort repository of the tiny export, on free ports (as tests/test_serving.py)."""
-    from vilex.engines.contract import ExportOptions
-    from vilex.export.onnx_export import export_checkpoint
-    from vilex.serving.repository import build_repository
-    from vilex.serving.server import Ports
-
-    root = tmp_path_factory.mktemp("stress")
-    export_checkpoint(tiny_ckpt, root / "engines", ExportOptions(max_batch=4), log=lambda *_: None)
-    repository = build_repository(root / "engines", root / "repository", platform="python-ort")
-    ports = Ports.free()
-    command = [sys.executable, "-m", "vilex.cli", "serve", str(repository), "--http-port", str(ports.http),
-               "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--health-port", "0", "--log", str(root / "server.log")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output: list[str] = []
-    threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True).start()
-    deadline = time.monotonic() + 300
-    while not any("tritonserver ready" in line for line in output):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("vilex serve did not become ready:\n" + "".join(output)[-4000:])
-        time.sleep(0.2)
-    yield ports, root
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=120)
-
-
 @pytest.mark.triton
-def test_stress_run_against_a_real_server(served):
-    ports, root = served
-    out = root / "stress-results"
-    command = [sys.executable, "-m", "vilex.cli", "stress", f"127.0.0.1:{ports.http}", "--quick", "--requests", "24",
-               "--concurrency", "4", "--warmup", "8", "--steps", "1", "--overload-steps", "4", "--duration", "600",
+def test_stress_run_against_a_real_server(served, tmp_path):
+    """`vilex stress` against the session's server (conftest.py), which the other served tests share: its
+    overload part fills the queue and waits until it drains, so nothing it sends outlives the test."""
+    out = tmp_path / "stress-results"
+    command = [sys.executable, "-m", "vilex.cli", "stress", served.http, "--quick", "--requests", "24",
+               "--concurrency", "4", "--warmup", "8", "--steps", "1", "--overload-steps", "2", "--duration", "600",
                "--out", str(out)]
     run = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ})
     print(run.stdout[-6000:])
@@ -270,7 +240,8 @@ def test_stress_run_against_a_real_server(served):
     assert (soak["done"], soak["errors"], soak["hung"], soak["mismatches"]) == (24, 0, 0, 0), soak["error_examples"]
     growth = soak["resources"]["growth"]
     assert growth["shm_files"] <= 0 and growth["shm_mb"] <= 0 and growth["fds"] <= 0, growth
-    assert soak["resources"]["after"]["server_alive"] and soak["resources"]["after"]["stubs"] == 7
+    models = [p for p in served.repository.iterdir() if (p / "config.pbtxt").is_file()]
+    assert soak["resources"]["after"]["server_alive"] and soak["resources"]["after"]["stubs"] == len(models)  # one each
 
     # 3. Overload, per protocol: the excess refused at once with 503 / UNAVAILABLE, never timed out; at most
     # what the queue holds accepted, and all of it served; then served again.
@@ -282,6 +253,11 @@ def test_stress_run_against_a_real_server(served):
         assert overload["rejection_latency"]["max_ms"] < 1000  # refused, not queued until a timeout (target: 100)
         assert overload["checks"]["recovered: next requests served"]
 
-    # The exit code says whether something failed: the known defects, and only they (none since they were fixed).
-    assert (run.returncode == 1) == bool(KNOWN_DEFECTS) and report["passed"] == (not KNOWN_DEFECTS)
+    # The exit code says whether something failed, and the findings say what: here the known defects (none since
+    # they were fixed) and, on a machine too busy for them, the two latency targets (checked against figures
+    # in benchmarks, never as a test's outcome).
+    timing = {"every refusal within 100 ms", "recovered: p50 within 2x of before"}
+    failed_checks = {name for part in [soak] + report["overload"] for name, ok in part["checks"].items() if not ok}
+    assert failed_checks <= timing, failed_checks
+    assert (run.returncode == 1) == (not report["passed"]) and report["passed"] == (not KNOWN_DEFECTS and not failed_checks)
     assert all(any(case in finding for finding in report["findings"]) for case in KNOWN_DEFECTS)
