@@ -151,6 +151,7 @@ class ViLexPipeline(DiffusionPipeline):
         seed: int | None = None,
         output_type: str = "pil",
         progress: bool = True,
+        callback_on_step_end=None,
     ) -> ViLexPipelineOutput:
         """ViLex tokens (B, k, D) [+ prompt] -> images.
 
@@ -164,6 +165,10 @@ class ViLexPipeline(DiffusionPipeline):
         text_guidance_scale: with a prompt, eps = eps_u + g * (eps_v - eps_u) + w * (eps_vc - eps_v),
             where eps_v is ViLex only and eps_vc ViLex + text; with g <= 1 this is the paper's
             text-free guidance eps_v + w * (eps_vc - eps_v).
+        callback_on_step_end: as in diffusers, called after each denoising step as
+            `callback_on_step_end(pipeline, step_index, timestep, {"latents": latents})`; it returns that dict,
+            and a "latents" in it replaces the loop's. It may raise to stop the loop (the served streaming
+            models stop a cancelled request so); the exception propagates and nothing is decoded.
         """
         # 1. Check inputs
         if vilex_tokens is None:
@@ -241,7 +246,8 @@ class ViLexPipeline(DiffusionPipeline):
         extra_step_kwargs = {"generator": generator} if "generator" in _step_parameters(self.scheduler) else {}
 
         # 4. Denoise
-        for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
+        timesteps = self.scheduler.timesteps
+        for i, t in enumerate(self.progress_bar(timesteps) if progress else timesteps):
             latent_input = self.scheduler.scale_model_input(torch.cat([latents] * len(branches)), t)
             timestep = torch.full((latent_input.shape[0],), float(t), dtype=torch.float32, device=device)
             noise_pred = self.backend("unet", sample=latent_input, timestep=timestep,
@@ -259,10 +265,11 @@ class ViLexPipeline(DiffusionPipeline):
             else:
                 noise_pred = chunks[0]
             latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
 
         # 5. Decode
-        image = self.backend("vae_decoder", latents=latents).float()  # (n, 3, H, W) in [-1, 1]
-        image = (image / 2 + 0.5).clamp(0, 1)
+        image = self.decode(latents)  # (n, 3, H, W) in [0, 1]
         if output_type == "pt":
             return ViLexPipelineOutput(images=image, vilex_tokens=vilex_tokens)
         array = image.permute(0, 2, 3, 1).cpu().numpy()
@@ -270,6 +277,11 @@ class ViLexPipeline(DiffusionPipeline):
             return ViLexPipelineOutput(images=array, vilex_tokens=vilex_tokens)
         pil = [PIL.Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in array]
         return ViLexPipelineOutput(images=pil, vilex_tokens=vilex_tokens)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (n, C, h, w) -> images (n, 3, H, W) in [0, 1], through the VAE decoder stage."""
+        image = self.backend("vae_decoder", latents=latents).float()  # (n, 3, H, W) in [-1, 1]
+        return (image / 2 + 0.5).clamp(0, 1)
 
     def __call__(self, images, num_tokens: int | None = None, prompt=None, **generate_kwargs) -> ViLexPipelineOutput:
         """Reconstruct: images -> tokens -> images (optionally mixed with `prompt`)."""
