@@ -241,8 +241,12 @@ class PipelineModel:
     def _error(self, message: str, code):
         return self.pb_utils.InferenceResponse(error=self.pb_utils.TritonError(message, code))
 
-    def _run(self, checked: dict[int, PipelineRequest]) -> dict[int, dict[str, np.ndarray] | Exception]:
+    def _run(self, checked: dict[int, PipelineRequest], on_step=None) -> dict[int, dict[str, np.ndarray] | Exception]:
         """{request index: {output name: array}, or the exception that stopped that request}.
+
+        on_step (the streaming models', streaming.py): called after every denoising step of a group as
+        `on_step(members, step_index, total_steps, latents)`, members the group's (request index, row) in the
+        order of the latents' rows; an exception it raises stops that group's loop and is its outcome.
 
         Exceptions are caught broadly on purpose: whatever fails is reported to the requests it
         concerns as an error response, instead of being raised into Triton (which fails the whole call)."""
@@ -278,7 +282,8 @@ class PipelineModel:
                     num_inference_steps=steps, guidance_scale=guidance, text_guidance_scale=text_guidance,
                     order=order, height=height, width=width,
                     generator=[torch.Generator().manual_seed(checked[i].seeds[r]) for i, r in members],
-                    output_type="pil", progress=False).images
+                    output_type="pil", progress=False,
+                    callback_on_step_end=None if on_step is None else _step_callback(on_step, members)).images
             except Exception as error:  # noqa: BLE001 - see the docstring
                 for i, _ in members:
                     outcomes.setdefault(i, error)
@@ -298,3 +303,12 @@ class PipelineModel:
             outputs[index] = {"VILEX_TOKENS": all_tokens[start:start + request.n, :k]}  # (n, k, D)
             start += request.n
         return outputs
+
+
+def _step_callback(on_step, members: list[tuple[int, int]]):
+    """The pipeline's callback_on_step_end for one group: on_step(members, step index, total steps, latents)."""
+    def callback(pipeline, step_index: int, timestep, callback_kwargs: dict) -> dict:
+        on_step(members, step_index, len(pipeline.scheduler.timesteps), callback_kwargs["latents"])
+        return callback_kwargs
+
+    return callback

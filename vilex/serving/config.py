@@ -83,7 +83,7 @@ DEFAULT_MAX_STEPS = 200  # a server bound on one request's work (the library all
 UNET_PLACEMENTS = ("bls", "local")
 DEFAULT_UNET = "bls"
 # The pipeline models that run the denoising loop (vilex_tokenize only encodes images).
-LOOP_MODELS = ("vilex_generate", "vilex_reconstruct")
+LOOP_MODELS = ("vilex_generate", "vilex_reconstruct", "vilex_generate_stream", "vilex_reconstruct_stream")
 
 
 def triton_dims(spec: TensorSpec) -> tuple[list[int], list[int] | None]:
@@ -175,7 +175,7 @@ def _add_warmup(config, contract: GraphContract) -> None:
 
 # Top-level fields in reading order (text format prints by field number, which puts `backend` near the end).
 FIELD_ORDER = ("name", "backend", "platform", "default_model_filename", "max_batch_size", "input", "output",
-               "dynamic_batching", "instance_group", "model_warmup", "parameters")
+               "dynamic_batching", "model_transaction_policy", "instance_group", "model_warmup", "parameters")
 
 
 def _render(config, what: str) -> str:
@@ -249,6 +249,8 @@ def pipeline_config(model: ServedModel, max_batch: int, parameters: dict[str, st
     _set_dynamic_batching(config, QueuePolicy(PIPELINE_QUEUE_DELAY_US, max_queue or QUEUE_PER_BATCH * max_batch,
                                               int(PIPELINE_QUEUE_TIMEOUT_S * 1e6)))
     _add_instances(config, instances, kind)
+    if model.decoupled:  # a stream of responses per request (served over gRPC streaming)
+        config.model_transaction_policy.decoupled = True
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     return _render(config, f"{model.name}: {model.doc} (a Python-backend BLS model over the graph models)")
@@ -256,7 +258,7 @@ def pipeline_config(model: ServedModel, max_batch: int, parameters: dict[str, st
 
 # ---- the committed source configs ---------------------------------------------------------------------
 SOURCE_FILES = ("onnxruntime_model.py", "vilex_tokenize/1/model.py", "vilex_generate/1/model.py",
-                "vilex_reconstruct/1/model.py")
+                "vilex_reconstruct/1/model.py", "vilex_generate_stream/1/model.py", "vilex_reconstruct_stream/1/model.py")
 
 
 def source_dir() -> Path:

@@ -68,6 +68,7 @@ class PipelineRequest:
     heights: list[int] = field(default_factory=list)
     widths: list[int] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    preview_every: int = 0  # streaming models: a PREVIEW every k steps (0: none); one k per request
 
     def shared_settings(self, row: int) -> tuple:
         """What one generate() call shares across its images: rows run together only where these are equal
@@ -109,6 +110,13 @@ def parse_request(model: str, inputs: dict[str, np.ndarray], limits: Limits, pro
             raise ViLexUsageError(f"{name} must be the same for every image of a request (its output is one "
                                   f"(n, H, W, 3) tensor), got {sides}")
     request.seeds = per_image_ints(inputs, "SEED", n, 0, settings.MAX_SEED, default=0)
+    # PREVIEW_EVERY (the streaming models only; Triton refuses it for the others): one k per request, because a
+    # progress response carries the previews of all its images.
+    previews = per_image_ints(inputs, "PREVIEW_EVERY", n, 1, limits.max_steps, default=0)
+    if len(set(previews)) > 1:
+        raise ViLexUsageError(f"PREVIEW_EVERY must be the same for every image of a request (a progress response "
+                              f"carries the previews of all of them), got {previews}")
+    request.preview_every = previews[0]
     request.prompts = read_texts(inputs, "PROMPT", n)
     request.negative_prompts = read_texts(inputs, "NEGATIVE_PROMPT", n)
     for i in range(n):
