@@ -47,7 +47,13 @@ def open_command_pipeline(args, takes_images: bool):
     from .runtime import open_pipeline
 
     ckpt, images = split_positionals(args, takes_images)
-    return open_pipeline(ckpt, args.backend, engines=args.engines, url=args.url, protocol=args.protocol), images
+    stream = getattr(args, "stream", False)
+    if stream and args.backend != "triton":
+        raise ViLexUsageError(f"--stream needs --backend triton (it streams a server's progress; --backend "
+                              f"{args.backend} shows its progress bar without it)")
+    pipeline = open_pipeline(ckpt, args.backend, engines=args.engines, url=args.url, protocol=args.protocol)
+    # RemotePipeline.streaming() refuses --protocol http, naming --protocol.
+    return (pipeline.streaming() if stream else pipeline), images
 
 
 def check_tokens_flag(args, pipeline) -> int | None:
@@ -97,6 +103,9 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None, help="output width in pixels")
     parser.add_argument("--seed", type=int, default=0)
     add_backend_args(parser)
+    parser.add_argument("--stream", action="store_true",
+                        help="with --backend triton --protocol grpc: stream the server's progress (a progress bar) "
+                             "through its streaming models; the images are the same")
 
 
 # ---- commands ---------------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ Values are checked with `vilex.settings` before anything is sent; what only the 
 token count, its step limit, its export's size bounds) comes back as a ServedRequestError naming the
 input (NUM_TOKENS[0], STEPS[0], HEIGHT[0], ...).
 
+With stream=True (gRPC only) every image goes to the streaming model instead (`vilex_generate_stream`,
+`vilex_reconstruct_stream`) and, with progress=True, one progress bar counts the denoising steps of all
+images as the server reports them; the images are the same as without streaming.
+
 Every option of `ViLexPipeline.generate` but num_images_per_prompt and generator (the server draws noise
 from SEED) has a served input: prompt, negative_prompt, guidance_scale, text_guidance_scale, order,
 height, width, seed. Options that are not sent keep the server's defaults, which are the library's.
@@ -20,6 +24,7 @@ height, width, seed. Options that are not sent keep the server's defaults, which
 from __future__ import annotations
 
 import secrets
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -29,18 +34,25 @@ import torch
 from vilex import settings
 from vilex.errors import ViLexUsageError, check_range
 
-from .client import PROTOCOLS, map_concurrently
+from .client import PROTOCOLS, ServingError, map_concurrently
 
 
 class RemotePipeline:
     num_queries = None  # the server checks NUM_TOKENS against its checkpoint
 
-    def __init__(self, url: str, protocol: str = "http", headers: dict | None = None):
+    def __init__(self, url: str, protocol: str = "http", headers: dict | None = None, stream: bool = False):
         if protocol not in PROTOCOLS:
             raise ViLexUsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
         if "://" in url:
             raise ViLexUsageError(f"--url must be HOST:PORT without a scheme, got {url!r}")
-        self.url, self.protocol, self.headers = url, protocol, headers
+        if stream and protocol != "grpc":
+            raise ViLexUsageError(f"--stream needs --protocol grpc (Triton streams responses over gRPC only), "
+                                  f"got --protocol {protocol}")
+        self.url, self.protocol, self.headers, self.stream = url, protocol, headers, stream
+
+    def streaming(self) -> "RemotePipeline":
+        """The same server, through its streaming models (gRPC only)."""
+        return RemotePipeline(self.url, self.protocol, self.headers, stream=True)
 
     def _map(self, work, items: list) -> list:
         return map_concurrently(self.url, self.protocol, work, items, workers=len(items), headers=self.headers)
@@ -102,9 +114,14 @@ class RemotePipeline:
         texts, options = self._request_options(prompt, len(tokens), num_inference_steps, guidance_scale,
                                                negative_prompt, text_guidance_scale, order, height, width, seed,
                                                output_type)
-        images = self._map(lambda client, item: client.generate(item[0][None], prompt=item[1][0],
-                                                                negative_prompt=item[1][1], **options)[0],
-                           list(zip(tokens, texts)))
+        items = list(zip(tokens, texts))
+        if self.stream:
+            with StepProgress(len(items), options["steps"], enabled=progress) as bar:
+                images = self._map(lambda client, item: bar.follow(client.generate_stream(
+                    item[0][None], prompt=item[1][0], negative_prompt=item[1][1], **options)), items)
+        else:
+            images = self._map(lambda client, item: client.generate(item[0][None], prompt=item[1][0],
+                                                                    negative_prompt=item[1][1], **options)[0], items)
         return self._output(images, output_type, torch.from_numpy(tokens))
 
     def __call__(self, images, num_tokens: int | None = None, prompt=None, **generate_kwargs):
@@ -113,7 +130,7 @@ class RemotePipeline:
         if num_tokens is not None:
             check_range("num_tokens", num_tokens, 1)
         output_type = generate_kwargs.get("output_type", "pil")
-        generate_kwargs.pop("progress", None)
+        progress = generate_kwargs.pop("progress", True)
         defaults = dict(num_inference_steps=settings.DEFAULT_STEPS, guidance_scale=settings.DEFAULT_GUIDANCE,
                         negative_prompt=None, text_guidance_scale=None, order=settings.DEFAULT_ORDER, height=None,
                         width=None, seed=None, output_type="pil")
@@ -121,7 +138,49 @@ class RemotePipeline:
         if unknown:
             raise ViLexUsageError(f"unknown options {sorted(unknown)}; RemotePipeline takes {sorted(defaults)}")
         texts, options = self._request_options(prompt, len(images), **{**defaults, **generate_kwargs})
-        results = self._map(lambda client, item: client.reconstruct([item[0]], num_tokens=num_tokens, prompt=item[1][0],
-                                                                    negative_prompt=item[1][1], **options)[0],
-                            list(zip(images, texts)))
+        items = list(zip(images, texts))
+        if self.stream:
+            with StepProgress(len(items), options["steps"], enabled=progress) as bar:
+                results = self._map(lambda client, item: bar.follow(client.reconstruct_stream(
+                    [item[0]], num_tokens=num_tokens, prompt=item[1][0], negative_prompt=item[1][1], **options)), items)
+        else:
+            results = self._map(lambda client, item: client.reconstruct([item[0]], num_tokens=num_tokens,
+                                                                        prompt=item[1][0], negative_prompt=item[1][1],
+                                                                        **options)[0], items)
         return self._output(results, output_type)
+
+
+class StepProgress:
+    """One progress bar (tqdm, on stderr) over the denoising steps of `images` streamed requests of `steps` steps
+    each; `follow(events)` advances it from one request's events (from that request's thread) and returns its
+    image (H, W, 3)."""
+
+    def __init__(self, images: int, steps: int, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.steps = steps
+        self.bar = tqdm(total=images * steps, unit="step", desc="denoising", disable=not enabled)
+        self.lock = threading.Lock()  # one bar, updated from every request's thread
+
+    def follow(self, events) -> np.ndarray:
+        """`events`: a client.EventStream of one image's request, read to its end (the server's final flag)."""
+        done, image = 0, None
+        with events:
+            for event in events:  # client.StreamEvent: one per step, then the one with the image
+                if event.images is not None:
+                    image = event.images[0]
+                    continue
+                with self.lock:
+                    if done == 0 and event.total_steps != self.steps:  # a scheduler that takes more steps than asked
+                        self.bar.total += event.total_steps - self.steps
+                    self.bar.update(event.step - done)
+                done = event.step
+        if image is None:
+            raise ServingError("the stream ended without an image")
+        return image
+
+    def __enter__(self) -> "StepProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
