@@ -161,7 +161,8 @@ class ProgressSender:
     """Sends the progress responses of one execute() call, in order, on a thread of its own, and after each asks
     Triton whether its request was cancelled. Both are round trips to the server process (measured on 2 busy
     cores: about 7 ms per response and 1.5 ms per check), which the denoising loop then does not wait for; the
-    loop reads `cancelled` instead, so a cancellation stops it at most one step later than a check in the loop.
+    loop reads `cancelled` instead, so it stops a step later than a check of its own would (more steps only
+    if the thread falls behind the loop).
 
     requests, senders: the execute() call's requests and their response senders, by index."""
 
