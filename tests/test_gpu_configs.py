@@ -77,7 +77,7 @@ def repositories(tiny_engines, tmp_path_factory) -> dict[str, Path]:
     sources = {"python-ort": tiny_engines, "onnxruntime": tiny_engines,
                "tensorrt": with_stand_in_engines(tiny_engines, root / "engines-trt")}
     return {platform: build_repository(sources[platform], root / platform, platform=platform, max_batch=2,
-                                       instances=2, pipeline_instances=3)
+                                       instances=2, pipeline_instances=3, streaming=True)
             for platform in EXPECTED_KIND}
 
 

@@ -442,6 +442,7 @@ def test_concurrent_requests_are_batched_and_correct(served, in_process, sample_
 
     with TritonClient(served.http) as client:
         before = client.batch_sizes("vilex_reconstruct")
+        vae_before = client.batch_sizes("vae_decoder")
         # One client per thread (tritonclient's HTTP client must not be shared between threads).
         requests = [(sample_files[i % len(sample_files)], 100 + i) for i in range(8)]
         results = map_concurrently(served.http, "http",
@@ -455,57 +456,72 @@ def test_concurrent_requests_are_batched_and_correct(served, in_process, sample_
             if sum(size * count for size, count in new.items()) >= len(requests) or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        unet = client.batch_sizes("unet")
+        vae = {size: count - vae_before.get(size, 0) for size, count in client.batch_sizes("vae_decoder").items()}
     assert sum(size * count for size, count in new.items()) == len(requests)  # every request executed once
     assert executions_above_one(new) > 0, f"no batch above 1 in {new}"
-    # Several images in one execution reach the graph models as one batch: UNet batches above the two
-    # guidance branches of a single image.
-    assert max(unet) > 2, unet
+    # Several images in one execution reach the graph models as one batch (the VAE decoder is a BLS stage with
+    # either UNet placement; the session's server runs the UNet locally).
+    assert max(size for size, count in vae.items() if count) > 1, vae
     for (path, seed), image in zip(requests, results):
         assert max_pixel_difference(image, reference_image(in_process, path, seed)) <= PIXEL_TOLERANCE, (path, seed)
 
 
-# ---- the UNet in the pipeline model's process (--unet local) ------------------------------------------------------------
-@pytest.mark.triton
-@pytest.mark.slow
-def test_local_unet_serves_the_same_images_without_unet_requests(engines, in_process, sample_files, tmp_path):
-    """`--unet local`: vilex_generate and vilex_reconstruct run the UNet's ONNX graph in their own process. The
-    images are the in-process ones (over HTTP and gRPC, with an option that stacks three UNet branches), and
-    the server's statistics show the denoising steps never reached the `unet` model, while the per-request
-    stages still went to their graph models."""
+# ---- where the UNet runs (--unet local|bls) -------------------------------------------------------------------------
+def check_unet_placement(url, repository: Path, placement: str, engines: Path, in_process, sample_files) -> None:
+    """Served images equal to in-process (over HTTP and gRPC, with an option that stacks three UNet branches),
+    and the server's statistics say where the steps ran: with `local` none reached the `unet` model (the UNet
+    graph is in the loop models' own engine/), with `bls` each step was one `unet` request; the per-request
+    stages went to their graph models either way."""
+    from vilex.engines.folder import EngineFolder
     from vilex.images import load_image
     from vilex.serving.client import TritonClient
+
+    graph = EngineFolder.open(engines).graph_path("unet", "onnx").relative_to(engines)
+    for name in ("vilex_generate", "vilex_reconstruct"):  # the UNet graph, where the manifest names it
+        assert (repository / name / "1" / "engine" / graph).is_file() == (placement == "local")
+    assert not list((repository / "vilex_tokenize" / "1" / "engine").rglob("*.onnx"))
+    image = load_image(sample_files[1])
+    names = ("unet", "text_encoder", "vae_decoder")
+    with TritonClient(url("http")) as client:  # counted from here: warm-up and earlier requests are not ours
+        before = {name: client.statistics(name)["executions"] for name in names}
+    for protocol, options, library in (("http", {}, {}),
+                                       ("grpc", dict(prompt="a red circle", text_guidance=2.0),
+                                        dict(prompt="a red circle", text_guidance_scale=2.0))):
+        with TritonClient(url(protocol), protocol) as client:
+            served_image = client.reconstruct([sample_files[1].read_bytes()], num_tokens=16, steps=STEPS, seed=4,
+                                              **options)[0]
+            stats = {name: client.statistics(name)["executions"] - before[name] for name in names}
+        expected = np.asarray(in_process([image], num_tokens=16, num_inference_steps=STEPS, seed=4,
+                                         **library).images[0])
+        assert max_pixel_difference(served_image, expected) <= PIXEL_TOLERANCE, protocol
+    assert stats["unet"] == {"local": 0, "bls": 2 * STEPS}[placement], stats
+    assert stats["vae_decoder"] == 2 and stats["text_encoder"] >= 2, stats
+
+
+@pytest.mark.triton
+def test_the_default_unet_placement_serves_the_in_process_images(served, in_process, sample_files):
+    from vilex.serving.config import DEFAULT_UNET
+    from vilex.serving.repository import read_repository
+
+    assert read_repository(served.repository)["unet"] == DEFAULT_UNET
+    check_unet_placement(served.url, served.repository, DEFAULT_UNET, served.engines, in_process, sample_files)
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_the_other_unet_placement_serves_the_same_images(engines, in_process, sample_files, tmp_path):
+    """The placement the session's server does not use, on a server of its own."""
+    from vilex.serving.config import DEFAULT_UNET, UNET_PLACEMENTS
     from vilex.serving.repository import build_repository
     from vilex.serving.server import Ports, TritonServer
 
-    from vilex.engines.folder import EngineFolder
-
-    repository = build_repository(engines, tmp_path / "repository", unet="local")
-    graph = EngineFolder.open(engines).graph_path("unet", "onnx").relative_to(engines)
-    for name in ("vilex_generate", "vilex_reconstruct"):  # the UNet graph, where the manifest names it
-        assert (repository / name / "1" / "engine" / graph).is_file()
-    assert not list((repository / "vilex_tokenize" / "1" / "engine").rglob("*.onnx"))
-    image = load_image(sample_files[1])
+    (other,) = set(UNET_PLACEMENTS) - {DEFAULT_UNET}
+    repository = build_repository(engines, tmp_path / "repository", unet=other)
     server = TritonServer(repository, ports=Ports.free())
     # Seven models load at once; on 2 cores taken by another job the start has taken over 300 s (seen once).
     server.start(timeout_s=900)
     try:
-        # Executions counted from here: the graph models' model_warmup requests already ran one each.
-        names = ("unet", "text_encoder", "vae_decoder")
-        with TritonClient(server.url("http")) as client:
-            before = {name: client.statistics(name)["executions"] for name in names}
-        for protocol, options, library in (("http", {}, {}),
-                                           ("grpc", dict(prompt="a red circle", text_guidance=2.0),
-                                            dict(prompt="a red circle", text_guidance_scale=2.0))):
-            with TritonClient(server.url(protocol), protocol) as client:
-                served_image = client.reconstruct([sample_files[1].read_bytes()], num_tokens=16, steps=STEPS, seed=4,
-                                                  **options)[0]
-                stats = {name: client.statistics(name)["executions"] - before[name] for name in names}
-            expected = np.asarray(in_process([image], num_tokens=16, num_inference_steps=STEPS, seed=4,
-                                             **library).images[0])
-            assert max_pixel_difference(served_image, expected) <= PIXEL_TOLERANCE, protocol
-        assert stats["unet"] == 0, stats
-        assert stats["vae_decoder"] == 2 and stats["text_encoder"] >= 2, stats
+        check_unet_placement(server.url, repository, other, engines, in_process, sample_files)
     finally:
         server.stop()
 

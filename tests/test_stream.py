@@ -33,14 +33,14 @@ PIXEL_TOLERANCE = 1  # of 255, as tests/test_serving.py (the same graphs on the 
 STATS_WAIT_S = 120.0  # how long to wait for the server to record an execution (a failure bound, not a measurement)
 
 @pytest.fixture(scope="module")
-def served(tiny_engines, tmp_path_factory):
+def stream_server(tiny_engines, tmp_path_factory):
     """tritonserver on the models this module calls (see the module docstring)."""
     from vilex.serving.repository import build_repository
     from vilex.serving.server import Ports, TritonServer
 
     root = tmp_path_factory.mktemp("stream")
-    repository = build_repository(tiny_engines, root / "repository", unet="bls")
-    local = build_repository(tiny_engines, root / "local", unet="local")
+    repository = build_repository(tiny_engines, root / "repository", unet="bls", streaming=True)
+    local = build_repository(tiny_engines, root / "local", unet="local", streaming=True)
     # vilex_reconstruct_stream as `--unet local` writes it (its config says unet "local"; its engine/ has the UNet).
     shutil.rmtree(repository / "vilex_reconstruct_stream")
     shutil.copytree(local / "vilex_reconstruct_stream", repository / "vilex_reconstruct_stream")
@@ -81,16 +81,16 @@ def tokens(in_process, sample_files):
     return in_process.tokenize([load_image(p) for p in sample_files[:2]], num_tokens=8)
 
 
-def grpc_client(served):
+def grpc_client(stream_server):
     from vilex.serving.client import TritonClient
 
-    return TritonClient(served.url("grpc"), "grpc")
+    return TritonClient(stream_server.url("grpc"), "grpc")
 
 
-def executions(served, model: str) -> int:
+def executions(stream_server, model: str) -> int:
     from vilex.serving.client import TritonClient
 
-    with TritonClient(served.url("http")) as client:
+    with TritonClient(stream_server.url("http")) as client:
         return client.statistics(model)["executions"]
 
 
@@ -136,11 +136,11 @@ def test_step_callback_sees_every_step_and_can_stop_the_loop(tiny_pipeline):
 
 # ---- progress and the result ----------------------------------------------------------------------------------
 @pytest.mark.triton
-def test_generate_stream_sends_each_step_then_the_served_image(served, in_process, tokens):
+def test_generate_stream_sends_each_step_then_the_served_image(stream_server, in_process, tokens):
     """Two images in one request, 4 steps, a preview every 2: progress 1, 2, 3, 4 of 4 (previews at 2 and 4),
-    then images equal to the non-streamed served ones and the in-process ones."""
+    then images equal to the non-streamed stream_server ones and the in-process ones."""
     options = dict(prompt="a red circle", steps=4, seed=3)
-    with grpc_client(served) as client:
+    with grpc_client(stream_server) as client:
         events = list(client.generate_stream(tokens.numpy(), preview_every=2, **options))
         served_images = client.generate(tokens.numpy(), **options)
     progress, result = events[:-1], events[-1]
@@ -161,19 +161,19 @@ def test_generate_stream_sends_each_step_then_the_served_image(served, in_proces
 
 
 @pytest.mark.triton
-def test_reconstruct_stream_with_the_local_unet_equals_in_process(served, in_process, sample_files):
+def test_reconstruct_stream_with_the_local_unet_equals_in_process(stream_server, in_process, sample_files):
     """`--unet local`: progress per step, the in-process image, and no request reached the `unet` model."""
     from vilex.images import load_image
 
-    unet_before = executions(served, "unet")
-    with grpc_client(served) as client:
+    unet_before = executions(stream_server, "unet")
+    with grpc_client(stream_server) as client:
         events = list(client.reconstruct_stream([sample_files[1].read_bytes()], num_tokens=16, steps=STEPS, seed=4))
     assert [(e.step, e.total_steps) for e in events[:-1]] == [(s, STEPS) for s in range(1, STEPS + 1)]
     assert all(e.preview is None for e in events)  # none asked for
     expected = np.asarray(in_process([load_image(sample_files[1])], num_tokens=16, num_inference_steps=STEPS,
                                      seed=4).images[0])
     assert max_pixel_difference(events[-1].images[0], expected) <= PIXEL_TOLERANCE
-    assert executions(served, "unet") == unet_before
+    assert executions(stream_server, "unet") == unet_before
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------
@@ -185,12 +185,12 @@ def test_reconstruct_stream_with_the_local_unet_equals_in_process(served, in_pro
     (dict(STEPS=np.array([[0]], np.int32)), "STEPS[0] must be in 1..200, got 0"),
     (dict(ORDER=np.array([[b"sideways"]], object)), "ORDER[0] must be one of vilex_first, text_first"),
 ])
-def test_bad_stream_input_is_an_error_naming_it(served, tokens, values, message):
+def test_bad_stream_input_is_an_error_naming_it(stream_server, tokens, values, message):
     from vilex.serving.client import ServedRequestError
 
     n = len(next(iter(values.values())))
     inputs = {"VILEX_TOKENS": tokens.numpy()[:n], **values}
-    with grpc_client(served) as client:
+    with grpc_client(stream_server) as client:
         with pytest.raises(ServedRequestError, match=re.escape(message)) as error:
             list(client.stream("vilex_generate_stream", inputs))
         assert error.value.status == "INVALID_ARG"  # the model's code for a caller's mistake
@@ -199,13 +199,13 @@ def test_bad_stream_input_is_an_error_naming_it(served, tokens, values, message)
 
 
 @pytest.mark.triton
-def test_a_wrong_dtype_is_tritons_error_naming_the_input(served, tokens):
+def test_a_wrong_dtype_is_tritons_error_naming_the_input(stream_server, tokens):
     """Triton checks dtypes before the model runs; on a stream its error comes without a status code, so it is a
     ServingError (not a ServedRequestError), with Triton's message naming the input. (The client's own calls
     send every input in its declared dtype.)"""
     from vilex.serving.client import ServingError
 
-    with grpc_client(served) as client:
+    with grpc_client(stream_server) as client:
         with pytest.raises(ServingError, match=re.escape("inference input 'PREVIEW_EVERY' data-type is 'FP32', but "
                                                          "model 'vilex_generate_stream' expects 'INT32'")):
             list(client.stream("vilex_generate_stream", {"VILEX_TOKENS": tokens.numpy()[:1],
@@ -213,16 +213,16 @@ def test_a_wrong_dtype_is_tritons_error_naming_the_input(served, tokens):
 
 
 @pytest.mark.triton
-def test_streaming_needs_grpc_and_checks_like_the_plain_call(served, tokens):
+def test_streaming_needs_grpc_and_checks_like_the_plain_call(stream_server, tokens):
     from vilex.serving.client import TritonClient
     from vilex.serving.remote import RemotePipeline
 
-    with TritonClient(served.url("http")) as client:
+    with TritonClient(stream_server.url("http")) as client:
         with pytest.raises(ViLexUsageError, match="streaming needs --protocol grpc.*got --protocol http"):
             client.generate_stream(tokens.numpy(), steps=STEPS)  # refused when called, before anything is sent
     with pytest.raises(ViLexUsageError, match="--stream needs --protocol grpc.*got --protocol http"):
-        RemotePipeline(served.url("http"), "http").streaming()
-    remote = RemotePipeline(served.url("grpc"), "grpc").streaming()
+        RemotePipeline(stream_server.url("http"), "http").streaming()
+    remote = RemotePipeline(stream_server.url("grpc"), "grpc").streaming()
     for bad, pattern in ((dict(num_inference_steps=0), "steps"), (dict(guidance_scale=float("nan")), "guidance"),
                          (dict(order="sideways"), "order")):
         with pytest.raises(ViLexUsageError, match=pattern):
@@ -233,26 +233,26 @@ def test_streaming_needs_grpc_and_checks_like_the_plain_call(served, tokens):
 
 
 # ---- cancellation -------------------------------------------------------------------------------------------------
-def wait_for_executions(served, model: str, count: int) -> int:
+def wait_for_executions(stream_server, model: str, count: int) -> int:
     """Wait until the server has recorded `count` executions of `model` (it does when execute() returns)."""
     deadline = time.monotonic() + STATS_WAIT_S
-    while (seen := executions(served, model)) < count:
+    while (seen := executions(stream_server, model)) < count:
         if time.monotonic() > deadline:
             pytest.fail(f"{model} recorded {seen} executions, expected {count}, within {STATS_WAIT_S:g} s:\n"
-                        f"{served.log_tail()}")
+                        f"{stream_server.log_tail()}")
         time.sleep(0.2)
     return seen
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("model", ["vilex_generate_stream", "vilex_reconstruct_stream"])
-def test_leaving_the_stream_early_stops_the_servers_work(served, tokens, sample_files, model):
+def test_leaving_the_stream_early_stops_the_servers_work(stream_server, tokens, sample_files, model):
     """Leave a 200-step stream after 2 steps: the client closes the gRPC stream with cancel_requests=True, and the server's statistics show the loop stopped there (bls: the `unet` model
     ran the steps the model logs, far from 200) and nothing was decoded (`vae_decoder` did not run)."""
     names = ("unet", "vae_decoder", model)
-    before = {name: executions(served, name) for name in names}
-    log_start = len(served.log_text())
-    with grpc_client(served) as client:
+    before = {name: executions(stream_server, name) for name in names}
+    log_start = len(stream_server.log_text())
+    with grpc_client(stream_server) as client:
         if model == "vilex_generate_stream":
             stream = client.generate_stream(tokens.numpy()[:1], steps=MANY_STEPS, seed=1)
         else:
@@ -262,30 +262,30 @@ def test_leaving_the_stream_early_stops_the_servers_work(served, tokens, sample_
                 assert event.images is None and event.total_steps == MANY_STEPS
                 if event.step == 2:
                     break  # leaving the with block closes the stream, which cancels the request
-    wait_for_executions(served, model, before[model] + 1)  # its execute() has returned
+    wait_for_executions(stream_server, model, before[model] + 1)  # its execute() has returned
     stopped = re.search(rf"{model}: request cancelled, stopped after (\d+) of {MANY_STEPS} denoising steps",
-                        served.log_text()[log_start:])
-    assert stopped, served.log_tail()
+                        stream_server.log_text()[log_start:])
+    assert stopped, stream_server.log_tail()
     steps_run = int(stopped.group(1))
     assert 2 <= steps_run < MANY_STEPS
-    after = {name: executions(served, name) for name in names}
+    after = {name: executions(stream_server, name) for name in names}
     assert after["vae_decoder"] == before["vae_decoder"]  # stopped before the decode
     # The unet model ran exactly the steps the model reports (bls), or none (local: the UNet is in-process).
     assert after["unet"] - before["unet"] == (steps_run if model == "vilex_generate_stream" else 0)
-    with grpc_client(served) as client:  # and the model serves the next request
+    with grpc_client(stream_server) as client:  # and the model serves the next request
         assert list(client.generate_stream(tokens.numpy()[:1], steps=1))[-1].images is not None
 
 
 # ---- the command line ---------------------------------------------------------------------------------------------
 @pytest.mark.triton
-def test_cli_stream_shows_progress_and_writes_the_same_pngs(served, in_process, tokens, sample_files, tmp_path,
+def test_cli_stream_shows_progress_and_writes_the_same_pngs(stream_server, in_process, tokens, sample_files, tmp_path,
                                                              capsys):
     from vilex.cli import main
     from vilex.images import load_image
     from vilex.outputs import save_tokens
 
     token_file = save_tokens(tmp_path / "tokens.safetensors", tokens, {"images": ["a", "b"]})
-    grpc = ["--backend", "triton", "--url", served.url("grpc"), "--protocol", "grpc", "--steps", str(STEPS),
+    grpc = ["--backend", "triton", "--url", stream_server.url("grpc"), "--protocol", "grpc", "--steps", str(STEPS),
             "--seed", "5"]
     capsys.readouterr()
     assert main(["generate", "--tokens", str(token_file), "--out", str(tmp_path / "streamed"), *grpc, "--stream"]) == 0
@@ -303,10 +303,22 @@ def test_cli_stream_shows_progress_and_writes_the_same_pngs(served, in_process, 
 
     # --stream is for a server over gRPC: one line naming the flag to change, exit code 2, nothing written.
     capsys.readouterr()
-    http = ["--backend", "triton", "--url", served.url("http"), "--steps", str(STEPS)]
+    http = ["--backend", "triton", "--url", stream_server.url("http"), "--steps", str(STEPS)]
     assert main(["reconstruct", str(image), "--out", str(tmp_path / "x"), *http, "--stream"]) == 2
     assert "--stream needs --protocol grpc" in capsys.readouterr().err
     assert main(["generate", "--tokens", str(token_file), "--out", str(tmp_path / "x"), "--engines", "e",
                  "--backend", "onnxruntime", "--stream"]) == 2
     assert "--stream needs --backend triton" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.triton
+def test_a_server_without_streaming_models_names_the_flag(served, tokens):
+    """The session's server (conftest.py) is a repository written without --stream: asking it for a stream is a
+    usage error that says how to write one that has them, before anything is sent."""
+    from vilex.serving.client import TritonClient
+
+    with TritonClient(served.grpc, "grpc") as client:
+        with pytest.raises(ViLexUsageError, match=r"no vilex_generate_stream model; .*vilex triton-repo .*--stream"):
+            client.generate_stream(tokens, steps=STEPS)
+        assert client.generate(tokens, steps=STEPS, seed=0).shape == (2, 64, 64, 3)  # the plain models serve

@@ -37,6 +37,10 @@ def add_parser(subparsers) -> None:
                    help=f"where vilex_generate and vilex_reconstruct run the UNet: bls (each denoising step a request "
                         f"to the unet model) or local (an onnxruntime session in their own process; no per-step "
                         f"hop). Default {DEFAULT_UNET}")
+    p.add_argument("--stream", action="store_true",
+                   help="also write vilex_generate_stream and vilex_reconstruct_stream: decoupled models that send "
+                        "progress per denoising step over gRPC (`vilex generate|reconstruct --stream`); each is one "
+                        "more Python-backend process holding a pipeline")
     p.add_argument("--replace", action="store_true", help="replace an existing repository at --out (atomically)")
     p.set_defaults(func=cmd_triton_repo)
 
@@ -64,7 +68,7 @@ def cmd_triton_repo(args) -> None:
     out = build_repository(args.engines, args.out, platform=args.platform, max_batch=args.max_batch,
                            instances=args.instances, max_queue=args.max_queue, max_steps=args.max_steps,
                            replace=args.replace, pipeline_instances=args.pipeline_instances,
-                           graph_queue_delay_us=args.graph_queue_delay, unet=args.unet)
+                           graph_queue_delay_us=args.graph_queue_delay, unet=args.unet, streaming=args.stream)
     models = sorted(p.name for p in out.iterdir() if (p / "config.pbtxt").is_file())
     print(f"wrote model repository {out} ({args.platform}): {', '.join(models)}")
     print(f"serve it with: vilex serve {out}")

@@ -130,6 +130,9 @@ class TritonClient:
         if self.protocol != "grpc":
             raise ViLexUsageError(f"streaming needs --protocol grpc (Triton streams responses over gRPC only), "
                                   f"got --protocol {self.protocol}")
+        if not self._call(lambda: self._client.is_model_ready(model, headers=self.headers)):
+            raise ViLexUsageError(f"--url {self.url}: the server has no {model} model; streaming needs a repository "
+                                  f"written with `vilex triton-repo ENGINES --out DIR --stream`")
         return EventStream(self._stream_events(model, self._tensors(inputs)))
 
     def _stream_events(self, model: str, tensors: list) -> Iterator[StreamEvent]:

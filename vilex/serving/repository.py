@@ -32,7 +32,7 @@ from vilex.outputs import swap_folder_into_place
 from .config import (DEFAULT_MAX_STEPS, DEFAULT_UNET, GRAPH_QUEUE_DELAY_US, LOOP_MODELS, MAX_QUEUE_DELAY_US,
                      PLATFORMS, UNET_PLACEMENTS, check_max_batch, graph_config, graph_max_batch, pipeline_config,
                      pipeline_parameters, source_dir)
-from .interface import PIPELINE_MODELS, pipeline_models
+from .interface import STREAM_MODELS, pipeline_models
 
 REPOSITORY_FILE = "repository.json"
 GRAPH_MODEL_SOURCE = "onnxruntime_model.py"
@@ -41,13 +41,16 @@ GRAPH_MODEL_SOURCE = "onnxruntime_model.py"
 def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platform: str = "python-ort",
                      max_batch: int | None = None, instances: int = 1, max_queue: int | None = None,
                      max_steps: int = DEFAULT_MAX_STEPS, replace: bool = False, pipeline_instances: int = 1,
-                     graph_queue_delay_us: int = GRAPH_QUEUE_DELAY_US, unet: str = DEFAULT_UNET) -> Path:
+                     graph_queue_delay_us: int = GRAPH_QUEUE_DELAY_US, unet: str = DEFAULT_UNET,
+                     streaming: bool = False) -> Path:
     """Write the model repository for export folder `engines` to `out`; return `out`.
 
     instances: of each graph model; pipeline_instances: of each pipeline model. graph_queue_delay_us: how
     long a graph model waits to fill a batch (0: never; more lets concurrent pipeline instances share one).
     unet: "bls" (each step a request to the `unet` model) or "local" (vilex_generate and vilex_reconstruct
-    run the UNet's ONNX graph in their own process; the `unet` model stays servable on its own)."""
+    run the UNet's ONNX graph in their own process; the `unet` model stays servable on its own). streaming:
+    also the decoupled vilex_generate_stream and vilex_reconstruct_stream (progress per step over gRPC); off by
+    default, since each is one more Python-backend process holding a pipeline (about 400 MB on tiny)."""
     from vilex.settings import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from vilex.engines.folder import MANIFEST, EngineFolder
 
@@ -103,7 +106,9 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
         # 3. Pipeline (BLS) models, each with the export's host files
         parameters = pipeline_parameters(max_steps, DEFAULT_STEPS, DEFAULT_GUIDANCE, unet=unet)
         dims = folder.dims
-        for name, model in pipeline_models(dims.hidden_size, dims.num_queries).items():
+        served = {name: model for name, model in pipeline_models(dims.hidden_size, dims.num_queries).items()
+                  if streaming or name not in STREAM_MODELS}
+        for name, model in served.items():
             version = staging / name / "1"
             version.mkdir(parents=True)
             (staging / name / "config.pbtxt").write_text(
@@ -132,7 +137,7 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
             "platform": platform, "max_batch": max_batch, "instances": instances,
             "pipeline_instances": pipeline_instances, "graph_queue_delay_us": graph_queue_delay_us, "unet": unet,
             "max_queue": max_queue, "max_steps": max_steps,
-            "models": {"graphs": list(contracts), "pipeline": list(PIPELINE_MODELS)},
+            "models": {"graphs": list(contracts), "pipeline": list(served)},
             "graph_files": {name: path.relative_to(folder.root).as_posix() for name, path in graph_files.items()},
             "engines": {"path": str(folder.root.resolve()), "source": folder.manifest.get("source"),
                         "precision": folder.precision, "versions": folder.manifest.get("versions")},
