@@ -80,12 +80,15 @@ def measure_triton(engines: Path | None, images, settings: BenchSettings, concur
                         yield placement, protocol, stats, {**breakdown(before, server_counters(server)), **per_step}
 
 
-def server_counters(server) -> dict:
-    """Cumulative counts and nanoseconds from the server: Triton's statistics of the pipeline and graph
-    models, and the local UNet's custom metric (absent with `bls`)."""
+def server_counters(server=None, http_url: str | None = None, metrics_port: int | None = None) -> dict:
+    """Cumulative counts and nanoseconds from the server (a TritonServer, or its HTTP HOST:PORT and metrics
+    port): Triton's statistics of the pipeline and graph models, and the local UNet's custom metric (absent
+    with `bls`)."""
     import tritonclient.http as httpclient
 
-    client = httpclient.InferenceServerClient(server.url("http"))
+    http_url = http_url or server.url("http")
+    metrics_port = metrics_port or server.ports.metrics
+    client = httpclient.InferenceServerClient(http_url)
     try:
         counters = {}
         for model in (PIPELINE_MODEL,) + GRAPH_MODELS:
@@ -97,8 +100,7 @@ def server_counters(server) -> dict:
             counters[model]["executions"] = int(stats["execution_count"])
     finally:
         client.close()
-    with urllib.request.urlopen(f"http://{server.url('http').rsplit(':', 1)[0]}:{server.ports.metrics}/metrics",
-                                timeout=10) as response:
+    with urllib.request.urlopen(f"http://{http_url.rsplit(':', 1)[0]}:{metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode()
     local = {"duration_us": 0.0, "runs": 0.0}
     for line in text.splitlines():

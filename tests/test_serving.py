@@ -467,11 +467,14 @@ def test_concurrent_requests_are_batched_and_correct(served, in_process, sample_
 
 
 # ---- where the UNet runs (--unet local|bls) -------------------------------------------------------------------------
-def check_unet_placement(url, repository: Path, placement: str, engines: Path, in_process, sample_files) -> None:
+def check_unet_placement(url, metrics_port: int, repository: Path, placement: str, engines: Path, in_process,
+                         sample_files) -> None:
     """Served images equal to in-process (over HTTP and gRPC, with an option that stacks three UNet branches),
     and the server's statistics say where the steps ran: with `local` none reached the `unet` model (the UNet
     graph is in the loop models' own engine/), with `bls` each step was one `unet` request; the per-request
-    stages went to their graph models either way."""
+    stages went to their graph models either way; `vilex bench`'s reading of the server's account
+    (benchmarks/triton.py) finds the same UNet calls."""
+    from vilex.benchmarks.triton import breakdown, server_counters
     from vilex.engines.folder import EngineFolder
     from vilex.images import load_image
     from vilex.serving.client import TritonClient
@@ -484,6 +487,7 @@ def check_unet_placement(url, repository: Path, placement: str, engines: Path, i
     names = ("unet", "text_encoder", "vae_decoder")
     with TritonClient(url("http")) as client:  # counted from here: warm-up and earlier requests are not ours
         before = {name: client.statistics(name)["executions"] for name in names}
+    counters = server_counters(http_url=url("http"), metrics_port=metrics_port)
     for protocol, options, library in (("http", {}, {}),
                                        ("grpc", dict(prompt="a red circle", text_guidance=2.0),
                                         dict(prompt="a red circle", text_guidance_scale=2.0))):
@@ -496,6 +500,10 @@ def check_unet_placement(url, repository: Path, placement: str, engines: Path, i
         assert max_pixel_difference(served_image, expected) <= PIXEL_TOLERANCE, protocol
     assert stats["unet"] == {"local": 0, "bls": 2 * STEPS}[placement], stats
     assert stats["vae_decoder"] == 2 and stats["text_encoder"] >= 2, stats
+    account = breakdown(counters, server_counters(http_url=url("http"), metrics_port=metrics_port))
+    assert (account["unet_placement"], account["requests"], account["unet_calls"]) == (placement, 2, 2 * STEPS), account
+    assert account["pipeline_ms"] >= account["stages_ms"] > account["unet_ms"] > 0, account
+    assert ("unet_queue_ms" in account) == (placement == "bls"), account
 
 
 @pytest.mark.triton
@@ -504,7 +512,8 @@ def test_the_default_unet_placement_serves_the_in_process_images(served, in_proc
     from vilex.serving.repository import read_repository
 
     assert read_repository(served.repository)["unet"] == DEFAULT_UNET
-    check_unet_placement(served.url, served.repository, DEFAULT_UNET, served.engines, in_process, sample_files)
+    check_unet_placement(served.url, served.metrics_port, served.repository, DEFAULT_UNET, served.engines, in_process,
+                         sample_files)
 
 
 @pytest.mark.triton
@@ -521,7 +530,7 @@ def test_the_other_unet_placement_serves_the_same_images(engines, in_process, sa
     # Seven models load at once; on 2 cores taken by another job the start has taken over 300 s (seen once).
     server.start(timeout_s=900)
     try:
-        check_unet_placement(server.url, repository, other, engines, in_process, sample_files)
+        check_unet_placement(server.url, server.ports.metrics, repository, other, engines, in_process, sample_files)
     finally:
         server.stop()
 
