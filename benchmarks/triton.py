@@ -72,12 +72,12 @@ def measure_triton(engines: Path | None, images, settings: BenchSettings, concur
                                                               steps=settings.steps, guidance=settings.guidance_scale,
                                                               seed=settings.seed)
 
-                        before = server_counters(server)
+                        before = settled_counters(server)
                         # Each window: every thread completes two requests back to back.
                         stats = measure(make_call, items_per_call=len(batch), concurrency=workers, warmup_calls=3,
                                         window_s=0.0, min_calls=2 * workers, max_windows=min(settings.max_windows, 5),
                                         stability=settings.stability)
-                        yield placement, protocol, stats, {**breakdown(before, server_counters(server)), **per_step}
+                        yield placement, protocol, stats, {**breakdown(before, settled_counters(server)), **per_step}
 
 
 def server_counters(server=None, http_url: str | None = None, metrics_port: int | None = None) -> dict:
@@ -109,6 +109,24 @@ def server_counters(server=None, http_url: str | None = None, metrics_port: int 
             local[match.group(1)] += float(match.group(2))
     counters["local_unet"] = local
     return counters
+
+
+def settled_counters(server=None, http_url: str | None = None, metrics_port: int | None = None,
+                     timeout_s: float = 10.0) -> dict:
+    """server_counters once two readings 0.2 s apart agree: Triton records an execution's statistics just after
+    its responses are sent, while the local UNet's metric counts during the execution, so a reading taken as
+    the last response arrives can hold a step count without its execution."""
+    import time
+
+    reading = server_counters(server, http_url, metrics_port)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        again = server_counters(server, http_url, metrics_port)
+        if again == reading:
+            break
+        reading = again
+    return reading
 
 
 def breakdown(before: dict, after: dict) -> dict:
@@ -148,9 +166,9 @@ def step_overhead(server, batch, settings: BenchSettings, requests: int = 4) -> 
                                    guidance=settings.guidance_scale, seed=settings.seed)
 
             call()
-            before = server_counters(server)
+            before = settled_counters(server)
             for _ in range(requests):
                 call()
-            overhead[steps] = breakdown(before, server_counters(server))["overhead_ms"]
+            overhead[steps] = breakdown(before, settled_counters(server))["overhead_ms"]
     return {"overhead_per_step_ms": (overhead[2 * settings.steps] - overhead[settings.steps]) / settings.steps,
             "overhead_ms_by_steps": overhead}

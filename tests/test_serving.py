@@ -474,7 +474,7 @@ def check_unet_placement(url, metrics_port: int, repository: Path, placement: st
     graph is in the loop models' own engine/), with `bls` each step was one `unet` request; the per-request
     stages went to their graph models either way; `vilex bench`'s reading of the server's account
     (benchmarks/triton.py) finds the same UNet calls."""
-    from vilex.benchmarks.triton import breakdown, server_counters
+    from vilex.benchmarks.triton import breakdown, settled_counters
     from vilex.engines.folder import EngineFolder
     from vilex.images import load_image
     from vilex.serving.client import TritonClient
@@ -487,7 +487,7 @@ def check_unet_placement(url, metrics_port: int, repository: Path, placement: st
     names = ("unet", "text_encoder", "vae_decoder")
     with TritonClient(url("http")) as client:  # counted from here: warm-up and earlier requests are not ours
         before = {name: client.statistics(name)["executions"] for name in names}
-    counters = server_counters(http_url=url("http"), metrics_port=metrics_port)
+    counters = settled_counters(http_url=url("http"), metrics_port=metrics_port)
     for protocol, options, library in (("http", {}, {}),
                                        ("grpc", dict(prompt="a red circle", text_guidance=2.0),
                                         dict(prompt="a red circle", text_guidance_scale=2.0))):
@@ -500,7 +500,7 @@ def check_unet_placement(url, metrics_port: int, repository: Path, placement: st
         assert max_pixel_difference(served_image, expected) <= PIXEL_TOLERANCE, protocol
     assert stats["unet"] == {"local": 0, "bls": 2 * STEPS}[placement], stats
     assert stats["vae_decoder"] == 2 and stats["text_encoder"] >= 2, stats
-    account = breakdown(counters, server_counters(http_url=url("http"), metrics_port=metrics_port))
+    account = breakdown(counters, settled_counters(http_url=url("http"), metrics_port=metrics_port))
     assert (account["unet_placement"], account["requests"], account["unet_calls"]) == (placement, 2, 2 * STEPS), account
     assert account["pipeline_ms"] >= account["stages_ms"] > account["unet_ms"] > 0, account
     assert ("unet_queue_ms" in account) == (placement == "bls"), account
