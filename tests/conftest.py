@@ -77,6 +77,24 @@ def tiny_engines(tiny_ckpt, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def in_process(tiny_engines):
+    """The served tests' reference: the session's export run in-process by onnxruntime, through the same
+    pipeline loop (tests call it; none changes its backend or scheduler)."""
+    from vilex.engines.host import pipeline_from_engines
+
+    pipeline = pipeline_from_engines(tiny_engines)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="session")
+def sample_files() -> list[Path]:
+    from vilex.samples import sample_paths
+
+    return sample_paths()
+
+
 @dataclass
 class Served:
     process: subprocess.Popen  # `vilex serve`

@@ -286,23 +286,6 @@ def engines(tiny_engines) -> Path:
     return tiny_engines  # conftest.py: one export for the session
 
 
-@pytest.fixture(scope="module")
-def in_process(engines):
-    """The reference: the same export run in-process by onnxruntime, through the same pipeline loop."""
-    from vilex.engines.host import pipeline_from_engines
-
-    pipeline = pipeline_from_engines(engines)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@pytest.fixture(scope="module")
-def sample_files() -> list[Path]:
-    from vilex.samples import sample_paths
-
-    return sample_paths()
-
-
 def reference_image(pipeline, path: Path, seed: int, num_tokens: int | None = None, prompt: str | None = None):
     from vilex.images import load_image
 

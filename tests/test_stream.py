@@ -57,23 +57,6 @@ def stream_server(tiny_engines, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def in_process(tiny_engines):
-    """The reference: the same export run in-process by onnxruntime, through the same pipeline loop."""
-    from vilex.engines.host import pipeline_from_engines
-
-    pipeline = pipeline_from_engines(tiny_engines)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@pytest.fixture(scope="module")
-def sample_files():
-    from vilex.samples import sample_paths
-
-    return sample_paths()
-
-
-@pytest.fixture(scope="module")
 def tokens(in_process, sample_files):
     """ViLex tokens (2, 8, D) of two sample images, made in-process."""
     from vilex.images import load_image

@@ -87,7 +87,7 @@ def test_installed_wheel_writes_a_model_repository(installed_wheel, tiny_ckpt, t
         config = text_format.Parse((repository / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
         assert config.name == name and config.backend == "python"
         assert config.max_batch_size == (3 * 2 if name == "unet" else 2)
-        expected = sources / (f"{name}/1/model.py" if name in PIPELINE_MODELS else "onnxruntime_model.py")
+        expected = sources / ("pipeline_model.py" if name in PIPELINE_MODELS else "onnxruntime_model.py")
         assert filecmp.cmp(repository / name / "1" / "model.py", expected, shallow=False), name
     for name in GRAPH_MODELS:
         assert (repository / name / "1" / "model.onnx").is_file()

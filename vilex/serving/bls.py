@@ -211,15 +211,9 @@ class PipelineModel:
         pb = self.pb_utils
         responses: list = [None] * len(requests)
         # 1. Check every request on its own: a bad one gets its 400, the others still run.
-        checked: dict[int, PipelineRequest] = {}
-        for index, request in enumerate(requests):
-            try:
-                checked[index] = parse_request(self.model, self._inputs(request), self.limits,
-                                               self.pipeline.prompt_builder)
-            except ViLexUsageError as error:
-                responses[index] = self._error(str(error), pb.TritonError.INVALID_ARG)
-            except Exception as error:  # noqa: BLE001 - a bug in a check fails its own request, not the batch
-                responses[index] = self._error(f"{self.model}: {type(error).__name__}: {error}", pb.TritonError.INTERNAL)
+        checked, refused = self._check(requests, self.model)
+        for index, (message, code) in refused.items():
+            responses[index] = self._error(message, code)
         # 2. Run them together; a failure is reported to the requests it concerns.
         for index, outcome in self._run(checked).items():
             if isinstance(outcome, Exception):
@@ -229,6 +223,22 @@ class PipelineModel:
                 responses[index] = pb.InferenceResponse(output_tensors=[
                     pb.Tensor(name, np.ascontiguousarray(array)) for name, array in outcome.items()])
         return responses
+
+    def _check(self, requests: list, name: str) -> tuple[dict[int, PipelineRequest], dict[int, tuple[str, object]]]:
+        """Every request checked on its own: ({index: checked request}, {index: (message, TritonError code)} for
+        the refused ones: the caller's mistakes INVALID_ARG, a bug in a check INTERNAL, its message naming `name`)."""
+        pb = self.pb_utils
+        checked: dict[int, PipelineRequest] = {}
+        refused: dict[int, tuple[str, object]] = {}
+        for index, request in enumerate(requests):
+            try:
+                checked[index] = parse_request(self.model, self._inputs(request), self.limits,
+                                               self.pipeline.prompt_builder)
+            except ViLexUsageError as error:
+                refused[index] = (str(error), pb.TritonError.INVALID_ARG)
+            except Exception as error:  # noqa: BLE001 - a bug in a check fails its own request, not the batch
+                refused[index] = (f"{name}: {type(error).__name__}: {error}", pb.TritonError.INTERNAL)
+        return checked, refused
 
     def _inputs(self, request) -> dict[str, np.ndarray]:
         inputs = {}

@@ -257,12 +257,13 @@ def pipeline_config(model: ServedModel, max_batch: int, parameters: dict[str, st
 
 
 # ---- the committed source configs ---------------------------------------------------------------------
-SOURCE_FILES = ("onnxruntime_model.py", "vilex_tokenize/1/model.py", "vilex_generate/1/model.py",
-                "vilex_reconstruct/1/model.py", "vilex_generate_stream/1/model.py", "vilex_reconstruct_stream/1/model.py")
+# The python-ort graph model, and the pipeline models' one model.py (the model's name selects what it does).
+GRAPH_MODEL_SOURCE, PIPELINE_MODEL_SOURCE = "onnxruntime_model.py", "pipeline_model.py"
+SOURCE_FILES = (GRAPH_MODEL_SOURCE, PIPELINE_MODEL_SOURCE)
 
 
 def source_dir() -> Path:
-    """The Triton repository's source files (the pipeline models' model.py, the python-ort graph model).
+    """The Triton repository's source files (the pipeline models' model.py and the python-ort graph model's).
 
     An installed wheel carries them as package data in vilex/triton_repo/ (pyproject.toml maps the
     checkout's top-level triton_repo/ there); a source checkout, editable install included, has them in

@@ -8,7 +8,7 @@
         1/model.py                    python-ort only: triton_repo/onnxruntime_model.py
       vilex_tokenize/ vilex_generate/ vilex_reconstruct/
         config.pbtxt                  from interface.py
-        1/model.py                    triton_repo/<model>/1/model.py (thin; logic in vilex/serving/bls.py)
+        1/model.py                    triton_repo/pipeline_model.py (thin; logic in vilex/serving/bls.py)
         1/engine/                     the export's manifest.json and host/ files (tokenizer, scheduler,
                                       configs, token embeddings): what the pipeline needs besides the graphs;
                                       with --unet local also the UNet's ONNX graph (generate, reconstruct)
@@ -29,13 +29,12 @@ from pathlib import Path
 from vilex.errors import ViLexUsageError
 from vilex.outputs import swap_folder_into_place
 
-from .config import (DEFAULT_MAX_STEPS, DEFAULT_UNET, GRAPH_QUEUE_DELAY_US, LOOP_MODELS, MAX_QUEUE_DELAY_US,
-                     PLATFORMS, UNET_PLACEMENTS, check_max_batch, graph_config, graph_max_batch, pipeline_config,
+from .config import (DEFAULT_MAX_STEPS, DEFAULT_UNET, GRAPH_MODEL_SOURCE, GRAPH_QUEUE_DELAY_US, LOOP_MODELS,
+                     MAX_QUEUE_DELAY_US, PIPELINE_MODEL_SOURCE, PLATFORMS, UNET_PLACEMENTS, check_max_batch, graph_config, graph_max_batch, pipeline_config,
                      pipeline_parameters, source_dir)
 from .interface import STREAM_MODELS, pipeline_models
 
 REPOSITORY_FILE = "repository.json"
-GRAPH_MODEL_SOURCE = "onnxruntime_model.py"
 
 
 def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platform: str = "python-ort",
@@ -113,7 +112,7 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
             version.mkdir(parents=True)
             (staging / name / "config.pbtxt").write_text(
                 pipeline_config(model, max_batch, parameters, pipeline_instances, max_queue, kind=spec.pipeline_kind))
-            shutil.copyfile(source / name / "1" / "model.py", version / "model.py")
+            shutil.copyfile(source / PIPELINE_MODEL_SOURCE, version / "model.py")
             engine = version / parameters["engine_dir"]
             engine.mkdir()
             shutil.copyfile(folder.root / MANIFEST, engine / MANIFEST)

@@ -11,7 +11,7 @@ Two ways to get a server:
      `nvidia_pytriton.libs`;
   3. the stub's interpreter is isolated (it ignores PYTHONPATH and sees the base installation's
      site-packages): VILEX_SITE_PACKAGES names this environment's site-packages, which every model.py
-     puts first on sys.path before importing numpy (see triton_repo/*/1/model.py).
+     puts first on sys.path before importing numpy (see triton_repo/pipeline_model.py and onnxruntime_model.py).
 * NVIDIA's container (onnxruntime and tensorrt repositories on GPU hosts): `docker_command` prints the
   `docker run ... tritonserver ...` line with the same flags; the image needs vilex installed for the
   pipeline models.

@@ -34,7 +34,7 @@ from vilex.errors import ViLexUsageError
 
 from .bls import PipelineModel
 from .interface import STREAM_INVALID_ARG_PREFIX, STREAM_MODELS, pipeline_models
-from .pipeline_requests import PipelineRequest, parse_request
+from .pipeline_requests import PipelineRequest
 
 
 class GenerationCancelled(Exception):
@@ -63,16 +63,9 @@ class StreamingPipelineModel(PipelineModel):
         pb = self.pb_utils
         senders = [request.get_response_sender() for request in requests]
         # 1. Check every request on its own: a bad one gets its error (and the final flag), the others run.
-        checked: dict[int, PipelineRequest] = {}
-        for index, request in enumerate(requests):
-            try:
-                checked[index] = parse_request(self.model, self._inputs(request), self.limits,
-                                               self.pipeline.prompt_builder)
-            except ViLexUsageError as error:
-                self._finish(senders[index], str(error), pb.TritonError.INVALID_ARG)
-            except Exception as error:  # noqa: BLE001 - a bug in a check fails its own request, not the batch
-                self._finish(senders[index], f"{self.stream_name}: {type(error).__name__}: {error}",
-                             pb.TritonError.INTERNAL)
+        checked, refused = self._check(requests, self.stream_name)
+        for index, (message, code) in refused.items():
+            self._finish(senders[index], message, code)
         # Requests cancelled while they waited in the queue do not start.
         for index in [i for i in checked if requests[i].is_cancelled()]:
             del checked[index]
