@@ -73,6 +73,16 @@ def test_taildrop_off_in_eval_and_distribution_linear_prefers_short():
     assert model(pixels()).lengths.tolist() == [75, 75]
 
 
+def test_taildrop_harmonic_draws_lengths_in_proportion_to_one_over_k():
+    model = tiny(seed=0).vilex
+    model.register_to_config(taildrop_prob=1.0, taildrop_distribution="harmonic")
+    lengths = model.sample_taildrop_lengths(20000, torch.Generator().manual_seed(0))
+    harmonic = sum(1 / k for k in range(1, 76))  # the normaliser of 1/k over 1..75
+    assert (lengths == 1).float().mean() == pytest.approx(1 / harmonic, abs=0.01)
+    assert (lengths == 2).float().mean() == pytest.approx(0.5 / harmonic, abs=0.01)
+    assert (lengths == 75).float().mean() == pytest.approx(1 / 75 / harmonic, abs=0.005)
+
+
 def test_only_pooler_is_trainable_by_default():
     model = tiny(seed=0).vilex
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}

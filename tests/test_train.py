@@ -243,7 +243,9 @@ def test_targets_min_snr_and_prompt_mix(tiny_pipeline):
     v_objective = ReconstructionObjective(tiny_pipeline, snr_gamma=5.0)
     a = v_objective.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     assert torch.allclose(v_objective.target(x0, noise, t), a.sqrt() * noise - (1 - a).sqrt() * x0, atol=1e-6)
-    assert torch.allclose(v_objective.timestep_weights(t), torch.clamp(snr, max=5.0) / (snr + 1))
+    # v: an x0 weight of min(SNR + 1, 5), over the v loss's SNR + 1: 1 for noisy steps, 5 / (SNR + 1) for clean ones
+    assert torch.allclose(v_objective.timestep_weights(t), torch.clamp(snr + 1, max=5.0) / (snr + 1))
+    assert v_objective.timestep_weights(t)[-1] == 1.0 and v_objective.timestep_weights(t)[0] < 0.01
     tiny_pipeline.scheduler = DDIMScheduler.from_config(tiny_pipeline.scheduler.config, prediction_type="sample")
     with pytest.raises(ViLexUsageError, match="prediction_type='sample'; training supports epsilon, v_prediction"):
         ReconstructionObjective(tiny_pipeline)

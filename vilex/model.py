@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModel
 
 from .errors import check_range
 
-TAILDROP_DISTRIBUTIONS = ("uniform", "linear")
+TAILDROP_DISTRIBUTIONS = ("uniform", "linear", "harmonic")
 
 
 @dataclass
@@ -103,8 +103,10 @@ class ViLexModel(ModelMixin, ConfigMixin):
         token_scale: per-dimension standard deviation of the produced tokens; set to the text
             encoder's word-embedding std so the tokens start at the scale of real word embeddings.
         taildrop_prob: probability that a training sample is shortened.
-        taildrop_distribution: "uniform" (kept length uniform in min..N) or "linear" (short prefixes
-            sampled more often, weight proportional to N - k + 1).
+        taildrop_distribution: "uniform" (kept length uniform in min..N), "linear" (short prefixes
+            sampled more often, weight proportional to N - k + 1) or "harmonic" (weight 1 / k: every
+            doubling of the length is drawn about equally often, so 1..4 tokens are trained as often as
+            16..32; with uniform and N = 32, one token is trained in 1.6% of the samples).
         taildrop_min_tokens: the shortest prefix TailDrop keeps.
         freeze_vision: whether the vision encoder is frozen during training.
         pooler_self_attention: the queries attend to the patch features and to each other (Perceiver
@@ -170,8 +172,10 @@ class ViLexModel(ModelMixin, ConfigMixin):
         candidates = torch.arange(low, N + 1)
         if self.config.taildrop_distribution == "uniform":
             weights = torch.ones(len(candidates))
-        else:  # "linear": short prefixes more often
+        elif self.config.taildrop_distribution == "linear":  # short prefixes more often
             weights = (N - candidates + 1).float()
+        else:  # "harmonic": 1 / k
+            weights = 1.0 / candidates.float()
         drawn = candidates[torch.multinomial(weights, batch_size, replacement=True, generator=generator)]
         dropped = torch.rand(batch_size, generator=generator) < self.config.taildrop_prob
         return torch.where(dropped, drawn, torch.full_like(drawn, N)).to(device)

@@ -2,7 +2,7 @@
 
     tokenizer      a real CLIPTokenizer whose every caption word is one token
     text_encoder   CLIPTextModel, 3 layers, width 128 (77 positions, causal, as CLIP)
-    unet           UNet2DConditionModel (32, 64, 128) with cross-attention at 8x8 and 4x4, 4 latent channels
+    unet           UNet2DConditionModel (32, 64, 128) with cross-attention at every level (16x16, 8x8, 4x4)
     vae            AutoencoderKL, factor 4: 64x64 RGB <-> 16x16x4 latents
     scheduler      DDIM on Stable Diffusion 1.x's noise schedule (epsilon prediction)
     vilex          a SigLIP-shaped vision encoder (64 px, 8 px patches) + attention pooler, trained from scratch
@@ -42,10 +42,10 @@ def toy_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64, 128), attention_head_dim=8, cross_attention_dim=TEXT_WIDTH,
-        # Cross-attention at 8x8 and 4x4 only: at 16x16 it would double the cost of a training step on
-        # the CPU, and an 8x8 grid of attention already places objects to within a cell.
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+        # Cross-attention at every level, 16x16 included: that is where an object's place and outline are
+        # decided. Measured here (batch 32, one training step): 0.35 s against 0.23 s with cross-attention at
+        # 8x8 and 4x4 only, which drew objects as blobs in the wrong place (see MODEL_CARD.md's history).
+        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3)
 
 
 def toy_vae() -> AutoencoderKL:
@@ -56,8 +56,10 @@ def toy_vae() -> AutoencoderKL:
 
 def toy_vilex(word_embedding_std: float, pooler_self_attention: bool = False) -> ViLexModel:
     """An untrained ViLex encoder for the toy base; the vision encoder is trained too (freeze_vision=False)."""
+    # Harmonic TailDrop: one token is trained in 12% of the samples (uniform: 1.6%), so that the first
+    # token carries what matters most (with uniform, one token gave the same picture for every input).
     return ViLexModel(vision_config=VISION_CONFIG, num_queries=NUM_QUERIES, output_dim=TEXT_WIDTH,
-                      token_scale=word_embedding_std, freeze_vision=False,
+                      token_scale=word_embedding_std, freeze_vision=False, taildrop_distribution="harmonic",
                       pooler_self_attention=pooler_self_attention, **POOLER)
 
 

@@ -3,6 +3,8 @@ building the command line does not import torch and diffusers."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 
 from ..errors import ViLexUsageError, check_range
@@ -13,18 +15,30 @@ class BaseConfig:
     out: str
     seed: int = 0
     num_scenes: int = 20_000
-    vae_steps: int = 1500
+    vae_steps: int = 2000
     vae_batch_size: int = 16
-    vae_crop: int = 32
+    vae_crop: int = 64  # 64: whole scenes (crops leave a frame along the border of whole-image reconstructions)
     vae_lr: float = 1e-3
-    unet_steps: int = 5000
+    unet_steps: int = 8000
     unet_batch_size: int = 32
     unet_lr: float = 5e-4
+    decoder_steps: int = 1000  # then the VAE decoder alone, on the frozen encoder's latents; 0: no decoder stage
+    decoder_lr: float = 5e-4
+    min_snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023); 0 turns it off
     warmup_steps: int = 100
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     log_every: int = 50
+    curve_every: int = 1000  # learning curve: caption-only samples read by the probe every N UNet steps; 0: off
+    curve_n: int = 64  # held-out captions per learning-curve point
     zero_terminal_snr: bool = True
+    device: str = "cpu"  # cpu | cuda | cuda:N; not part of a run's identity: a run may continue on another device
+
+    IDENTITY_EXCLUDES = ("device",)
+
+    def identity(self) -> dict:
+        """The options that make a run what it is (a rerun must give the same)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.IDENTITY_EXCLUDES}
 
     def validate(self) -> "BaseConfig":
         for name in ("num_scenes", "vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size", "checkpoint_every",
@@ -33,6 +47,13 @@ class BaseConfig:
         check_range("--vae-crop", self.vae_crop, 8, 64)
         if self.vae_crop % 4:
             raise ViLexUsageError(f"--vae-crop must be a multiple of 4 (the VAE's factor), got {self.vae_crop}")
-        check_range("--warmup-steps", self.warmup_steps, 0, min(self.vae_steps, self.unet_steps))
+        check_range("--decoder-steps", self.decoder_steps, 0)
+        check_range("--warmup-steps", self.warmup_steps, 0,
+                    min(self.vae_steps, self.unet_steps, *([self.decoder_steps] if self.decoder_steps else [])))
         check_range("--ema-decay", self.ema_decay, 0.0, 1.0)
+        check_range("--min-snr-gamma", self.min_snr_gamma, 0.0)
+        check_range("--curve-every", self.curve_every, 0)
+        check_range("--curve-n", self.curve_n, 1, 1000)
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ViLexUsageError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
         return self

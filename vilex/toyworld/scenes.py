@@ -4,12 +4,17 @@ ground-truth attributes that made them.
     scene = make_scene(seed=7)            # one scene from its own seed
     scenes = make_scenes(1000, SPLITS["train"])   # a split: scene i has seed split_seed * 10**7 + i
 
-Every scene holds 1-3 objects. Object 0 is the *main* object: always larger than the others and drawn
-last, so it is never hidden. Each object has a shape, a named color (with a per-object shade drawn around
-the named color), a size and a centre drawn from continuous ranges; the background is flat, a vertical
-gradient or stripes, in a named color. Captions use coarse words only, as real captions do:
+Every scene holds one object, the *main* object (`objects[0]`). It has a shape, a named color (with a
+per-object shade drawn around the named color), a size and a centre drawn from continuous ranges; the
+background is flat or a vertical gradient, in a named color. Captions use coarse words only, as real
+captions do:
 
-    "a large red circle at the top left and a small green square at the bottom on a blue striped background"
+    "a large red circle at the top left on a blue gradient background"
+
+The world was simplified on 2026-12-05 (issue 17) so that a base trained on 2 CPU cores can learn to draw
+what its caption says: it had 1-3 objects and striped backgrounds too, and the base drew blobs. The
+classes the probe reads (`BACKGROUNDS`) still name stripes, which `DRAWN_BACKGROUNDS` no longer draws, and
+`OBJECT_COUNTS` can be widened again: the scene code and captions handle several objects.
 
 Exact position, size and shade are left out of the caption; they are what an image carries and a caption
 does not, and what ViLex tokens can carry.
@@ -38,7 +43,8 @@ COLORS = {  # named color -> its RGB; each object's shade is drawn within +-SHAD
     "black": (30, 30, 30),
 }
 COLOR_NAMES = tuple(COLORS)
-BACKGROUNDS = ("flat", "gradient", "striped")
+BACKGROUNDS = ("flat", "gradient", "striped")  # the kinds the probe tells apart
+DRAWN_BACKGROUNDS = ("flat", "gradient")  # the kinds scenes are drawn with
 SIZES = ("small", "large")
 # 3 x 3 cells of the image; the caption's position words
 CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
@@ -46,8 +52,8 @@ SHADE_JITTER = 20
 MAIN_RADIUS = (7.0, 15.0)  # main object; "small" below LARGE_FROM
 LARGE_FROM = 11.0
 OTHER_RADIUS = (3.5, 6.0)  # the other objects are always "small"
-OBJECT_COUNTS = (1, 2, 3)
-OBJECT_COUNT_WEIGHTS = (0.5, 0.3, 0.2)
+OBJECT_COUNTS = (1,)
+OBJECT_COUNT_WEIGHTS = (1.0,)
 STRIPE_PERIOD = (12.0, 20.0)  # pixels per dark + light stripe pair
 SUPERSAMPLE = 4  # shapes are drawn 4x larger and downsampled: anti-aliased edges
 SPLITS = {"train": 1, "probe": 2, "heldout": 3, "test": 4}  # split -> split seed; held-out splits never overlap
@@ -118,7 +124,7 @@ def _jittered(rng: np.random.Generator, color: str) -> tuple[int, int, int]:
 def make_scene(seed: int) -> Scene:
     """The scene of `seed`: the same seed gives the same scene on every machine (numpy's PCG64)."""
     rng = np.random.default_rng(seed)
-    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    background = DRAWN_BACKGROUNDS[rng.integers(len(DRAWN_BACKGROUNDS))]
     background_color = COLOR_NAMES[rng.integers(len(COLOR_NAMES))]
     count = int(rng.choice(OBJECT_COUNTS, p=OBJECT_COUNT_WEIGHTS))
     # Objects never take the background's color, so every object is visible.

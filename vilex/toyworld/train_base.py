@@ -3,14 +3,19 @@
     vilex toyworld train-base OUT [--vae-steps 1500] [--unet-steps 5000] [--seed 0]
 
 1. scenes: `num_scenes` training scenes rendered once (split "train"), held in memory as uint8
-2. VAE stage: AutoencoderKL on random 32x32 crops (the VAE is convolutional, so crops teach it the same
-   job at a quarter of the cost), loss MSE + L1 + a small KL term; then the latent scaling factor is set
-   to 1 / std of the latents, as Stable Diffusion's 0.18215 was
+2. VAE stage: AutoencoderKL on whole scenes (`vae_crop` 64; smaller crops are cheaper but leave a frame
+   along the border of whole-image reconstructions), loss MSE + L1 + a small KL term, its PSNR on
+   held-out scenes logged at every checkpoint; then the latent scaling factor is set to 1 / std of the
+   latents, as Stable Diffusion's 0.18215 was
 3. text-to-image stage: every scene's latent distribution is encoded once with the frozen VAE; the CLIP
    text encoder and the UNet train jointly on the v-prediction loss of a zero-terminal-SNR schedule
-   (see `scheduler`; `--no-zero-terminal-snr` gives SD 1.x's epsilon schedule), the caption replaced by the empty
-   prompt 10% of the time (classifier-free guidance), with an EMA of both
-4. OUT/pipeline: a ViLex checkpoint (the trained base + an untrained ViLex encoder) for `vilex train`
+   (see `scheduler`; `--no-zero-terminal-snr` gives SD 1.x's epsilon schedule) with min-SNR weighting (see
+   `training.objective.min_snr_weights`), the caption replaced by the empty prompt 10% of the time (classifier-free guidance),
+   with an EMA of both; every `curve_every` steps the EMA weights sample held-out captions and the probe
+   reads them (`curve`: the learning curve)
+4. decoder stage: the VAE's decoder alone, fine-tuned on whole scenes with the encoder frozen (as Stable
+   Diffusion's ft-MSE VAE was): the latent space the UNet learned stays the same, reconstructions sharpen
+5. OUT/pipeline: a ViLex checkpoint (the trained base + an untrained ViLex encoder) for `vilex train`
 
 Each stage saves a checkpoint every `checkpoint_every` steps (weights, EMA, optimizer, RNG) through
 `vilex.training.checkpoint`, so a killed run continues where it stopped with the same numbers.
@@ -34,11 +39,13 @@ from ..errors import ViLexUsageError
 from ..outputs import atomic_folder
 from ..pipeline import ViLexPipeline
 from ..training import checkpoint as ckpt
-from ..training.objective import training_noise_scheduler
+from ..training.objective import min_snr_weights, training_noise_scheduler
 from ..training.optim import lr_factor
-from . import components
+from . import components, curve
 from .config import BaseConfig
 from .scenes import SPLITS, fingerprint, make_scenes, render_all
+
+VAE_CHECK_SCENES = 256  # held-out ("test" split) scenes the VAE's round-trip PSNR is logged on
 
 VAE_KL_WEIGHT = 1e-6
 CAPTION_DROPOUT = 0.1
@@ -104,7 +111,7 @@ class Stage:
                                                                  meta["optimizer"]))
         if self.ema is not None:
             ema = load_file(str(folder / "ema.safetensors"))
-            self.ema.shadow_params = [ema[str(i)] for i in range(len(self.parameters))]
+            self.ema.shadow_params = [ema[str(i)].to(p.device) for i, p in enumerate(self.parameters)]
             self.ema.optimization_step = meta["ema_optimization_step"]
         ckpt.restore_rng(load_file(str(folder / "rng-0.safetensors")), self.generator)
         self.step = meta["step"]
@@ -159,7 +166,8 @@ class Stage:
 
 # ---- 2. the VAE --------------------------------------------------------------------------------------
 def train_vae(config: BaseConfig, pixels: torch.Tensor):
-    vae = components.toy_vae()
+    device = torch.device(config.device)
+    vae = components.toy_vae().to(device)
     stage = Stage(config, "vae", {"vae": vae}, config.vae_lr, config.seed, config.vae_steps, ema_decay=None)
     N, S, C = pixels.shape[0], pixels.shape[-1], config.vae_crop
     vae.train()
@@ -167,39 +175,82 @@ def train_vae(config: BaseConfig, pixels: torch.Tensor):
         g = stage.generator
         index = torch.randint(0, N, (config.vae_batch_size,), generator=g)
         top, left = (int(v) for v in torch.randint(0, S - C + 1, (2,), generator=g))
-        batch = to_unit(pixels[index, :, top:top + C, left:left + C])  # (B, 3, C, C)
+        batch = to_unit(pixels[index, :, top:top + C, left:left + C]).to(device)  # (B, 3, C, C)
         posterior = vae.encode(batch).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        # Every random draw comes from the stage's CPU generator: a seed gives the same run on any device.
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
         reconstruction = vae.decode(z).sample
         loss = (F.mse_loss(reconstruction, batch) + F.l1_loss(reconstruction, batch)
                 + VAE_KL_WEIGHT * posterior.kl().mean())
         stage.update(loss)
+        if stage.step % config.checkpoint_every == 0 or stage.done:
+            vae.eval()
+            print(json.dumps({"stage": "vae", "step": stage.step, "heldout_psnr_db": round(vae_psnr(vae), 2)}),
+                  flush=True)
+            vae.train()
     vae.eval()
     # 1 / std of the latents (posterior means of 1,024 scenes), so the UNet sees unit-variance latents.
     with torch.no_grad():
         sample = to_unit(pixels[:1024])
-        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in sample.split(128)])
+        latents = torch.cat([vae.encode(chunk.to(device)).latent_dist.mean for chunk in sample.split(128)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae
+
+
+@torch.no_grad()
+def vae_psnr(vae, n: int = VAE_CHECK_SCENES) -> float:
+    """Mean round-trip PSNR (dB, 8-bit pixels, posterior mean) on the first n "test" scenes."""
+    pixels = render_pixels(make_scenes(n, SPLITS["test"]))
+    values = []
+    for chunk in pixels.split(64):
+        decoded = vae.decode(vae.encode(to_unit(chunk).to(vae.device)).latent_dist.mean).sample.cpu()
+        restored = ((decoded.clamp(-1, 1) + 1) * 127.5).round()
+        mse = (restored - chunk.float()).pow(2).flatten(1).mean(1)
+        values.append(10 * torch.log10(255.0 ** 2 / mse.clamp(min=1e-10)))
+    return float(torch.cat(values).mean())
+
+
+def train_decoder(config: BaseConfig, vae, pixels: torch.Tensor):
+    """Fine-tune the decoder (and post_quant_conv) on the frozen encoder's latents of whole scenes."""
+    modules = {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}
+    stage = Stage(config, "vae_decoder", modules, config.decoder_lr, config.seed + 3, config.decoder_steps,
+                  ema_decay=None)
+    N = pixels.shape[0]
+    vae.eval()
+    if stage.step == 0:
+        print(json.dumps({"stage": "vae_decoder", "step": 0, "heldout_psnr_db": round(vae_psnr(vae), 2)}), flush=True)
+    while not stage.done:
+        g = stage.generator
+        batch = to_unit(pixels[torch.randint(0, N, (config.vae_batch_size,), generator=g)]).to(vae.device)
+        with torch.no_grad():
+            posterior = vae.encode(batch).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(vae.device)
+        reconstruction = vae.decode(z).sample
+        stage.update(F.mse_loss(reconstruction, batch) + F.l1_loss(reconstruction, batch))
+        if stage.step % config.checkpoint_every == 0 or stage.done:
+            print(json.dumps({"stage": "vae_decoder", "step": stage.step, "heldout_psnr_db": round(vae_psnr(vae), 2)}),
+                  flush=True)
     return vae
 
 
 # ---- 3. the text encoder and UNet ----------------------------------------------------------------------
 @torch.no_grad()
 def encode_all(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every scene's latent posterior (mean, std), (N, 4, 16, 16) each, unscaled."""
+    """Every scene's latent posterior (mean, std), (N, 4, 16, 16) each, unscaled, on the CPU."""
     means, stds = [], []
     for chunk in pixels.split(256):
-        posterior = vae.encode(to_unit(chunk)).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
+        posterior = vae.encode(to_unit(chunk).to(vae.device)).latent_dist
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
 def train_text_to_image(config: BaseConfig, vae, captions: list[str], pixels: torch.Tensor):
     tokenizer = components.toy_tokenizer()
     torch.manual_seed(config.seed + 1)  # the initial weights
-    text_encoder = components.toy_text_encoder(tokenizer)
-    unet = components.toy_unet()
+    device = torch.device(config.device)
+    text_encoder = components.toy_text_encoder(tokenizer).to(device)
+    unet = components.toy_unet().to(device)
     pipeline_scheduler = scheduler(config.zero_terminal_snr)
     noise_scheduler = training_noise_scheduler(pipeline_scheduler.config)
     stage = Stage(config, "text_to_image", {"text_encoder": text_encoder, "unet": unet}, config.unet_lr,
@@ -214,6 +265,8 @@ def train_text_to_image(config: BaseConfig, vae, captions: list[str], pixels: to
     text_encoder.train()
     unet.train()
     N, T = means.shape[0], noise_scheduler.config.num_train_timesteps
+    if config.curve_every and stage.step == 0:
+        learning_curve_point(config, stage, probe_pipeline)  # the untrained start of the curve
     while not stage.done:
         g = stage.generator
         index = torch.randint(0, N, (config.unet_batch_size,), generator=g)
@@ -222,17 +275,49 @@ def train_text_to_image(config: BaseConfig, vae, captions: list[str], pixels: to
         prompts = [captions[i] if k else "" for i, k in zip(index.tolist(), keep.tolist())]
         noise = torch.randn(latents.shape, generator=g)
         timesteps = torch.randint(0, T, (len(index),), generator=g)
+        latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
         prompt_embeds = encoder(prompt_builder(None, prompts))  # (B, 77, D)
         prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, prompt_embeds).sample
         if noise_scheduler.config.prediction_type == "v_prediction":
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        stage.update(F.mse_loss(prediction, target))
+        loss = F.mse_loss(prediction, target, reduction="none").flatten(1).mean(1)  # (B,)
+        if config.min_snr_gamma:
+            loss = loss * min_snr_weights(noise_scheduler, timesteps, config.min_snr_gamma)
+        stage.update(loss.mean())
+        if config.curve_every and (stage.step % config.curve_every == 0 or stage.done):
+            learning_curve_point(config, stage, probe_pipeline)
     stage.finish()
     text_encoder.eval()
     unet.eval()
     return tokenizer, text_encoder, unet, pipeline_scheduler
+
+
+def learning_curve_point(config: BaseConfig, stage: Stage, pipeline: ViLexPipeline) -> None:
+    """Sample held-out captions with the EMA weights (as they would ship), read them with the probe, log."""
+    from .probe import load_probe
+    from .shipped import probe_path
+
+    if any(p["step"] == stage.step for p in curve.read_points(config.out)):
+        return
+    started = time.time()
+    modules = [pipeline.text_encoder, pipeline.unet]
+    if stage.ema is not None:
+        stage.ema.store(stage.parameters)
+        stage.ema.copy_to(stage.parameters)
+    for module in modules:
+        module.eval()
+    try:
+        point = curve.measure(pipeline, load_probe(probe_path()), config.curve_n, seed=config.seed)
+    finally:
+        if stage.ema is not None:
+            stage.ema.restore(stage.parameters)
+        for module in modules:
+            module.train()
+    curve.log_point(config.out, stage.step, point)
+    print(json.dumps({"stage": "learning_curve", "step": stage.step, **{k: round(v, 3) for k, v in point.items()},
+                      "seconds": round(time.time() - started, 1)}), flush=True)
 
 
 def _assemble(tokenizer, text_encoder, unet, vae, pipeline_scheduler, pooler_self_attention: bool = False,
@@ -260,9 +345,9 @@ def train_base(config: BaseConfig) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / CONFIG_FILE
-    if saved.is_file() and json.loads(saved.read_text()) != asdict(config):
+    if saved.is_file() and json.loads(saved.read_text()) != config.identity():
         raise ViLexUsageError(f"OUT '{out}' holds a run with other options ({saved}); give a new OUT or the same options")
-    saved.write_text(json.dumps(asdict(config), indent=1))
+    saved.write_text(json.dumps(config.identity(), indent=1))
     started = time.time()
     scenes = make_scenes(config.num_scenes, SPLITS["train"])
     pixels = render_pixels(scenes)
@@ -272,12 +357,17 @@ def train_base(config: BaseConfig) -> Path:
     vae = train_vae(config, pixels)
     tokenizer, text_encoder, unet, pipeline_scheduler = train_text_to_image(
         config, vae, [s.caption for s in scenes], pixels)
+    if config.decoder_steps:
+        vae = train_decoder(config, vae, pixels)
+    vae, text_encoder, unet = vae.cpu(), text_encoder.cpu(), unet.cpu()  # the checkpoint is saved from the CPU
     pipeline = _assemble(tokenizer, text_encoder, unet, vae, pipeline_scheduler, seed=config.seed)
     final = out / "pipeline"
     with atomic_folder(final, must_be_new=False) as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)
     report = {"data_fingerprint": fingerprint(scenes), "wall_time_s": round(time.time() - started, 1),
-              "vae_scaling_factor": vae.config.scaling_factor, "config": asdict(config)}
+              "vae_scaling_factor": vae.config.scaling_factor, "vae_heldout_psnr_db": round(vae_psnr(vae), 2),
+              "device": config.device,
+              "config": asdict(config)}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(f"wrote the toy base as a ViLex checkpoint {final} in {report['wall_time_s']:.0f} s", flush=True)
     return final

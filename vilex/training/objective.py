@@ -30,6 +30,24 @@ from ..errors import ViLexUsageError
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(B,) per-sample loss weights of min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via
+    Min-SNR Weighting Strategy"): an x0-space weight of min(SNR, gamma), so that the many easy low-noise
+    timesteps stop dominating the gradient.
+
+    The epsilon loss is SNR x the x0 loss, so its weight is min(SNR, gamma) / SNR (1 where SNR = 0). The v
+    loss is (SNR + 1) x the x0 loss; diffusers' train_text_to_image weights it by min(SNR, gamma) / (SNR + 1),
+    which is 0 at SNR = 0. On a zero-terminal-SNR schedule that is the last timestep, pure noise, the one
+    that decides background and layout from the conditioning alone; so here the v weight is
+    min(SNR + 1, gamma) / (SNR + 1): 1 up to SNR = gamma - 1, gamma / (SNR + 1) above.
+    """
+    snr = compute_snr(noise_scheduler, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return (snr + 1).clamp(max=gamma) / (snr + 1)
+    clipped = snr.clamp(max=gamma)
+    return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+
+
 def training_noise_scheduler(scheduler_config) -> DDPMScheduler:
     """A DDPM scheduler with the checkpoint's training noise schedule (betas, T, prediction_type).
 
@@ -139,15 +157,10 @@ class ReconstructionObjective(nn.Module):
         return noise
 
     def timestep_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """(B,) loss weights: 1, or min(SNR, gamma) / SNR for epsilon and min(SNR, gamma) / (SNR + 1) for v."""
+        """(B,) loss weights: 1, or min-SNR-gamma's (see `min_snr_weights`)."""
         if self.snr_gamma is None:
             return torch.ones(timesteps.shape, device=timesteps.device)
-        snr = compute_snr(self.noise_scheduler, timesteps)
-        clipped = snr.clamp(max=self.snr_gamma)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            return clipped / (snr + 1)
-        # min(snr, gamma) / snr -> 1 as snr -> 0 (zero-terminal-SNR schedules reach snr = 0 at t = T-1)
-        return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+        return min_snr_weights(self.noise_scheduler, timesteps, self.snr_gamma)
 
     def denoising_loss(self, tokens: torch.Tensor, lengths: torch.Tensor, prompts, latents: torch.Tensor,
                        noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
