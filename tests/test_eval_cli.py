@@ -48,3 +48,23 @@ def test_eval_rejects_bad_options(tiny_ckpt, tmp_path, capsys):
     assert main(["eval", str(tiny_ckpt), "--sweep-steps", "10,0", "--out", str(tmp_path / "e")]) == 2
     assert "--sweep-steps must be in 1..1000, got 0" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_eval_on_a_folder_skips_unreadable_files_and_says_when_it_leaves_the_caption_out(tiny_ckpt, tmp_path, capsys):
+    """Unreadable files are skipped and listed, as `vilex train` does; a caption baseline that only some images
+    could have is left out with a notice; --sweep-n's default follows --n (and the images there are)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, color in (("a", (200, 40, 40)), ("b", (40, 40, 200))):
+        Image.new("RGB", (64, 64), color).save(folder / f"{name}.png")
+    (folder / "a.txt").write_text("a red square\n")  # b has no caption
+    (folder / "c.png").write_bytes(b"not a png")
+
+    assert main(["eval", str(tiny_ckpt), "--images", str(folder), "--n", "8", "--tokens", "1", "--steps", "1",
+                 "--sweep-steps", "1", "--sweep-schedulers", "ddim", "--out", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped unreadable {folder / 'c.png'}" in out
+    assert "caption baseline left out: 1 of 2 images have a name.txt caption" in out
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert "caption" not in {row["condition"] for row in result["rows"]}
+    assert result["config"]["sweep_n"] == 2  # min(32, the 2 readable images), not 32 against --n 8

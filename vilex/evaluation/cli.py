@@ -39,7 +39,8 @@ def add_parser(subparsers) -> None:
                    help=f"text-free guidance weight of the edit row (default {DEFAULT_GUIDANCE})")
     p.add_argument("--sweep-steps", default="10,25,50", help="steps of the trade-off sweep (default 10,25,50)")
     p.add_argument("--sweep-schedulers", default="ddim,dpm++", help="schedulers of the sweep (default ddim,dpm++)")
-    p.add_argument("--sweep-n", type=int, default=32, help="images in the sweep, 0 = no sweep (default 32)")
+    p.add_argument("--sweep-n", type=int, default=None,
+                   help="images in the sweep, 0 = no sweep (default: 32, or --n when that is smaller)")
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="ViLex rows only: no caption, unconditional, random-token or edit rows")
     p.add_argument("--batch-size", type=int, default=50, help="images per pipeline call (default 50)")
@@ -64,4 +65,4 @@ def cmd_eval(args) -> None:
                         batch_size=args.batch_size, seed=args.seed, protocol=args.protocol,
                         baselines=args.baselines)
     run_eval(config)
-    print(f"wrote {args.out}/results.json, results.md, grid.png" + (", tradeoff.png" if args.sweep_n else ""))
+    print(f"wrote {args.out}/results.json, results.md, grid.png" + (", tradeoff.png" if config.sweep_n else ""))

@@ -39,6 +39,7 @@ from . import metrics
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler"}
 LOCAL_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 GRID_ROWS = 6
+DEFAULT_SWEEP_N = 32
 
 
 @dataclass
@@ -55,7 +56,7 @@ class EvalConfig:
     edit_guidance: float = settings.DEFAULT_GUIDANCE  # text-free guidance weight of the edit row
     sweep_steps: list[int] = field(default_factory=lambda: [10, 25, 50])
     sweep_schedulers: list[str] = field(default_factory=lambda: ["ddim", "dpm++"])
-    sweep_n: int = 32  # 0 turns the sweep off
+    sweep_n: int | None = None  # 0 turns the sweep off; None: min(DEFAULT_SWEEP_N, n)
     baselines: bool = True  # False: the ViLex rows only (deployment comparisons, pooler comparisons)
     batch_size: int = 50
     seed: int = 0
@@ -80,15 +81,34 @@ def toy_references(n: int) -> References:
                       [s.caption for s in scenes], scenes)
 
 
-def folder_references(folder: str, n: int, size: int) -> References:
+def folder_references(folder: str, n: int, size: int, log=print) -> References:
+    """The first n readable images of a folder (recursive), as `vilex train` reads them: an unreadable file
+    is skipped and listed, not fatal. The caption baseline needs a `name.txt` caption for every image; when
+    only some have one, it is left out and the log says so."""
+    from ..errors import ImageInputError
     from ..images import load_image
     from ..training.data import crop_square, find_images, read_caption
 
-    records = find_images(folder)[:n]
-    images = [crop_square(load_image(r.path), size) for r in records]
-    captions = [read_caption(r) for r in records]
+    images, captions, skipped = [], [], []
+    for record in find_images(folder):
+        if len(images) == n:
+            break
+        try:
+            images.append(crop_square(load_image(record.path), size))
+        except ImageInputError as error:
+            skipped.append(f"{record.path}: {error}")
+            continue
+        captions.append(read_caption(record))
+    for line in skipped:
+        log(f"skipped unreadable {line}")
+    if not images:
+        raise ViLexUsageError(f"--images '{folder}' holds no readable image ({len(skipped)} unreadable)")
+    captioned = sum(c is not None for c in captions)
+    if 0 < captioned < len(captions):
+        log(f"caption baseline left out: {captioned} of {len(captions)} images have a name.txt caption, and the "
+            f"baseline compares all of them (give every image a caption, or none)")
     return References(images, np.stack([np.asarray(i) for i in images]).astype(np.float32) / 255.0,
-                      captions if all(captions) else None)
+                      captions if captioned == len(captions) else None)
 
 
 # ---- how a backend makes images ---------------------------------------------------------------------
@@ -236,7 +256,7 @@ def _latency_ms(function) -> float:
 class Evaluation:
     """pipeline: an already loaded pipeline of config.checkpoint (the demo passes its own)."""
 
-    def __init__(self, config: EvalConfig, pipeline=None):
+    def __init__(self, config: EvalConfig, pipeline=None, log=print):
         from ..runtime import load_pipeline
 
         self.config = config
@@ -246,18 +266,23 @@ class Evaluation:
         settings.check_text_guidance(config.edit_guidance, "--edit-guidance")
         for steps in config.sweep_steps:
             settings.check_steps(steps, "--sweep-steps")
-        check_range("--sweep-n", config.sweep_n, 0, config.n)
         check_range("--batch-size", config.batch_size, 1, 4096)
         for name in config.sweep_schedulers:
             if name not in SCHEDULERS:
                 raise ViLexUsageError(f"--sweep-schedulers takes {', '.join(SCHEDULERS)}, got {name!r}")
+        if config.sweep_n is not None:
+            check_range("--sweep-n", config.sweep_n, 0, config.n)  # before loading anything
         self.specs = [parse_backend(s) for s in config.backends]
         self.pipeline = pipeline or load_pipeline(config.checkpoint)
         self.token_counts = parse_tokens(config.tokens, self.pipeline.num_queries)
         if config.images:
-            self.references = folder_references(config.images, config.n, self.pipeline.default_size)
+            self.references = folder_references(config.images, config.n, self.pipeline.default_size, log)
         else:
             self.references = toy_references(config.n)
+        available = len(self.references.images)
+        if config.sweep_n is None:  # a default that depends on --n (and the folder) follows it
+            config.sweep_n = min(DEFAULT_SWEEP_N, available)
+        check_range("--sweep-n", config.sweep_n, 0, available)
         self.probe = self._load_probe()
         self.measure = Measure(self.references, self.probe)
         self.rows: list[dict] = []
@@ -473,7 +498,7 @@ def tradeoff_plot(result: dict, path: Path) -> bool:
 def run_eval(config: EvalConfig, log=print) -> dict:
     from ..outputs import atomic_folder
 
-    evaluation = Evaluation(config)
+    evaluation = Evaluation(config, log=log)
     result = evaluation.run(log)
     with atomic_folder(config.out) as staging:
         (staging / "results.json").write_text(json.dumps(result, indent=1))
