@@ -1,5 +1,5 @@
-"""The layering of the README's Layout section, read from the README and checked against every import in the
-code (imports inside functions included): a module imports only modules in its own layer or below."""
+"""The layering written down in docs/architecture.md, read from that page and checked against every import in
+the code (imports inside functions included): a module imports only modules in its own layer or below."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ARCHITECTURE = ROOT / "docs" / "architecture.md"  # the layer table's one home (the README links to it)
 # Source folders and the import names they ship as (pyproject.toml's package-dir).
 PACKAGES = {"vilex": "vilex", "export": "vilex.export", "benchmarks": "vilex.benchmarks",
             "triton_repo": "vilex.triton_repo"}
@@ -15,7 +16,7 @@ COMMANDS_PATTERN = "*/cli.py"  # "every `*/cli.py`": a package's command module 
 
 
 def module_name(relative: str) -> str:
-    """A path as the README writes it (`vilex/serving/client.py`, `export/`) -> its import name."""
+    """A path as the layer table writes it (`vilex/serving/client.py`, `export/`) -> its import name."""
     top, _, rest = relative.strip("/").partition("/")
     parts = [PACKAGES[top], *[p for p in rest.removesuffix(".py").split("/") if p]]
     if parts[-1] == "__init__":
@@ -23,9 +24,9 @@ def module_name(relative: str) -> str:
     return ".".join(parts)
 
 
-def readme_layers() -> dict[str, int]:
-    """{module or package name: layer} from the rows `| N. name | `path`, `path` ... |` of the README's table."""
-    text = (ROOT / "README.md").read_text()
+def documented_layers() -> dict[str, int]:
+    """{module or package name: layer} from the rows `| N. name | `path`, `path` ... |` of the layer table."""
+    text = ARCHITECTURE.read_text()
     table = text[text.index("| layer | modules |"):]
     table = table[:table.index("\n\n")]
     layers = {}
@@ -37,7 +38,7 @@ def readme_layers() -> dict[str, int]:
     return layers
 
 
-LAYERS = readme_layers()
+LAYERS = documented_layers()
 COMMAND = 5
 
 
@@ -81,7 +82,7 @@ def imports(module: str, path: Path, known: dict[str, Path]) -> set[str]:
     return targets
 
 
-def test_the_readme_table_is_read():
+def test_the_layer_table_is_read():
     """The parse found every row, each with the paths it names (a reformatted table must not pass as empty)."""
     assert set(LAYERS.values()) == {0, 1, 2, 3, 4, 5}
     assert LAYERS["vilex.settings"] == 0 and LAYERS["vilex.pipeline"] == 2 and LAYERS["vilex.serving"] == 4
@@ -90,7 +91,7 @@ def test_the_readme_table_is_read():
 
 def test_every_module_is_in_the_table():
     unlisted = sorted(m for m in modules() if layer(m) is None)
-    assert not unlisted, f"not in the README's layer table: {unlisted}"
+    assert not unlisted, f"not in the layer table of docs/architecture.md: {unlisted}"
 
 
 def test_no_module_imports_a_module_above_it():

@@ -190,7 +190,7 @@ def test_stress_refuses_anything_but_loopback():
 
 # ---- against a real server ------------------------------------------------------------------------------------
 # Defects the stress run finds in files this work does not own (vilex/serving/pipeline_requests.py); the
-# README's Reliability section gives the fix. Strict: once fixed, these cases pass and this list must go.
+# docs/reliability.md gives the fix. Strict: once fixed, these cases pass and this list must go.
 KNOWN_DEFECTS: dict[str, str] = {
     # Found by vilex stress and fixed (regression: this run): "no VILEX_TOKENS" answered 500 KeyError (Triton
     # 2.51 passes a request without a required input to the model); "AVIF corrupt" answered 500 RuntimeError

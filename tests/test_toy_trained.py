@@ -21,7 +21,7 @@ from vilex.toyworld.probe import load_probe
 from vilex.toyworld.scenes import SPLITS, make_scenes
 from vilex.toyworld.shipped import WEIGHTS, checkpoint_path, probe_path
 
-# DDIM steps of the reconstructions here: `vilex eval`'s sweep on this checkpoint (the README's trade-off table)
+# DDIM steps of the reconstructions here: `vilex eval`'s sweep on this checkpoint (docs/toyworld.md's trade-off table)
 # finds 10 as good as 25 or 50 (16 tokens: 14.12 / 14.16 dB), at 2.5x less time than the eval's default 25.
 STEPS = 10
 
