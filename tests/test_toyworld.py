@@ -96,6 +96,15 @@ def test_objects_are_inside_the_image_and_never_in_the_background_color(scenes):
             assert 0 <= obj.y - obj.radius and obj.y + obj.radius <= IMAGE_SIZE, scene.seed
 
 
+def test_the_world_draws_one_object_on_a_flat_or_gradient_background_with_every_class(scenes):
+    """The simplified world (issue 17): one object, flat or gradient backgrounds; every shape, color, cell and
+    size still occurs, so every attribute the probe reads still varies."""
+    assert {len(s.objects) for s in scenes} == {1}
+    assert {s.background for s in scenes} == {"flat", "gradient"}
+    assert {s.main.shape for s in scenes} == set(SHAPES) and {s.main.color for s in scenes} == set(COLOR_NAMES)
+    assert {s.main.cell for s in scenes} == set(CELLS) and {s.main.size for s in scenes} == set(SIZES)
+
+
 def test_caption_names_each_object_and_the_background(scenes):
     vocabulary = set(caption_vocabulary())
     for scene in scenes:
