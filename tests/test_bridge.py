@@ -61,6 +61,37 @@ def test_causal_under_every_attention_kernel(implementation):
     assert not torch.allclose(ours_changed[:, 10:], ours[:, 10:])
 
 
+def test_bf16_mask_has_the_states_dtype():
+    """In bfloat16 (as under --mixed-precision or torch-bf16 on a GPU) the causal mask reaching attention is
+    bfloat16 too: CUDA's SDPA kernels take it as given and fail or misread a float32 one (issue 18). CPU
+    attention accepts either, so the dtype is checked where attention receives it, and the output against
+    the stock forward in bfloat16."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = []  # (query dtype, mask dtype) per attention call
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        seen.append((query.dtype, None if attention_mask is None else attention_mask.dtype))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("dtype_recording", recording_sdpa)
+    pipeline = tiny(seed=0)
+    tokenizer, text_encoder = pipeline.tokenizer, pipeline.text_encoder.eval().to(torch.bfloat16)
+    ids = tokenizer(["a photo of a cat", "a red house"], padding="max_length", max_length=77,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        text_encoder.set_attn_implementation("sdpa")
+        stock = text_encoder(input_ids=ids).last_hidden_state
+        text_encoder.set_attn_implementation("dtype_recording")
+        ours = TextEncoderFromEmbeds(text_encoder)(text_encoder.get_input_embeddings()(ids))
+    assert seen and all(mask == query == torch.bfloat16 for query, mask in seen), seen
+    assert ours.dtype == torch.bfloat16
+    # Equal on this machine (max difference 0.0); a kernel that sums in another order may differ by bfloat16's
+    # rounding, about 1e-2 on these values of order 1.
+    torch.testing.assert_close(ours.float(), stock.float(), rtol=0, atol=1e-2)
+
+
 @pytest.mark.parametrize("order", ["vilex_first", "text_first"])
 def test_tokens_and_text_go_where_intended(parts, order):
     tokenizer, text_encoder = parts

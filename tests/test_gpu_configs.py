@@ -159,6 +159,33 @@ def test_a_gpu_instance_without_cuda_says_so(repositories):
         PipelineModel("vilex_generate", triton_args(config, repository, "vilex_generate", 0), fake_pb_utils())
 
 
+def test_tensorrt_loop_sends_every_unet_step_to_the_engine(repositories, tiny_engines, tmp_path):
+    """--platform tensorrt, issue 18: the loop models run the UNet as the `unet` model (the TensorRT engine), not in
+    an onnxruntime session of their own; `--unet local` is refused there with the reason."""
+    from vilex.errors import ViLexUsageError
+    from vilex.serving.bls import LocalUNetBackend, PipelineModel, TritonStageBackend
+    from vilex.serving.repository import build_repository
+
+    repository = repositories["tensorrt"]  # written without --unet: the platform's default
+    assert json.loads((repository / "repository.json").read_text())["unet"] == "bls"
+    for model in PIPELINE_MODELS:
+        config = parse_config(repository / model / "config.pbtxt")
+        assert config.parameters["unet"].string_value == "bls", model
+        assert not list((repository / model / "1" / "engine").rglob("*.onnx")), model  # no graph to run locally
+    # The model as Triton starts it (on a CPU instance: no GPU here) sends the UNet, like every stage, by BLS.
+    config = parse_config(repository / "vilex_generate" / "config.pbtxt")
+    args = {**triton_args(config, repository, "vilex_generate", 0), "model_instance_kind": "CPU"}
+    backend = PipelineModel("vilex_generate", args, fake_pb_utils()).pipeline.backend
+    assert isinstance(backend, TritonStageBackend) and not isinstance(backend, LocalUNetBackend)
+
+    source = with_stand_in_engines(tiny_engines, tmp_path / "engines")
+    with pytest.raises(ViLexUsageError, match=r"--unet local cannot be used with --platform tensorrt.*--unet bls"):
+        build_repository(source, tmp_path / "repo", platform="tensorrt", unet="local")
+    assert not (tmp_path / "repo").exists()
+    # The other platforms keep local as their default.
+    assert json.loads((repositories["onnxruntime"] / "repository.json").read_text())["unet"] == "local"
+
+
 class RecordingBLS:
     """pb_utils for TritonStageBackend.run on the CPU, following python_backend's documented behavior: Tensor.
     from_dlpack takes an object with __dlpack__/__dlpack_device__ and, for host memory, calls __dlpack__(stream=None)

@@ -3,13 +3,16 @@ and engine building and running (marked `tensorrt`, skipped without TensorRT and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -251,6 +254,224 @@ def test_tensorrt_backend_without_tensorrt_is_a_clear_error(exported, trt_ckpt, 
     assert main(["reconstruct", str(trt_ckpt), str(sample_paths()[0]), "--out", str(tmp_path / "out"),
                  "--backend", "tensorrt", "--engines", str(exported.root)]) == 2
     assert "the tensorrt backend" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# ---- the engine's CUDA handling, with fakes of TensorRT and torch.cuda (CPU) ------------------------------------
+# What a GPU would make of these calls cannot be seen here; what can is the order of the calls, which execution
+# context each one is on, and which device is current at each. The fakes record exactly that.
+TINY_DIMS = dict(image_size=(32, 32), num_queries=75, hidden_size=32, text_length=77, unet_in_channels=4,
+                 unet_out_channels=4, vae_latent_channels=4, vae_scale_factor=2, latent_multiple=2, default_size=64,
+                 num_train_timesteps=1000, word_embedding_std=0.02)  # the tiny preset's sizes
+
+
+def unet_contract():
+    from vilex.engines.contract import ModelDims, build_contracts
+
+    return build_contracts(ModelDims(**TINY_DIMS), ExportOptions(max_batch=2))["unet"]
+
+
+class FakeCuda:
+    """torch.cuda as vilex/backends/tensorrt.py uses it: the current device (`torch.cuda.device`), streams, and
+    graph capture (`torch.cuda.graph` around the enqueue, `CUDAGraph.replay`). Events go to `calls`."""
+
+    def __init__(self, monkeypatch, calls: list):
+        self.calls, self.devices, self.capturing, self.graph_count = calls, [], False, 0
+        fake = self
+
+        class Stream:
+            cuda_stream = 1234
+
+            def __init__(self, device=None):
+                pass
+
+            def synchronize(self):
+                fake.calls.append(("synchronize",))
+
+            def wait_stream(self, other):
+                pass
+
+        class CUDAGraph:
+            def __init__(self):
+                fake.graph_count += 1
+                self.id = fake.graph_count
+
+            def replay(self):
+                fake.calls.append(("replay", self.id))
+
+        @contextlib.contextmanager
+        def device(index):
+            self.devices.append(index if isinstance(index, int) else torch.device(index).index)
+            try:
+                yield
+            finally:
+                self.devices.pop()
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, stream=None, **kwargs):
+            self.calls.append(("capture_begin", cuda_graph.id))
+            self.capturing = True
+            try:
+                yield
+            finally:
+                self.capturing = False
+                self.calls.append(("capture_end", cuda_graph.id))
+
+        self.Stream = Stream
+        for name, value in {"Stream": Stream, "CUDAGraph": CUDAGraph, "device": device, "graph": graph,
+                            "current_stream": lambda device=None: Stream(), "stream": lambda s: contextlib.nullcontext(),
+                            "is_available": lambda: True, "get_device_capability": lambda device=None: (9, 0)}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+    @property
+    def current_device(self) -> int:
+        return self.devices[-1] if self.devices else 0  # CUDA's current device is 0 until set
+
+
+def fake_tensorrt(contract, cuda: FakeCuda):
+    """A `tensorrt` module for one engine of `contract`: Runtime -> ICudaEngine -> IExecutionContext, recording
+    deserialization, context creation and `execute_async_v3` with the current device. A context refuses to be
+    rebound once a graph captured it: the graph would replay its old shapes and addresses."""
+    calls = cuda.calls
+    dtypes = {"float32": "FLOAT", "float16": "HALF", "int64": "INT64", "int32": "INT32"}
+    specs = {spec.name: spec for spec in (*contract.inputs, *contract.outputs)}
+    profile = {point: contract.input_shapes(point) for point in ("min", "opt", "max")}
+
+    class Context:
+        count = 0
+
+        def __init__(self):
+            self.id, Context.count = Context.count, Context.count + 1
+            self.shapes, self.addresses, self.captured = {}, {}, False
+            calls.append(("create_context", self.id, cuda.current_device))
+
+        def set_input_shape(self, name, shape):
+            assert not self.captured, f"context {self.id} rebound after a graph captured it"
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def set_tensor_address(self, name, address):
+            assert not self.captured, f"context {self.id} rebound after a graph captured it"
+            self.addresses[name] = address
+
+        def get_tensor_shape(self, name):
+            return self.shapes[contract.input_names[0]]  # the UNet's noise_pred has the sample's shape
+
+        def execute_async_v3(self, stream_handle):
+            assert set(self.addresses) == set(specs) and set(self.shapes) == set(contract.input_names)
+            calls.append(("execute", self.id, cuda.capturing, dict(self.addresses), cuda.current_device))
+            self.captured |= cuda.capturing
+            return True
+
+    class Engine:
+        num_io_tensors = len(specs)
+
+        def get_tensor_name(self, index):
+            return list(specs)[index]
+
+        def get_tensor_mode(self, name):
+            return "INPUT" if name in contract.input_names else "OUTPUT"
+
+        def get_tensor_dtype(self, name):
+            return dtypes[specs[name].dtype]
+
+        def get_tensor_profile_shape(self, name, index):
+            return tuple(profile[point][name] for point in ("min", "opt", "max"))
+
+        def create_execution_context(self):
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, plan):
+            calls.append(("deserialize", cuda.current_device))
+            return Engine()
+
+    class Logger:
+        WARNING = "WARNING"
+
+        def __init__(self, severity):
+            pass
+
+    return SimpleNamespace(__version__="10.3.0", Runtime=Runtime, Logger=Logger,
+                           DataType=SimpleNamespace(**{name: name for name in dtypes.values()}, INT8="INT8", BOOL="BOOL"),
+                           TensorIOMode=SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"))
+
+
+def unet_inputs(contract, batch: int, side: int) -> dict[str, torch.Tensor]:
+    shapes = contract.input_shapes({"batch": batch, "latent_height": side, "latent_width": side})
+    return {name: torch.randn(shape) for name, shape in shapes.items()}
+
+
+def test_cuda_graphs_warm_up_then_capture_on_a_context_per_shape(monkeypatch, tmp_path):
+    """cuda_graph=True, issue 18: before a capture, one run with the same bindings and a synchronize (trtexec, NVIDIA's
+    demo/Diffusion); each captured shape on its own execution context, never rebound, so switching shapes and
+    back replays each graph on the bindings it captured."""
+    from vilex.backends.tensorrt import Engine
+
+    calls = []
+    cuda = FakeCuda(monkeypatch, calls)
+    contract = unet_contract()
+    trt = fake_tensorrt(contract, cuda)
+    (tmp_path / "unet.plan").write_bytes(b"stand-in")
+    engine = Engine(trt, tmp_path / "unet.plan", contract, torch.device("cpu"), cuda_graph=True)
+    engine.load(trt.Runtime(None))
+    engine.activate()
+    small, large = unet_inputs(contract, 1, 16), unet_inputs(contract, 2, 32)
+    events = []
+    for inputs in (small, small, small, large, large, small, large):
+        del calls[:]
+        outputs = engine.infer(inputs, cuda.Stream())
+        assert outputs["noise_pred"].shape == inputs["sample"].shape
+        events.append([call[:3] for call in calls])
+        warm_ups = [call[3] for call in calls if call[0] == "execute"]
+        if len(warm_ups) == 2:  # a capture: the run before it had the very bindings it captured
+            assert warm_ups[0] == warm_ups[1]
+
+    capture = lambda context, graph: [("create_context", context, 0), ("execute", context, False),  # noqa: E731
+                                      ("synchronize",), ("capture_begin", graph), ("execute", context, True),
+                                      ("capture_end", graph), ("replay", graph)]
+    assert events == [
+        [("execute", 0, False)],  # small, first call: the engine's first context, no graph
+        capture(1, 1),  # small again: context 1, warmed up, captured into graph 1
+        [("replay", 1)],
+        [("execute", 0, False)],  # large, first call: context 0 rebound, which no graph holds
+        capture(2, 2),  # large again: its own context and graph
+        [("replay", 1)],  # back to small: graph 1 on context 1, untouched since its capture
+        [("replay", 2)],
+    ]
+    assert {key: graph[1].id for key, graph in engine.graphs.items()} == {
+        tuple((n, tuple(t.shape)) for n, t in sorted(small.items())): 1,
+        tuple((n, tuple(t.shape)) for n, t in sorted(large.items())): 2}
+
+
+def test_device_id_is_current_for_every_tensorrt_call(monkeypatch, tmp_path):
+    """TensorRTBackend(device_id=1), issue 18: TensorRT deserializes, creates contexts and enqueues on CUDA's current
+    device, so GPU 1 must be current at each of those calls (torch leaves GPU 0 current)."""
+    from vilex.backends.tensorrt import TensorRTBackend
+
+    calls = []
+    cuda = FakeCuda(monkeypatch, calls)
+    contract = unet_contract()
+    trt = fake_tensorrt(contract, cuda)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    (tmp_path / "tensorrt").mkdir()
+    (tmp_path / "tensorrt" / engine_file_name("unet", "fp16", "10.3.0", "90")).write_bytes(b"stand-in")
+    folder = EngineFolder(tmp_path, {"graphs": {"unet": {"contract": contract.to_dict()}}})
+    backend = TensorRTBackend(folder, cuda_graph=True, device_id=1)
+    # No CUDA here: the tensors stay on the CPU (their device is not what TensorRT sees); the fakes record the
+    # device that is current at each TensorRT call.
+    backend.device = backend.engines["unet"].device = torch.device("cpu")
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: None, raising=False)
+    inputs = unet_inputs(contract, 2, 16)
+    for _ in range(3):  # a plain run, a capture, a replay
+        assert backend.run("unet", inputs).shape == inputs["sample"].shape
+    tensorrt_calls = [call for call in calls if call[0] in ("deserialize", "create_context", "execute")]
+    assert [call[-1] for call in tensorrt_calls] == [1] * len(tensorrt_calls), tensorrt_calls  # GPU 1 at each
+    # deserialize, the first context, a plain run; the capture's own context, its warm-up and its capture
+    assert [call[0] for call in tensorrt_calls] == ["deserialize", "create_context", "execute", "create_context",
+                                                    "execute", "execute"]
 
 
 # ---- building and running (TensorRT and a GPU) ----------------------------------------------------------------

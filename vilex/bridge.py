@@ -25,6 +25,7 @@ class TextEncoderFromEmbeds(nn.Module):
 
     transformers 5's `CLIPTextModel.forward` accepts only token ids, so this repeats its body
     (embeddings with `inputs_embeds`, an explicit causal mask and is_causal, encoder, final layer norm).
+    The mask has the dtype of the hidden states, so the encoder runs in fp16/bf16 as the stock one does.
     It is also the export wrapper of the `text_encoder` graph. Tests check it against the stock forward
     under the eager and SDPA attention kernels and one that ignores masks.
     """
@@ -37,7 +38,10 @@ class TextEncoderFromEmbeds(nn.Module):
         model = self.text_encoder
         hidden_states = model.embeddings(inputs_embeds=inputs_embeds)  # adds position embeddings
         T = hidden_states.shape[1]
-        causal_mask = torch.full((T, T), torch.finfo(hidden_states.dtype).min, device=hidden_states.device)
+        # In the states' dtype: SDPA takes the mask as given, and a float32 mask with fp16/bf16 queries fails
+        # in CUDA's memory-efficient kernel ("invalid dtype for bias") and is misread by cuDNN's (NaNs).
+        causal_mask = torch.full((T, T), torch.finfo(hidden_states.dtype).min, dtype=hidden_states.dtype,
+                                 device=hidden_states.device)
         causal_mask = causal_mask.triu(1)[None, None]  # (1, 1, T, T), additive
         # Both, as the stock forward passes both: kernels that take 4-D masks (eager, SDPA with a mask,
         # the ONNX graph) apply the mask; kernels that ignore them (flash-attention 2) apply is_causal.

@@ -8,7 +8,14 @@ allocated from the shapes TensorRT reports for the bound inputs.
 CUDA graphs (`cuda_graph=True`): the first call at a new set of input shapes runs normally, the
 second captures the enqueue into a CUDA graph over static input/output buffers, and later calls at
 those shapes copy the inputs in and replay it. The UNet, called at one shape for every denoising
-step, is what benefits.
+step, is what benefits. As in trtexec and NVIDIA's demo/Diffusion, the capture is preceded by one
+`execute_async_v3` with the same bindings and a synchronize, so TensorRT's set-up for those shapes
+happens outside the graph. A graph holds the shapes and addresses bound on its context when it was
+captured, so each captured shape gets an execution context of its own (and its activation memory),
+never rebound; other shapes run on the engine's first context.
+
+`TensorRTBackend(device_id=N)` makes GPU N current (`torch.cuda.device`) around deserialization,
+context creation and every run: TensorRT works on the current device, which is GPU 0 unless set.
 
 Inputs are checked against the contract (names, fixed sizes, multiples) and against the engine's own
 optimization profile (min..max per axis, read from the engine), with a ViLexUsageError naming the
@@ -75,7 +82,8 @@ class Engine:
         self.cuda_graph = cuda_graph
         self.engine = None
         self.context = None
-        self.graphs: dict[tuple, tuple] = {}  # input shapes -> (CUDAGraph, static inputs, static outputs)
+        # input shapes -> (CUDAGraph, its own execution context, static inputs, static outputs)
+        self.graphs: dict[tuple, tuple] = {}
         self.calls_per_shape: dict[tuple, int] = {}
 
     def load(self, runtime) -> None:
@@ -109,45 +117,52 @@ class Engine:
                                       f"engine's profile {low}..{high}; rebuild with larger bounds "
                                       f"(`vilex build-engines ... --max-batch/--max-size`)")
 
-    def _bind(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _bind(self, context, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for name, tensor in inputs.items():
-            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+            if not context.set_input_shape(name, tuple(tensor.shape)):
                 raise ViLexUsageError(f"TensorRT refused shape {tuple(tensor.shape)} for graph "
                                       f"'{self.contract.name}' input '{name}' ({self.path.name})")
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            context.set_tensor_address(name, tensor.data_ptr())
         outputs = {}
         for name in self.output_names:
-            shape = tuple(self.context.get_tensor_shape(name))
+            shape = tuple(context.get_tensor_shape(name))
             dtype = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
             outputs[name] = torch.empty(shape, dtype=dtype, device=self.device)
-            self.context.set_tensor_address(name, outputs[name].data_ptr())
+            context.set_tensor_address(name, outputs[name].data_ptr())
         return outputs
 
-    def _execute(self, stream: torch.cuda.Stream) -> None:
-        if not self.context.execute_async_v3(stream.cuda_stream):
+    def _execute(self, context, stream: torch.cuda.Stream) -> None:
+        if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"TensorRT failed to run '{self.contract.name}' ({self.path.name})")
 
     def infer(self, inputs: dict[str, torch.Tensor], stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
         """inputs: contiguous CUDA tensors of the engine's input dtypes. Enqueued on `stream`."""
         key = tuple((name, tuple(t.shape)) for name, t in sorted(inputs.items()))
         if key in self.graphs:
-            graph, static_inputs, static_outputs = self.graphs[key]
+            graph, _, static_inputs, static_outputs = self.graphs[key]
             for name, tensor in inputs.items():
                 static_inputs[name].copy_(tensor)
             graph.replay()
             return {name: t.clone() for name, t in static_outputs.items()}
         count = self.calls_per_shape[key] = self.calls_per_shape.get(key, 0) + 1
-        if self.cuda_graph and count >= 2:  # the first run did TensorRT's lazy set-up for these shapes
+        if self.cuda_graph and count >= 2:  # shapes seen before: worth a graph (one-off shapes get none)
+            # 1. A context for these shapes alone: the graph replays its bindings, so nothing may rebind it.
+            context = self.engine.create_execution_context()
             static_inputs = {name: t.clone() for name, t in inputs.items()}
-            static_outputs = self._bind(static_inputs)
+            static_outputs = self._bind(context, static_inputs)
+            # 2. One run with these very bindings, finished before capture (as trtexec and demo/Diffusion do):
+            #    TensorRT's set-up after a shape change (shape inference, lazy allocations) must not be captured.
+            self._execute(context, stream)
+            stream.synchronize()
+            # 3. Capture the enqueue, then replay it for this call's result.
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=stream):
-                self._execute(stream)
-            self.graphs[key] = (graph, static_inputs, static_outputs)
+                self._execute(context, stream)
+            self.graphs[key] = (graph, context, static_inputs, static_outputs)
             graph.replay()
             return {name: t.clone() for name, t in static_outputs.items()}
-        outputs = self._bind(inputs)
-        self._execute(stream)
+        outputs = self._bind(self.context, inputs)
+        self._execute(self.context, stream)
         return outputs
 
 
@@ -155,7 +170,8 @@ class TensorRTBackend(StageBackend):
     """Runs each stage's TensorRT engine from `engines` (a folder path or EngineFolder).
 
     The engine for a graph is the one built for this TensorRT version and GPU (by file name); with
-    several precisions built, `precision` chooses (default: the most recently built).
+    several precisions built, `precision` chooses (default: the most recently built). device_id: the GPU
+    that loads and runs the engines, made current around each TensorRT call (see the module docstring).
     """
 
     name = "tensorrt"
@@ -166,6 +182,7 @@ class TensorRTBackend(StageBackend):
         self.trt = trt = import_tensorrt("the tensorrt backend")
         compute_capability = cuda_compute_capability(device_id)
         self.folder = engines if isinstance(engines, EngineFolder) else EngineFolder.open(engines)
+        self.device_id = device_id
         self.device = torch.device("cuda", device_id)
         self.stream = torch.cuda.Stream(self.device)
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -189,10 +206,16 @@ class TensorRTBackend(StageBackend):
     def engine(self, stage: str) -> Engine:
         engine = self.engines[stage]
         if stage not in self.activated:  # load on first use: a tokenize-only run never loads the UNet
-            engine.load(self.runtime)
-            engine.activate()
+            with self.on_device():
+                engine.load(self.runtime)
+                engine.activate()
             self.activated.add(stage)
         return engine
+
+    def on_device(self):
+        """GPU `device_id` made current: TensorRT deserializes, creates execution contexts and enqueues on
+        the current CUDA device (cudaGetDevice), whatever device the stream or the tensors are on."""
+        return torch.cuda.device(self.device_id)
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         engine = self.engine(stage)
@@ -205,7 +228,7 @@ class TensorRTBackend(StageBackend):
         engine.check_profile(device_inputs)
         # Our stream waits for the copies above (on the current stream), and the caller's stream for us.
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
+        with self.on_device(), torch.cuda.stream(self.stream):
             outputs = engine.infer(device_inputs, self.stream)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         for tensor in (*device_inputs.values(), *outputs.values()):

@@ -9,6 +9,8 @@ pipeline models take theirs from `interface.py`. Each platform differs only in h
     tensorrt     platform "tensorrt_plan": a TensorRT engine from `vilex build-engines` (NVIDIA's container)
 
 Instances are KIND_CPU on python-ort and KIND_GPU on onnxruntime and tensorrt, graph and pipeline models alike.
+The denoising loop's UNet runs in the pipeline models' own process by default (`--unet local`), except on
+tensorrt, where it is the `unet` model (`--unet bls`, the only placement there; `Platform.unet_placements`).
 
 Every model has dynamic batching with a bounded queue (`default_queue_policy`; there is no
 `max_queue_size` field of `dynamic_batching` itself) and an `instance_group`; graph models have a
@@ -30,8 +32,27 @@ from vilex.engines.contract import MAX_GUIDANCE_BRANCHES, GraphContract, TensorS
 from .interface import NUMPY_TO_TRITON, Port, ServedModel
 
 
+# Where the pipeline models run the UNet: "bls" sends every denoising step to the `unet` graph model;
+# "local" runs it in the pipeline model's own process (an onnxruntime session over the export's graph), so
+# a step makes no inter-process hop. The per-request stages stay BLS calls either way.
+UNET_PLACEMENTS = ("bls", "local")
+DEFAULT_UNET = "local"  # measured: half the serving overhead per step of bls, the same end to end (README)
+
+
 @dataclass(frozen=True)
 class Platform:
+    """How one `--platform` runs the graphs, and where its pipeline models may run the UNet.
+
+    tensorrt allows `--unet bls` only. `local` runs the UNet's ONNX graph in an onnxruntime session, so on
+    tensorrt every denoising step would skip the engine (on the CPU where the stub's onnxruntime has no CUDA)
+    while the `unet` engine sat loaded and idle (issue 18). Running the engine locally instead (TensorRTBackend
+    in the stub) was not chosen: it needs the `tensorrt` Python package in the Python backend's environment,
+    at exactly the TensorRT version of the server that built and loads the plans, which no vilex extra can
+    install (it comes from NVIDIA's index only); and it would load the UNet engine again in every instance of
+    every loop model, beside the `unet` model's own copy. With bls the step is one BLS request whose tensors
+    stay on the GPU (DLPack, `preferred_memory`), run by Triton's TensorRT backend, whose instances and
+    batching `--instances` and `--graph-queue-delay` already set."""
+
     name: str
     kind: str  # instance kind of the graph models
     model_file: str  # the graph's file name in the version folder
@@ -41,6 +62,8 @@ class Platform:
     # initialize() as model_instance_kind "GPU" and model_instance_device_id): the denoising loop keeps its
     # tensors there and hands them to the graph models by DLPack, with no host copy (vilex/serving/bls.py).
     pipeline_kind: str = "KIND_CPU"
+    unet_placements: tuple[str, ...] = UNET_PLACEMENTS  # the --unet values this platform takes
+    default_unet: str = DEFAULT_UNET  # `vilex triton-repo` without --unet
 
 
 PLATFORMS = {
@@ -49,7 +72,9 @@ PLATFORMS = {
     # GPU hosts (NVIDIA's container): graph and pipeline models on the GPU.
     "onnxruntime": Platform("onnxruntime", "KIND_GPU", "model.onnx", platform="onnxruntime_onnx",
                             pipeline_kind="KIND_GPU"),
-    "tensorrt": Platform("tensorrt", "KIND_GPU", "model.plan", platform="tensorrt_plan", pipeline_kind="KIND_GPU"),
+    # The UNet as the `unet` engine for every step (bls): see Platform's docstring for why not local.
+    "tensorrt": Platform("tensorrt", "KIND_GPU", "model.plan", platform="tensorrt_plan", pipeline_kind="KIND_GPU",
+                         unet_placements=("bls",), default_unet="bls"),
 }
 
 
@@ -77,11 +102,6 @@ PIPELINE_QUEUE_DELAY_US = 20_000
 PIPELINE_QUEUE_TIMEOUT_S = 300.0
 QUEUE_PER_BATCH = 8  # default queue bound: this many full batches
 DEFAULT_MAX_STEPS = 200  # a server bound on one request's work (the library allows 1000)
-# Where the pipeline models run the UNet: "bls" sends every denoising step to the `unet` graph model;
-# "local" runs it in the pipeline model's own process (an onnxruntime session over the export's graph), so
-# a step makes no inter-process hop. The per-request stages stay BLS calls either way.
-UNET_PLACEMENTS = ("bls", "local")
-DEFAULT_UNET = "local"  # measured: half the serving overhead per step of bls, the same end to end (README)
 # The pipeline models that run the denoising loop (vilex_tokenize only encodes images).
 LOOP_MODELS = ("vilex_generate", "vilex_reconstruct", "vilex_generate_stream", "vilex_reconstruct_stream")
 

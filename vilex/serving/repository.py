@@ -11,7 +11,8 @@
         1/model.py                    triton_repo/pipeline_model.py (thin; logic in vilex/serving/bls.py)
         1/engine/                     the export's manifest.json and host/ files (tokenizer, scheduler,
                                       configs, token embeddings): what the pipeline needs besides the graphs;
-                                      with --unet local also the UNet's ONNX graph (generate, reconstruct)
+                                      with --unet local also the UNet's ONNX graph (generate, reconstruct;
+                                      not on tensorrt, whose loop sends each step to the `unet` engine)
 
 The repository is written to a temporary sibling and renamed into place, so a failure leaves nothing.
 Large files are hard-linked from the export folder where the file system allows, else copied.
@@ -29,7 +30,7 @@ from pathlib import Path
 from vilex.errors import ViLexUsageError
 from vilex.outputs import swap_folder_into_place
 
-from .config import (DEFAULT_MAX_STEPS, DEFAULT_UNET, GRAPH_MODEL_SOURCE, GRAPH_QUEUE_DELAY_US, LOOP_MODELS,
+from .config import (DEFAULT_MAX_STEPS, GRAPH_MODEL_SOURCE, GRAPH_QUEUE_DELAY_US, LOOP_MODELS,
                      MAX_QUEUE_DELAY_US, PIPELINE_MODEL_SOURCE, PLATFORMS, UNET_PLACEMENTS, check_max_batch, graph_config, graph_max_batch, pipeline_config,
                      pipeline_parameters, source_dir)
 from .interface import STREAM_MODELS, pipeline_models
@@ -40,14 +41,16 @@ REPOSITORY_FILE = "repository.json"
 def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platform: str = "python-ort",
                      max_batch: int | None = None, instances: int = 1, max_queue: int | None = None,
                      max_steps: int = DEFAULT_MAX_STEPS, replace: bool = False, pipeline_instances: int = 1,
-                     graph_queue_delay_us: int = GRAPH_QUEUE_DELAY_US, unet: str = DEFAULT_UNET,
+                     graph_queue_delay_us: int = GRAPH_QUEUE_DELAY_US, unet: str | None = None,
                      streaming: bool = False) -> Path:
     """Write the model repository for export folder `engines` to `out`; return `out`.
 
     instances: of each graph model; pipeline_instances: of each pipeline model. graph_queue_delay_us: how
     long a graph model waits to fill a batch (0: never; more lets concurrent pipeline instances share one).
     unet: "bls" (each step a request to the `unet` model) or "local" (vilex_generate and vilex_reconstruct
-    run the UNet's ONNX graph in their own process; the `unet` model stays servable on its own). streaming:
+    run the UNet's ONNX graph in their own process; the `unet` model stays servable on its own); None: the
+    platform's default, local except on tensorrt, which takes bls only (its UNet is the engine; config.Platform
+    says why). streaming:
     also the decoupled vilex_generate_stream and vilex_reconstruct_stream (progress per step over gRPC); off by
     default, since each is one more Python-backend process holding a pipeline (about 400 MB on tiny)."""
     from vilex.settings import DEFAULT_GUIDANCE, DEFAULT_STEPS
@@ -70,9 +73,14 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
         raise ViLexUsageError(f"--max-queue must be in 1..100000, got {max_queue}")
     if not 1 <= max_steps <= 1000:
         raise ViLexUsageError(f"--max-steps must be in 1..1000, got {max_steps}")
+    spec = PLATFORMS[platform]
+    unet = spec.default_unet if unet is None else unet
     if unet not in UNET_PLACEMENTS:
         raise ViLexUsageError(f"--unet must be one of {', '.join(UNET_PLACEMENTS)}, got {unet!r}")
-    spec = PLATFORMS[platform]
+    if unet not in spec.unet_placements:
+        raise ViLexUsageError(f"--unet {unet} cannot be used with --platform {platform}: it would run the UNet in an "
+                              f"onnxruntime session on the ONNX graph, not the TensorRT engine; use --unet "
+                              f"{' or '.join(spec.unet_placements)} (each denoising step a request to the `unet` engine)")
     if platform == "tensorrt":
         graph_files = tensorrt_engines(folder, {name: graph_max_batch(c, max_batch) for name, c in contracts.items()})
     else:
