@@ -420,6 +420,13 @@ BATCHED_CASES = ("AVIF corrupt", "IMAGE random bytes", "animated GIF (3 frames)"
 NEIGHBOURS = 3
 
 
+def neighbours_for(max_queue_size: int) -> int:
+    """Valid requests sent with each bad one: NEIGHBOURS, or fewer where the queue holds less. The bad request
+    and its neighbours all wait in the queue while the blocker runs, and a queue of M refuses the (M+1)-th at
+    once with 503 / UNAVAILABLE, which is the queue working, not a wrong answer (0: no bound)."""
+    return NEIGHBOURS if max_queue_size <= 0 else max(0, min(NEIGHBOURS, max_queue_size - 1))
+
+
 def neighbour(case: Case) -> dict[str, np.ndarray]:
     """A valid request with the same inputs as `case` (so Triton may batch the two): its image and prompt
     replaced by good ones."""
@@ -439,21 +446,24 @@ def blocker(served: Served, model: str) -> dict[str, np.ndarray]:
     return {"IMAGE": rows(images.line_png(40, 30)), "STEPS": i32(min(30, served.max_steps))}
 
 
-def run_batched(host: str, ports: dict[str, int], protocols: list[str], served: Served, log=print) -> list[dict]:
-    """Each of BATCHED_CASES with NEIGHBOURS valid requests, sent while a slow request keeps the model busy,
-    so that the four wait in the queue and Triton runs them as one batch (the model's statistics say whether
-    it did). The bad one must get its own error and the valid ones must be served ("a bad request does not
-    fail the requests batched with it")."""
+def run_batched(host: str, ports: dict[str, int], protocols: list[str], served: Served, log=print,
+                max_queue_size: int = 0) -> list[dict]:
+    """Each of BATCHED_CASES with up to NEIGHBOURS valid requests (as many as the pipeline models' queue,
+    `max_queue_size`, holds beside it: neighbours_for), sent while a slow request keeps the model busy, so that
+    they wait in the queue and Triton runs them as one batch (the model's statistics say whether it did). The
+    bad one must get its own error and the valid ones must be served ("a bad request does not fail the
+    requests batched with it")."""
     import threading
 
     from vilex.serving.client import TritonClient
 
     cases = {c.name: c for c in tensor_cases(served)}
+    count = neighbours_for(max_queue_size)
     results = []
     for protocol in protocols:
         for name in (n for n in BATCHED_CASES if n in cases):
             case = cases[name]
-            requests = [blocker(served, case.model), case.inputs] + [neighbour(case)] * NEIGHBOURS
+            requests = [blocker(served, case.model), case.inputs] + [neighbour(case)] * count
             answers: list = [None] * len(requests)
             barrier = threading.Barrier(len(requests) - 1, timeout=60)
 
@@ -483,17 +493,17 @@ def run_batched(host: str, ports: dict[str, int], protocols: list[str], served: 
             answers = [a or ("timeout", "no answer", {}, 0.0) for a in answers]
             passed, reason = judge(case, protocol, *answers[1][:3])
             neighbours_ok = sum(bool(a[2]) for a in answers[2:])
-            if neighbours_ok < NEIGHBOURS:
+            if neighbours_ok < count:
                 reason = (reason + "; " if reason else "") + \
-                    f"{NEIGHBOURS - neighbours_ok} of {NEIGHBOURS} valid requests sent with it failed " \
+                    f"{count - neighbours_ok} of {count} valid requests sent with it failed " \
                     f"({sorted({a[0] for a in answers[2:] if not a[2]})})"
                 passed = False
             results.append({"case": name, "protocol": protocol, "model": case.model, "status": answers[1][0],
-                            "message": answers[1][1].strip()[:300], "neighbours_served": neighbours_ok,
+                            "message": answers[1][1].strip()[:300], "neighbours": count, "neighbours_served": neighbours_ok,
                             "neighbour_statuses": [a[0] for a in answers[2:]], "blocker_status": answers[0][0],
                             "executions_by_batch_size": executions, "passed": passed, "reason": reason})
             log(f"  {'ok  ' if passed else 'FAIL'} {protocol:4s} {case.model:17s} {('batched: ' + name)[:58]:58s} "
-                f"{answers[1][0]:28s} {neighbours_ok}/{NEIGHBOURS} neighbours served, executions {executions}"
+                f"{answers[1][0]:28s} {neighbours_ok}/{count} neighbours served, executions {executions}"
                 f"{'  ' + reason if reason else ''}")
     return results
 

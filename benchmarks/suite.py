@@ -5,6 +5,9 @@
 3. per backend: every stage at every batch size, then image -> image end to end
 4. Triton: the served pipeline over HTTP and gRPC at each concurrency, for each UNet placement (`unet`)
 5. results.json / results.md / plots, and the ratios with --compare
+
+A backend that cannot run here, or fails while it runs, is listed under `skipped` with the reason; what the
+other backends measured (and what the failing one finished before it failed) is still written.
 """
 
 from __future__ import annotations
@@ -40,15 +43,20 @@ def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: Ben
     # 1. Checkpoint and export
     ckpt = Path(ckpt) if ckpt else ensure_preset_checkpoint(cache, preset)
     needs_export = any(not b.startswith("torch") for b in backends)
+    export_failure = None  # why the backends that run an export cannot run, when exporting failed
     if needs_export and engines is None:
         from vilex.engines.contract import ExportOptions
         from vilex.export.onnx_export import export_checkpoint
 
         engines = out / "engines"
         print(f"exporting {ckpt} -> {engines} ({precision}) ...")
-        export_checkpoint(ckpt, engines, ExportOptions(precision=precision, max_batch=max(max(settings.batch_sizes),
-                                                                                           settings.e2e_batch)),
-                          replace=True)
+        try:
+            export_checkpoint(ckpt, engines, ExportOptions(precision=precision,
+                                                           max_batch=max(max(settings.batch_sizes), settings.e2e_batch)),
+                              replace=True)
+        except Exception as error:  # the PyTorch backends still run; the others are skipped with this reason
+            engines, export_failure = None, f"the export failed: {error}"
+            print(f"export failed: {error}")
     if "tensorrt" in backends and engines is not None:
         try:
             from vilex.engines.folder import EngineFolder
@@ -95,29 +103,52 @@ def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: Ben
               f"{stats.throughput:8.2f} img/s" + (f"  {100 * fraction:5.1f}% of peak" if fraction else "")
               + (f"  server overhead {server['overhead_ms']:.1f} ms" if server else ""))
 
+    def skip(name: str, reason: str):
+        skipped[name] = reason
+        print(f"skipped {name}: {reason}")
+
+    def failed(name: str, error: Exception, rows_before: int):
+        # One backend's failure (a server that does not start, an out-of-memory GPU) costs its own figures
+        # only: the rows it finished stay, and the report is still written for the others.
+        finished = len(results) - rows_before
+        after = f" after {finished} measurement{'s' * (finished != 1)}" if finished else ""
+        skip(name, f"failed{after}: {type(error).__name__}: {error}")
+
     # 3. Stage and end-to-end measurements per backend
     for name in (b for b in backends if b != "triton"):
+        if export_failure and not name.startswith("torch"):
+            skip(name, export_failure)
+            continue
+        rows_before = len(results)
         try:
             bench = load_backend(name, ckpt, engines)
         except Unavailable as reason:
-            skipped[name] = str(reason)
-            print(f"skipped {name}: {reason}")
+            skip(name, str(reason))
+            continue
+        except Exception as error:
+            failed(name, error, rows_before)
             continue
         print(f"{name} ({bench.device}, {bench.precision}):")
         with released(bench):
-            for stage in settings.stages:
-                for batch in settings.batch_sizes:
-                    stats = run_stage(bench, contracts, stage, batch, settings)
-                    record(name, "stage", batch, stats, bench.device, bench.precision, stage, flops[(stage, batch)])
-            if settings.end_to_end:
-                e2e_flops = _end_to_end_flops(flops, settings)
-                stats = run_end_to_end(bench, images, settings)
-                record(name, "e2e", settings.e2e_batch, stats, bench.device, bench.precision, call_flops=e2e_flops)
+            try:
+                for stage in settings.stages:
+                    for batch in settings.batch_sizes:
+                        stats = run_stage(bench, contracts, stage, batch, settings)
+                        record(name, "stage", batch, stats, bench.device, bench.precision, stage, flops[(stage, batch)])
+                if settings.end_to_end:
+                    e2e_flops = _end_to_end_flops(flops, settings)
+                    stats = run_end_to_end(bench, images, settings)
+                    record(name, "e2e", settings.e2e_batch, stats, bench.device, bench.precision, call_flops=e2e_flops)
+            except Exception as error:
+                failed(name, error, rows_before)
 
     # 4. Triton
-    if "triton" in backends:
+    if "triton" in backends and export_failure:
+        skip("triton", export_failure)
+    elif "triton" in backends:
         from .triton import measure_triton
 
+        rows_before = len(results)
         try:
             for placement, protocol, stats, server in measure_triton(engines, images, settings, concurrency,
                                                                      placements=unet):
@@ -125,8 +156,9 @@ def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: Ben
                 record(f"triton-{placement}-{protocol}", "e2e", settings.e2e_batch, stats, "cpu", "fp32",
                        call_flops=_end_to_end_flops(flops, settings) if settings.end_to_end else None, server=server)
         except Unavailable as reason:
-            skipped["triton"] = str(reason)
-            print(f"skipped triton: {reason}")
+            skip("triton", str(reason))
+        except Exception as error:
+            failed("triton", error, rows_before)
 
     # 5. Report
     data = {"date": date, "command": command, "checkpoint": str(ckpt), "engines": str(engines) if engines else None,

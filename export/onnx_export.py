@@ -31,8 +31,8 @@ from vilex.errors import ViLexUsageError
 from vilex.outputs import swap_folder_into_place
 
 from vilex.engines.contract import GRAPH_NAMES, ExportOptions, GraphContract, ModelDims, build_contracts
-from vilex.engines.folder import (FORMAT, FORMAT_VERSION, MANIFEST, EngineFolder, checkpoint_paths, checkpoint_sha256,
-                                  folder_files, write_json_atomic)
+from vilex.engines.folder import (CHECKPOINT_HASH, FORMAT, FORMAT_VERSION, MANIFEST, EngineFolder, checkpoint_paths,
+                                  checkpoint_sha256, folder_files, write_json_atomic)
 from vilex.engines.host import save_host_files
 from vilex.engines.precision import FP16_POLICY
 
@@ -199,7 +199,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: 
             "optimize": optimize,
             "versions": {"vilex": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
-            "source": {"checkpoint": str(ckpt.resolve()), "sha256": source_sha256,
+            "source": {"checkpoint": str(ckpt.resolve()), "sha256": source_sha256, "hash": CHECKPOINT_HASH,
                        "files": len(source_files)},
             "dims": dims.to_dict(),
             "options": options.to_dict(),

@@ -174,6 +174,41 @@ def test_bench_cli_on_tiny(tmp_path, tiny_ckpt, capsys):
     assert data["environment"]["packages"]["torch"]
 
 
+def test_a_failing_backend_is_skipped_and_the_others_results_are_written(tmp_path, tiny_ckpt, tiny_engines,
+                                                                        monkeypatch, capsys):
+    """Issue 19, item 4: a server that does not load (ModelLoadError, a usage error: it used to end the run with exit
+    2 and no --out folder) and a backend that fails halfway are each skipped with the reason; the figures finished
+    before are written."""
+    from vilex.benchmarks import suite, triton
+    from vilex.cli import main
+    from vilex.serving.server import ModelLoadError
+
+    def end_to_end(bench, images, settings):
+        if bench.name == "onnxruntime":
+            raise RuntimeError("onnxruntime ran out of memory")
+        return real_end_to_end(bench, images, settings)
+
+    def no_server(*args, **kwargs):
+        raise ModelLoadError("tritonserver could not load 1 model(s): vilex_reconstruct (version 1): Internal")
+        yield  # a generator, as the real one
+
+    real_end_to_end = suite.run_end_to_end
+    monkeypatch.setattr(suite, "run_end_to_end", end_to_end)
+    monkeypatch.setattr(triton, "measure_triton", no_server)
+    code = main(["bench", str(tiny_ckpt), "--engines", str(tiny_engines), "--backends", "torch,onnxruntime,triton",
+                 "--stages", "text_encoder", "--batch-sizes", "1", "--steps", "1", "--window", "0.05",
+                 "--out", str(tmp_path / "b")])
+    assert code == 0
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "b" / "results.json").read_text())
+    rows = {(r["backend"], r["kind"]) for r in data["results"]}
+    assert rows == {("torch", "stage"), ("torch", "e2e"), ("onnxruntime", "stage")}  # onnxruntime's stage finished
+    assert data["skipped"]["onnxruntime"] == "failed after 1 measurement: RuntimeError: onnxruntime ran out of memory"
+    assert data["skipped"]["triton"].startswith("failed: ModelLoadError: tritonserver could not load 1 model(s)")
+    assert "skipped triton: failed: ModelLoadError" in out and (tmp_path / "b" / "results.md").is_file()
+    assert "triton (failed: ModelLoadError" in (tmp_path / "b" / "results.md").read_text()
+
+
 def test_bench_rejects_unknown_backend(capsys):
     from vilex.cli import main
 

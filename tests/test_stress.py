@@ -188,6 +188,84 @@ def test_stress_refuses_anything_but_loopback():
             parse_url(url)
 
 
+class QueueOf:
+    """Stands in for a server whose pipeline models hold `size` waiting requests (`vilex serve --max-queue size`):
+    while one request runs, the next `size` wait and any more are refused at once with 503, as Triton does."""
+
+    def __init__(self, size: int, run_s: float = 1.0):
+        import threading
+
+        self.size, self.run_s = size, run_s
+        self.lock, self.idle = threading.Lock(), threading.Event()
+        self.running, self.waiting, self.refused = False, 0, 0
+        self.idle.set()
+
+    def send_tensors(self, client, module, model, inputs, protocol, timeout_s):
+        import time
+
+        with self.lock:
+            if not self.running:  # the blocker: runs while the others arrive
+                self.running = True
+                self.idle.clear()
+                blocker = True
+            elif self.waiting >= self.size:
+                self.refused += 1
+                return "503", "Exceeds maximum queue size", {}
+            else:
+                self.waiting += 1
+                blocker = False
+        if blocker:
+            time.sleep(self.run_s)
+            with self.lock:
+                self.running = False
+                self.idle.set()
+        else:
+            self.idle.wait(timeout_s)
+            with self.lock:
+                self.waiting -= 1
+        if inputs["IMAGE"][0][0] != images.line_png(40, 30):
+            return "400", "IMAGE[0]: bytes are not a readable image", {}
+        return "200", "", {"IMAGE_OUT": np.zeros((len(inputs["IMAGE"]), 8, 8, 3), np.uint8)}
+
+
+@pytest.mark.parametrize("max_queue_size, neighbours", [(2, 1), (32, 3)])
+def test_batched_hostile_requests_fit_the_servers_queue(monkeypatch, max_queue_size, neighbours):
+    """Issue 19, item 11: against `vilex serve --max-queue 2`, the hostile part sent each bad request with 3 valid
+    ones while the model was busy, and counted the queue's 503 refusals of two of them as wrong answers. It sends
+    as many as the queue holds beside the bad one (the overload part is what fills the queue on purpose)."""
+    from vilex.benchmarks import hostile
+    from vilex.serving import client as client_module
+
+    class Connection:
+        def close(self):
+            pass
+
+    class NoStatistics:
+        def __init__(self, url):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def batch_sizes(self, model):
+            return {}
+
+    server = QueueOf(max_queue_size)
+    monkeypatch.setattr(hostile, "BATCHED_CASES", ("IMAGE random bytes",))
+    monkeypatch.setattr(hostile, "connect", lambda *args: (None, Connection()))
+    monkeypatch.setattr(hostile, "send_tensors", server.send_tensors)
+    monkeypatch.setattr(client_module, "TritonClient", NoStatistics)
+    [result] = hostile.run_batched("127.0.0.1", {"http": 1}, ["http"], TINY, log=lambda *_: None,
+                                   max_queue_size=max_queue_size)
+    assert server.refused == 0
+    assert result["passed"], result
+    assert result["status"] == "400" and result["neighbours"] == result["neighbours_served"] == neighbours
+    assert hostile.neighbours_for(1) == 0 and hostile.neighbours_for(0) == hostile.NEIGHBOURS  # 0: no bound
+
+
 # ---- against a real server ------------------------------------------------------------------------------------
 # Defects the stress run finds in files this work does not own (vilex/serving/pipeline_requests.py); the
 # docs/reliability.md gives the fix. Strict: once fixed, these cases pass and this list must go.

@@ -138,3 +138,30 @@ def test_kill_9_during_a_checkpoint_save_then_resume_matches_the_uninterrupted_r
         a = load_file(ckpt.latest_checkpoint(run) / f"{name}.safetensors")
         b = load_file(ckpt.latest_checkpoint(reference) / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_ctrl_c_says_where_to_resume_and_exits_130(tiny_ckpt, image_folder, tmp_path):
+    """Issue 19, item 6: Ctrl-C (SIGINT) during `vilex train` printed a 25-frame KeyboardInterrupt traceback. It
+    says where the last checkpoint is and the command that resumes, and exits with 130 (128 + SIGINT)."""
+    run = tmp_path / "run"
+    # --max-steps 1000 (the last one given counts): a run that Ctrl-C stops, not its end.
+    process = subprocess.Popen(vilex_train(tiny_ckpt, "--data", image_folder, "--out", run, *OPTIONS, "--max-steps", "1000"),
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 900
+        while len(ckpt.list_checkpoints(run)) < 2:  # mid-run, with checkpoints behind it
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"no second checkpoint (exit code {process.poll()})")
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    step, folder = ckpt.list_checkpoints(run)[-1]  # the newest complete one, whether or not a save was cut short
+    assert process.returncode == 130, out + err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert f"vilex train: interrupted; the last checkpoint is {folder} (step {step}). " \
+           f"Resume with: vilex train --resume {run}" in err

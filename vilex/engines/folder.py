@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
 from vilex.errors import ViLexUsageError
@@ -28,6 +29,12 @@ from .contract import ExportOptions, GraphContract, ModelDims
 MANIFEST = "manifest.json"
 FORMAT = "vilex-engines"
 FORMAT_VERSION = 1
+# What checkpoint_sha256 hashes, recorded with it in the manifest's "source" (and in the hash cache), so that a
+# manifest written before the hash was about content (issue 19) is still checked the way it was hashed.
+CHECKPOINT_HASH = "tensors+configs"
+# Keys a writer adds about itself rather than about the model: the folder it loaded from and its own version.
+# `vilex init --preset toy` rewrites exactly these in the shipped folder's configs.
+BOOKKEEPING_KEYS = frozenset({"_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash"})
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -72,10 +79,65 @@ def checkpoint_paths(ckpt: str | os.PathLike) -> list[str]:
     return sorted(r for r in relatives if r == "model_index.json" or r.split("/", 1)[0] in COMPONENTS)
 
 
-def checkpoint_files(ckpt: str | os.PathLike) -> dict[str, dict]:
-    """checkpoint_paths with their sizes and sha256, as in folder_files."""
+def tensors_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a safetensors file's tensors: each one's name, dtype, shape and bytes, in name order. The
+    header's free-form `__metadata__` and the order the writer laid the tensors out in do not count."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_size))
+        header.pop("__metadata__", None)
+        for name in sorted(header):
+            entry = header[name]
+            digest.update(json.dumps([name, entry["dtype"], entry["shape"]]).encode() + b"\n")
+            begin, end = entry["data_offsets"]
+            handle.seek(8 + header_size + begin)
+            remaining = end - begin
+            while remaining and (block := handle.read(min(chunk, remaining))):
+                digest.update(block)
+                remaining -= len(block)
+    return digest.hexdigest()
+
+
+def _without_bookkeeping(value):
+    if isinstance(value, dict):
+        return {k: _without_bookkeeping(v) for k, v in value.items() if k not in BOOKKEEPING_KEYS}
+    if isinstance(value, list):
+        return [_without_bookkeeping(v) for v in value]
+    return value
+
+
+def config_sha256(path: Path, relative: str) -> str:
+    """sha256 of a JSON file's meaning: keys sorted, BOOKKEEPING_KEYS left out. In model_index.json the image
+    processor's entry keeps its library only: its class name is the one that happened to load (transformers 5
+    calls the PIL-backed SigLIP processor `SiglipImageProcessorPil` where torchvision is absent), while the
+    processor itself is its own preprocessor_config.json, hashed as a file of its own."""
+    config = _without_bookkeeping(json.loads(path.read_text()))
+    if relative == "model_index.json" and isinstance(config.get("image_processor"), list):
+        config["image_processor"] = config["image_processor"][:1]
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def content_sha256(path: Path, relative: str) -> str:
+    """A checkpoint file's hash by what it holds: tensors for safetensors, meaning for JSON, bytes otherwise
+    (a file that does not parse as its kind is hashed by its bytes)."""
+    try:
+        if relative.endswith(".safetensors"):
+            return tensors_sha256(path)
+        if relative.endswith(".json"):
+            return config_sha256(path, relative)
+    except (ValueError, KeyError, TypeError, struct.error):
+        pass
+    return sha256_file(path)
+
+
+def checkpoint_files(ckpt: str | os.PathLike, by_content: bool = True) -> dict[str, dict]:
+    """checkpoint_paths with their sizes and hashes: content_sha256, or with by_content=False each file's bytes
+    (sha256_file, as folder_files and the manifests written before CHECKPOINT_HASH)."""
     ckpt = Path(ckpt)
-    return {r: {"bytes": (ckpt / r).stat().st_size, "sha256": sha256_file(ckpt / r)} for r in checkpoint_paths(ckpt)}
+    return {r: {"bytes": (ckpt / r).stat().st_size,
+                "sha256": content_sha256(ckpt / r, r) if by_content else sha256_file(ckpt / r)}
+            for r in checkpoint_paths(ckpt)}
 
 
 def hash_cache_path() -> Path:
@@ -93,7 +155,9 @@ def _stat_signature(ckpt: Path) -> str:
 
 
 def checkpoint_sha256(ckpt: str | os.PathLike, cache: bool = True) -> str:
-    """The checkpoint's content hash (tree_sha256 of checkpoint_files).
+    """The checkpoint's content hash (tree_sha256 of checkpoint_files): its weights and what its configs say,
+    so the same model saved again (by `vilex init --preset toy`, another library version, from another folder)
+    hashes the same, and any other weight or setting does not.
 
     With `cache`, it is computed once and kept in $VILEX_CACHE/checkpoint-sha256.json (default
     ~/.cache/vilex) under the folder's resolved path and the (path, size, mtime) signature of its files,
@@ -110,11 +174,12 @@ def checkpoint_sha256(ckpt: str | os.PathLike, cache: bool = True) -> str:
     except (OSError, ValueError):
         entries = {}
     entry = entries.get(str(ckpt)) if isinstance(entries, dict) else None
-    if isinstance(entry, dict) and entry.get("signature") == signature and isinstance(entry.get("sha256"), str):
+    if isinstance(entry, dict) and entry.get("signature") == signature and entry.get("hash") == CHECKPOINT_HASH \
+            and isinstance(entry.get("sha256"), str):
         return entry["sha256"]
     digest = tree_sha256(checkpoint_files(ckpt))
     entries = entries if isinstance(entries, dict) else {}
-    entries[str(ckpt)] = {"signature": signature, "sha256": digest}
+    entries[str(ckpt)] = {"signature": signature, "hash": CHECKPOINT_HASH, "sha256": digest}
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(store, entries)
@@ -225,8 +290,12 @@ class EngineFolder:
         Graphs from one checkpoint with another's tokenizer or embedding table would run and give
         wrong images without any error, so a mismatch is refused.
         """
-        expected = self.manifest["source"]["sha256"]
-        actual = checkpoint_sha256(ckpt)
+        source = self.manifest["source"]
+        expected = source["sha256"]
+        if source.get("hash") == CHECKPOINT_HASH:
+            actual = checkpoint_sha256(ckpt)
+        else:  # exported before the hash was about content: it hashed the files' bytes
+            actual = tree_sha256(checkpoint_files(ckpt, by_content=False))
         if actual != expected:
             raise ViLexUsageError(
                 f"--engines '{self.root}' was exported from a different checkpoint "

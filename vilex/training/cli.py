@@ -6,11 +6,16 @@
 Options default to None on the parser so that a resumed run can tell which ones were given: those
 fall back to TrainConfig's defaults for a new run, and must match the saved run (or be among the
 harmless ones) for a resumed one.
+
+Ctrl-C stops a run with exit code 130 and says where it can resume from (no traceback).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shlex
+import sys
+from pathlib import Path
 
 from ..errors import ViLexUsageError
 
@@ -109,9 +114,15 @@ def cmd_train(args) -> None:
             details = ", ".join(f"{flag_of(k)} {changed[k]} (run: {getattr(saved, k)})" for k in fixed)
             raise ViLexUsageError(f"--resume keeps the run's options; these differ: {details}. Only "
                                   f"{', '.join(flag_of(k) for k in RESUME_OVERRIDABLE)} may change")
-        result = resume(args.resume, **changed)
+        run_dir = args.resume
     else:
-        result = train(new_run_config(args))
+        config = new_run_config(args)
+        run_dir = config.out
+    try:
+        result = resume(run_dir, **changed) if args.resume else train(config)
+    except KeyboardInterrupt:
+        report_interrupted(run_dir)
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`, one process reports
@@ -126,3 +137,28 @@ def cmd_train(args) -> None:
     if result.captions_too_long:
         print(f"{result.captions_too_long} samples had captions too long to fit beside a ViLex token and were trained without text")
     print(f"wrote ViLex pipeline {result.pipeline} (use it as CKPT with any vilex command)")
+
+
+def report_interrupted(run_dir) -> None:
+    """After Ctrl-C: where the run can go on from, and the command that does it (instead of a traceback).
+    Checkpoints are written atomically, so the newest complete one is what a resume starts from."""
+    from accelerate import PartialState
+
+    from .checkpoint import list_checkpoints
+    from .config import CONFIG_FILE
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, one process reports
+        return
+    run_dir = Path(run_dir)
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        step, folder = checkpoints[-1]
+        where = f"the last checkpoint is {folder} (step {step})"
+    elif (run_dir / CONFIG_FILE).is_file():
+        where = f"{run_dir} has no checkpoint yet, so a resume starts it over from step 0"
+    else:
+        print(f"vilex train: interrupted before {run_dir} was set up: nothing to resume; run the same command again",
+              file=sys.stderr)
+        return
+    print(f"vilex train: interrupted; {where}. Resume with: vilex train --resume {shlex.quote(str(run_dir))}",
+          file=sys.stderr)

@@ -289,7 +289,9 @@ class Trainer:
                              images_per_s=(self.images_trained - images_at_start) * self.world_size / max(seconds, 1e-9),
                              unreadable=dict(sorted(unreadable.items())), captions_too_long=too_long)
         if self.is_main:
-            write_report(self.run_dir, result, len(self.dataset), [r.path for r in self.holdout_records])
+            # Trained on: the training files less those found unreadable (by any process), which were skipped.
+            trained = sum(str(record.path) not in unreadable for record in self.dataset.records)
+            write_report(self.run_dir, result, trained, [r.path for r in self.holdout_records])
             self.metrics.close()
         return result
 
