@@ -44,7 +44,11 @@ def atomic_folder(out: str | os.PathLike, must_be_new: bool = False):
         else:
             out.mkdir(exist_ok=True)
             for item in sorted(staging.iterdir()):
-                os.replace(item, out / item.name)
+                target = out / item.name
+                if item.is_dir() and target.is_dir():  # os.replace cannot replace a non-empty folder
+                    swap_folder_into_place(item, target)
+                else:
+                    os.replace(item, target)
             staging.rmdir()
     finally:
         if staging.exists():
