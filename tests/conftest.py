@@ -105,6 +105,7 @@ class Served:
     admin_key: str
     engines: Path
     repository: Path
+    workdir: Path  # where `vilex serve` ran: it holds a `triton/` package (issue 19)
     output: list[str]
 
     def url(self, protocol: str) -> str:
@@ -115,18 +116,23 @@ class Served:
 def served(tiny_engines, tmp_path_factory):
     """`vilex serve` on a python-ort repository of the tiny export (the default UNet placement), on free ports,
     for the whole session. Tests send requests and read statistics as differences; none may stop it or change
-    its repository (tests/test_faults.py starts its own servers for that)."""
+    its repository (tests/test_faults.py starts its own servers for that).
+
+    As the README lays folders out: the console script runs in a working folder that holds `triton/NAME` (the
+    repository) and a `triton/__init__.py`, a package named like the one torch imports (issue 19)."""
     from vilex.serving.repository import build_repository
     from vilex.serving.server import Ports
 
     root = tmp_path_factory.mktemp("triton")
-    repository = build_repository(tiny_engines, root / "repository", platform="python-ort")
+    workdir = root / "workdir"
+    repository = build_repository(tiny_engines, workdir / "triton" / "tiny", platform="python-ort")
+    (workdir / "triton" / "__init__.py").write_text("")
     ports = Ports.free()
     admin_key = "test-admin-key"
-    command = [sys.executable, "-m", "vilex.cli", "serve", str(repository), "--http-port", str(ports.http),
+    command = [str(Path(sys.executable).with_name("vilex")), "serve", "triton/tiny", "--http-port", str(ports.http),
                "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--health-port", "0",
                "--log", str(root / "server.log")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir,
                                env={**os.environ, "VILEX_TRITON_ADMIN_KEY": admin_key})
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True)
@@ -140,7 +146,7 @@ def served(tiny_engines, tmp_path_factory):
         time.sleep(0.2)
     pid = int(re.search(r"tritonserver ready \(pid (\d+)\)", "".join(output)).group(1))
     yield Served(process, pid, f"127.0.0.1:{ports.http}", f"127.0.0.1:{ports.grpc}", ports.metrics, admin_key,
-                 tiny_engines, repository, output)
+                 tiny_engines, repository, workdir, output)
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)

@@ -182,6 +182,112 @@ def test_admin_key_file_is_private_and_replaced_whole(tmp_path):
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700 and sorted(os.listdir(path.parent)) == ["admin-key-8000"]
 
 
+# ---- a port another process holds (issue 19) -----------------------------------------------------------------------
+def test_a_busy_port_is_named_before_anything_starts():
+    from vilex.errors import ViLexUsageError
+    from vilex.serving.server import check_ports_free, free_ports
+
+    (free,) = free_ports(1)
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        busy = other.getsockname()[1]
+        check_ports_free("127.0.0.1", {"--http-port": free, "--health-port": 0})  # 0: a free one, never busy
+        with pytest.raises(ViLexUsageError, match=f"^--grpc-port {busy} is in use on 127.0.0.1: another process"):
+            check_ports_free("127.0.0.1", {"--http-port": free, "--grpc-port": busy})
+
+
+def test_the_log_names_the_port_another_process_took():
+    """tritonserver 2.51's own lines (seen here with a second server on each port) -> the flag of that port."""
+    from vilex.serving.server import ports_in_use
+
+    ports = {"--http-port": 18000, "--grpc-port": 8001, "--metrics-port": 8002}
+    log = "\n".join([
+        'E1205 06:37:31.939848 10353 main.cc:257] "failed to start HTTP service: Unavailable - Socket '
+        '\'127.0.0.1:18000\' already in use "',
+        'E1205 06:37:35.467440 10399 main.cc:293] "failed to start Metrics service: Unavailable - Socket '
+        '\'0.0.0.0:8002\' already in use "'])
+    assert ports_in_use(log, ports) == ["--http-port", "--metrics-port"]
+    assert ports_in_use(log, {"--http-port": 8000}) == []  # 8000 is not 18000
+
+
+def test_a_server_removes_only_its_own_key_file(tmp_path):
+    from vilex.serving.server import remove_key_file, write_private_file
+
+    path = tmp_path / "serve" / "admin-key-8000"
+    write_private_file(path, "the-other-servers-key\n")
+    remove_key_file(path, "our-key")  # another server on this port has written its key since
+    assert path.read_text() == "the-other-servers-key\n"
+    remove_key_file(path, "the-other-servers-key")
+    assert not path.exists()
+    remove_key_file(path, "our-key")  # already gone: nothing to do
+
+
+def test_a_second_serve_on_a_busy_port_exits_2_naming_it_and_keeps_the_first_servers_key(repository, tmp_path):
+    """`vilex serve` on an HTTP port another server holds: exit 2 before anything starts, the port named, no
+    "ready" (before: "tritonserver ready" from the other server's answer, 98 s of restarts, and that server's
+    admin-key file deleted)."""
+    from vilex.serving.server import free_ports
+
+    cache = tmp_path / "cache"
+    env = {key: value for key, value in os.environ.items() if key != "VILEX_TRITON_ADMIN_KEY"}
+    grpc, metrics = free_ports(2)
+    with socket.socket() as first_server:
+        first_server.bind(("127.0.0.1", 0))
+        first_server.listen()
+        http = first_server.getsockname()[1]
+        key_file = cache / "serve" / f"admin-key-{http}"
+        key_file.parent.mkdir(parents=True)
+        key_file.write_text("the-first-servers-key\n")
+        started = time.monotonic()
+        result = subprocess.run([str(Path(sys.executable).with_name("vilex")), "serve", str(repository),
+                                 "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                                 "--health-port", "0"], capture_output=True, text=True, timeout=300,
+                                env={**env, "VILEX_CACHE": str(cache)})
+        elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"vilex serve: error: --http-port {http} is in use on 127.0.0.1" in result.stderr
+    assert "ready" not in result.stdout
+    assert key_file.read_text() == "the-first-servers-key\n"
+    assert elapsed < 120  # the time to import vilex on 2 busy cores; no model was loaded
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_ready_comes_from_our_own_server_not_from_whatever_answers_the_port(repository, tmp_path, monkeypatch):
+    """A process that takes the HTTP port after the check (forced here by skipping the check) and answers
+    /v2/health/ready 200 does not make start() return: our tritonserver cannot listen there, and start() fails
+    naming the port. No admin-key file is written for a server that never became ready."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from vilex.errors import ViLexUsageError
+    from vilex.serving import server as server_module
+
+    class AlwaysReady(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setattr(server_module, "check_ports_free", lambda address, ports: None)
+    monkeypatch.delenv("VILEX_TRITON_ADMIN_KEY", raising=False)
+    ports = server_module.Ports.free()
+    other = ThreadingHTTPServer(("127.0.0.1", ports.http), AlwaysReady)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    server = server_module.TritonServer(repository, ports=ports, log=tmp_path / "server.log", watchdog=False)
+    try:
+        with pytest.raises(ViLexUsageError, match=f"^--http-port {ports.http} is in use on 127.0.0.1"):
+            server.start(timeout_s=START_S)
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert not server.admin_key_file.exists()
+    assert server.process.returncode not in (None, 0)
+
+
 # ---- security: trace and logging restricted, the key file usable ---------------------------------------------------
 @pytest.mark.triton
 def test_admin_key_file_opens_the_restricted_trace_and_logging_apis(supervised):

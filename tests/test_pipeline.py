@@ -99,7 +99,8 @@ def with_scheduler(pipeline, name: str):
 @pytest.mark.parametrize("guidance_scale", [1.0, 7.5])
 def test_generate_equals_stable_diffusion_pipeline(tiny_pipeline, sample_images, scheduler, guidance_scale):
     """diffusers' own StableDiffusionPipeline over the same modules, given our text-encoder states (ViLex
-    tokens + a prompt per image) as prompt_embeds and the empty prompt's as negative_prompt_embeds."""
+    tokens + a prompt per image) as prompt_embeds and the empty prompt's as negative_prompt_embeds. With
+    seed=0 every image has a generator of its own seeded with 0: diffusers' list of generators."""
     pipeline = with_scheduler(tiny_pipeline, scheduler)
     tokens = pipeline.tokenize(sample_images, num_tokens=8)  # (2, 8, 32)
     prompts = ["a watercolor painting", "a red house"]
@@ -112,7 +113,7 @@ def test_generate_equals_stable_diffusion_pipeline(tiny_pipeline, sample_images,
         negative_prompt_embeds = pipeline.encode_prompt(None, ["", ""])
     reference = stock(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                       num_inference_steps=REFERENCE_STEPS, guidance_scale=guidance_scale,
-                      generator=torch.Generator().manual_seed(0), output_type="np").images
+                      generator=[torch.Generator().manual_seed(0) for _ in prompts], output_type="np").images
 
     # The scheduler the test asked for is the one that ran.
     config = pipeline.scheduler.config
@@ -139,7 +140,8 @@ def test_negative_prompt_equals_stable_diffusion_pipeline(tiny_pipeline, sample_
     with torch.no_grad():
         prompt_embeds = pipeline.encode_prompt(tokens, prompts)  # (2, 77, 32)
     reference = stock(prompt_embeds=prompt_embeds, negative_prompt=negatives, num_inference_steps=REFERENCE_STEPS,
-                      guidance_scale=7.5, generator=torch.Generator().manual_seed(0), output_type="np").images
+                      guidance_scale=7.5, generator=[torch.Generator().manual_seed(0) for _ in prompts],
+                      output_type="np").images
     np.testing.assert_allclose(ours, reference, rtol=0, atol=REFERENCE_ATOL)
     # The negative prompt matters, and "" (or None) is the empty prompt of plain classifier-free guidance.
     plain = pipeline.generate(tokens, prompt=prompts, num_inference_steps=REFERENCE_STEPS, guidance_scale=7.5, seed=0,
@@ -148,6 +150,29 @@ def test_negative_prompt_equals_stable_diffusion_pipeline(tiny_pipeline, sample_
                               guidance_scale=7.5, seed=0, output_type="np").images
     assert np.abs(ours - plain).max() > 1e-3
     np.testing.assert_array_equal(empty, plain)
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerAncestralDiscreteScheduler"])
+def test_an_image_is_the_same_alone_or_batched(tiny_pipeline, sample_images, scheduler):
+    """With a seed every image has a generator of its own (issue 19; the served models' rule): image b of the
+    batch [a, b] is b alone, also with a scheduler that draws noise at every step (ancestral sampling), and the
+    j-th of num_images_per_prompt copies is the image alone with seed + j. Only batch-dependent kernel
+    choices differ (REFERENCE_ATOL); one shared generator gave b other noise (differences of ~1)."""
+    import diffusers
+
+    pipeline = tiny_pipeline
+    pipeline.scheduler = getattr(diffusers, scheduler).from_config(pipeline.scheduler.config)
+    tokens = pipeline.tokenize(sample_images, num_tokens=8)  # (2, 8, 32)
+    kwargs = dict(num_inference_steps=REFERENCE_STEPS, seed=7, output_type="np")
+    batch = pipeline.generate(tokens, **kwargs).images  # (2, 64, 64, 3)
+    alone = np.concatenate([pipeline.generate(tokens[i:i + 1], **kwargs).images for i in range(2)])
+    np.testing.assert_allclose(batch, alone, rtol=0, atol=REFERENCE_ATOL)
+    assert np.abs(batch[0] - batch[1]).max() > 1e-3  # two different images, not one noise for both
+
+    copies = pipeline.generate(tokens[1:], num_images_per_prompt=2, **kwargs).images
+    np.testing.assert_allclose(copies[0], alone[1], rtol=0, atol=REFERENCE_ATOL)
+    next_seed = pipeline.generate(tokens[1:], **{**kwargs, "seed": 8}).images[0]
+    np.testing.assert_allclose(copies[1], next_seed, rtol=0, atol=REFERENCE_ATOL)
 
 
 def test_negative_prompt_is_refused_where_it_would_be_ignored(tiny_pipeline):

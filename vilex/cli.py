@@ -101,7 +101,10 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
                         help="text-free guidance weight when --prompt is given, 0..100")
     parser.add_argument("--height", type=int, default=None, help="output height in pixels (default: the UNet's size)")
     parser.add_argument("--width", type=int, default=None, help="output width in pixels")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initial-noise seed, 0..2^63-1 (default 0). Every image draws its noise from a generator "
+                             "of its own seeded with it, so an image comes out the same alone or with other images, "
+                             "on every --backend")
     add_backend_args(parser)
     parser.add_argument("--stream", action="store_true",
                         help="with --backend triton --protocol grpc: stream the server's progress (a progress bar) "

@@ -147,7 +147,7 @@ class ViLexPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | None = None,
         output_type: str = "pil",
         progress: bool = True,
@@ -165,6 +165,10 @@ class ViLexPipeline(DiffusionPipeline):
         text_guidance_scale: with a prompt, eps = eps_u + g * (eps_v - eps_u) + w * (eps_vc - eps_v),
             where eps_v is ViLex only and eps_vc ViLex + text; with g <= 1 this is the paper's
             text-free guidance eps_v + w * (eps_vc - eps_v).
+        seed: every image draws its noise from its own generator seeded with `seed` (the j-th of
+            num_images_per_prompt copies with seed + j), so an image's result does not depend on what it
+            is batched with, on any backend (`seeded_generators`). Without a seed, `generator` (one for the
+            batch, or one per image as in diffusers), else a fresh random draw.
         callback_on_step_end: as in diffusers, called after each denoising step as
             `callback_on_step_end(pipeline, step_index, timestep, {"latents": latents})`; it returns that dict,
             and a "latents" in it replaces the loop's. It may raise to stop the loop (the served streaming
@@ -217,8 +221,9 @@ class ViLexPipeline(DiffusionPipeline):
                 self.prompt_builder.check_fits(p, 0)
             except ViLexUsageError as error:
                 raise ViLexUsageError(f"negative_prompt: {error}") from None
-        if seed is not None:
-            generator = torch.Generator().manual_seed(int(seed))
+        if seed is not None:  # one generator per image, as every backend does (see seeded_generators)
+            generator = seeded_generators([(seed + j) % (settings.MAX_SEED + 1)
+                                           for _ in range(B) for j in range(num_images_per_prompt)])
 
         # 2. Encode the conditions; branches are stacked as [uncond?, vilex-only?, cond]
         if vilex_tokens is not None:
@@ -289,6 +294,20 @@ class ViLexPipeline(DiffusionPipeline):
             images = [images]
         vilex_tokens = self.tokenize(images, num_tokens=num_tokens)
         return self.generate(vilex_tokens, prompt=prompt, **generate_kwargs)
+
+
+def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, image i's seeded with seeds[i].
+
+    The rule every backend keeps: an image's noise (its initial latents, and any noise the scheduler draws
+    at each step) comes from its own generator, so its result depends on its own inputs and seed only,
+    never on the other images it is batched with. `generate(seed=S)` seeds every image with S (the j-th
+    of `num_images_per_prompt` copies with S + j), so image i of a batch is the image it would be alone
+    with seed S; the served pipeline models seed each image from its SEED input the same way
+    (vilex/serving/bls.py), and `vilex reconstruct|generate --seed S` gives the same images in-process
+    and served. A single `generator` passed to `generate` is shared by the batch, as in diffusers.
+    """
+    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
 
 def load_scheduler(folder: Path):

@@ -11,9 +11,9 @@ vilex/pipeline.py, only where a stage runs differs.
 the model config in `__init__` (called from `initialize`) and returns exactly one response per request,
 a per-request `TritonError` where the request was wrong (INVALID_ARG: HTTP 400 naming the input) or
 where running it failed (INTERNAL). Requests that Triton batched together run as one pipeline call per
-group of equal settings; each image has its own noise generator, so its result does not depend on
-which requests it was batched with. (The rows of one group may still differ in prompt: a row without
-one gets the ViLex-only states, exactly as when alone.)
+group of equal settings; each image has its own noise generator (`seeded_generators`, the rule every
+backend keeps), so its result does not depend on which requests it was batched with. (The rows of one
+group may still differ in prompt: a row without one gets the ViLex-only states, exactly as when alone.)
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 
 from vilex.backends.base import StageBackend
 from vilex.errors import ViLexUsageError
+from vilex.pipeline import seeded_generators
 
 from .config import LOOP_MODELS, triton_dims
 from .interface import pipeline_models
@@ -115,7 +116,8 @@ class LocalUNetBackend(StageBackend):
     The denoising loop calls the UNet once per step; here that call is an onnxruntime session in the
     pipeline model's own process (on the GPU, with IO binding, where onnxruntime has CUDA), so a step costs
     no inter-process hop, no host copy of the latents and no graph-model queue. The per-request stages
-    (`vilex_encoder`, `text_encoder`, `vae_decoder`) still go to their graph models."""
+    (`vilex_encoder`, `text_encoder`, `vae_decoder`) still go to their graph models. Never on `--platform
+    tensorrt`, whose UNet is the engine: there every step is a BLS request (config.Platform says why)."""
 
     name = "triton-bls+local-unet"
 
@@ -291,7 +293,7 @@ class PipelineModel:
                     negative_prompt=[checked[i].negative_prompts[r] for i, r in members],
                     num_inference_steps=steps, guidance_scale=guidance, text_guidance_scale=text_guidance,
                     order=order, height=height, width=width,
-                    generator=[torch.Generator().manual_seed(checked[i].seeds[r]) for i, r in members],
+                    generator=seeded_generators([checked[i].seeds[r] for i, r in members]),
                     output_type="pil", progress=False,
                     callback_on_step_end=None if on_step is None else _step_callback(on_step, members)).images
             except Exception as error:  # noqa: BLE001 - see the docstring

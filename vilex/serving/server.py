@@ -11,7 +11,10 @@ Two ways to get a server:
      `nvidia_pytriton.libs`;
   3. the stub's interpreter is isolated (it ignores PYTHONPATH and sees the base installation's
      site-packages): VILEX_SITE_PACKAGES names this environment's site-packages, which every model.py
-     puts first on sys.path before importing numpy (see triton_repo/pipeline_model.py and onnxruntime_model.py).
+     puts first on sys.path before importing numpy (see triton_repo/pipeline_model.py and onnxruntime_model.py);
+  4. tritonserver, and so every stub, runs in an empty folder of the workspace: the stub's interpreter puts
+     its working directory on sys.path, where a user's `triton/` folder (the README's own layout) would
+     shadow the `triton` package torch imports ("module 'triton' has no attribute 'language'").
 * NVIDIA's container (onnxruntime and tensorrt repositories on GPU hosts): `docker_command` prints the
   `docker run ... tritonserver ...` line with the same flags; the image needs vilex installed for the
   pipeline models.
@@ -20,8 +23,13 @@ Secure defaults: listen on 127.0.0.1 only; model control mode "none" (no loading
 network); the model-repository, model-config, shared-memory, trace and logging APIs restricted to callers
 that send a random key (or VILEX_TRITON_ADMIN_KEY when set) in the header `vilex-admin-key` over HTTP, and
 in the metadata `triton-grpc-protocol-vilex-admin-key` over gRPC (Triton adds that prefix). A random key
-is written to `admin_key_path(http port)` ($VILEX_CACHE/serve/, mode 0600) for as long as the server runs.
+is written to `admin_key_path(http port)` ($VILEX_CACHE/serve/, mode 0600) once the server is ready, for as
+long as it runs, and removed only by the server that wrote it (and only while it still holds that server's key).
 tritonserver takes the key on its command line: any local user can read it with `ps`.
+
+Ports: a port another process listens on is a usage error naming it (`check_ports_free`, before anything
+starts). "Ready" means our own tritonserver listens on its HTTP, gRPC and metrics ports and answers ready:
+another server on the same port (started between the check and the bind) answers the health URL too.
 
 Health (health.py): tritonserver keeps answering "ready" after a Python-backend stub died, while every
 request to that model fails. With `watchdog=True` (the default) a thread checks the stubs every second
@@ -36,6 +44,7 @@ the server's process group; the workspace and the Python backend's shared-memory
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -215,6 +224,7 @@ class TritonServer:
         # shared build) makes the stub run the same Python build as this environment, without putting
         # the rest of that library folder (a conda env's libstdc++, ...) in front of tritonserver.
         (self.workspace / "lib").mkdir()
+        (self.workspace / "cwd").mkdir()  # stays empty: nothing in it can shadow a package
         libpython = Path(sysconfig.get_config_var("LIBDIR") or "") / (sysconfig.get_config_var("INSTSONAME") or "-")
         if libpython.name.startswith("libpython") and ".so" in libpython.name and libpython.is_file():
             os.symlink(libpython, self.workspace / "lib" / libpython.name)
@@ -223,25 +233,35 @@ class TritonServer:
 
     def start(self, timeout_s: float = 300.0) -> "TritonServer":
         """Start tritonserver and return once every model is ready (ServerError with the log's end otherwise;
-        ModelLoadError naming the model and file when a model did not load)."""
+        ModelLoadError naming the model and file when a model did not load; ViLexUsageError naming a port
+        another process listens on)."""
         from .health import HealthEndpoint, Watchdog
 
         self.start_timeout_s = timeout_s
+        check_ports_free(self.address, self.port_flags())
         try:
             if self.health_port is not None:
                 self._health = HealthEndpoint(self, self.address, self.health_port).start()
                 self.health_port = self._health.port
+            with self._lifecycle:
+                self._launch(timeout_s)
+            # Only now: this server owns the HTTP port, and the file named after it is this server's.
             if self.admin_key_file is not None:
                 write_private_file(self.admin_key_file, self.admin_key + "\n")
                 self._wrote_key_file = True
-            with self._lifecycle:
-                self._launch(timeout_s)
         except BaseException:
             self.stop()
             raise
         if self.use_watchdog:
             self._watchdog = Watchdog(self).start()
         return self
+
+    def port_flags(self) -> dict[str, int]:
+        """{what the port is, as `vilex serve` names its flag: port} for the ports this server listens on."""
+        ports = {"--http-port": self.ports.http, "--grpc-port": self.ports.grpc, "--metrics-port": self.ports.metrics}
+        if self.health_port:  # 0: a free one, None: no endpoint
+            ports["--health-port"] = self.health_port
+        return ports
 
     def _launch(self, timeout_s: float) -> None:
         """One tritonserver process: started, waited for, its stubs recorded. The caller holds _lifecycle."""
@@ -252,9 +272,10 @@ class TritonServer:
         self._log_start = self.log_path.stat().st_size if self.log_path.is_file() else 0
         with open(self.log_path, "ab") as log:
             # Its own session: stop() can signal the server and its backend stubs as one process group.
+            # cwd: see step 4 of the module docstring (never the caller's working directory).
             self.process = subprocess.Popen(self.command(), env=self.environment(), stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+                                            start_new_session=True, cwd=self.workspace / "cwd")
         self.wait_ready(timeout_s)
         from .health import stub_processes
 
@@ -268,18 +289,26 @@ class TritonServer:
             if self._stopping.is_set():
                 raise ServerError("tritonserver was stopped while it was starting")
             if self.process.poll() is not None:
-                failed = load_failures(self.log_text(start=self._log_start))
+                log = self.log_text(start=self._log_start)
+                busy = ports_in_use(log, self.port_flags())
+                if busy:  # taken since check_ports_free
+                    raise ViLexUsageError(f"{busy[0]} {self.port_flags()[busy[0]]} is in use on {self.address}: another "
+                                          f"process took it while tritonserver was starting; stop it or choose another port")
+                failed = load_failures(log)
                 if failed:
                     raise ModelLoadError(f"tritonserver could not load {len(failed)} model(s) of {self.repository}:\n"
                                          + "\n".join(f"  {line}" for line in failed))
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting:\n"
                                   f"{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            # Another process on one of our ports answers the health URL as well: ready only once our own
+            # tritonserver holds every port (it binds them after loading the models).
+            if not {self.ports.http, self.ports.grpc, self.ports.metrics} - listening_ports(self.process.pid):
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as response:
+                        if response.status == 200:
+                            return
+                except (urllib.error.URLError, OSError):
+                    pass
             time.sleep(0.5)
         raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
@@ -373,7 +402,7 @@ class TritonServer:
                 self._health.stop()
             self._remove_workspace()
             if self._wrote_key_file:  # never another server's file for the same port
-                self.admin_key_file.unlink(missing_ok=True)
+                remove_key_file(self.admin_key_file, self.admin_key)
                 self._wrote_key_file = False
             self._ended.set()
         return self.returncode
@@ -423,6 +452,48 @@ def admin_key_path(http_port: int) -> Path:
     return cache / "serve" / f"admin-key-{http_port}"
 
 
+def remove_key_file(path: Path, admin_key: str) -> None:
+    """Remove the admin-key file `path` if it still holds `admin_key`: a server started on the same port since
+    (after this one lost it) wrote its own key there, which stays."""
+    try:
+        if path.read_text().strip() == admin_key:
+            path.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+
+
+def check_ports_free(address: str, ports: dict[str, int]) -> None:
+    """ViLexUsageError naming the first of `ports` ({flag: port}; 0 means a free one) that cannot be listened
+    on at `address`. The probe sets SO_REUSEADDR, as tritonserver does, so a port a stopped server left in
+    TIME_WAIT counts as free and only a live listener as taken."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    for flag, port in ports.items():
+        if not port:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address, port))
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise ViLexUsageError(f"{flag} {port} is in use on {address}: another process (another "
+                                          f"`vilex serve`?) listens there; stop it or choose another port") from None
+                raise ViLexUsageError(f"{flag} {port}: cannot listen on --address {address}: {error.strerror}") from None
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports process `pid` itself listens on (empty when it is gone)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        # net_connections since psutil 6; connections before (the serve extra allows psutil 5.9)
+        connections = (process.net_connections if hasattr(process, "net_connections") else process.connections)("tcp")
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return set()
+    return {c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN}
+
+
 def write_private_file(path: Path, text: str) -> None:
     """Write `text` to `path` readable by this user only (folder 0700, file 0600), replacing it atomically.
     The file is created 0600 (never chmod-ed after the fact), so no other user can open it in between."""
@@ -448,6 +519,13 @@ def load_failures(log_text: str) -> list[str]:
     for model, version, message in _LOAD_FAILED.findall(log_text):
         failed.setdefault(model, f"{model} (version {version}): {message.replace(chr(92) + 'n', ' ').strip()}")
     return list(failed.values())
+
+
+def ports_in_use(log_text: str, ports: dict[str, int]) -> list[str]:
+    """The flags of `ports` ({flag: port}) that a tritonserver log says were taken when it tried to listen
+    ("failed to start HTTP service: Unavailable - Socket '127.0.0.1:8000' already in use")."""
+    lines = [line for line in log_text.splitlines() if "in use" in line]
+    return [flag for flag, port in ports.items() if any(f":{port}'" in line for line in lines)]
 
 
 def site_packages() -> list[str]:
