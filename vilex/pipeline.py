@@ -76,6 +76,13 @@ class ViLexPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(vilex=vilex, image_processor=image_processor, text_encoder=text_encoder,
                               tokenizer=tokenizer, unet=unet, vae=vae, scheduler=scheduler)
+        # model_index.json records each component's class as loaded. transformers 5 names its PIL-backed image
+        # processors apart (`SiglipImageProcessorPil`) and hands that class out for the stock name where
+        # torchvision is absent, so a checkpoint would record what else was installed; the stock name is
+        # recorded instead, and loads either way.
+        library, name = self.config.image_processor
+        if name is not None and name.endswith("ImageProcessorPil"):
+            self.register_to_config(image_processor=(library, name.removesuffix("Pil")))
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.prompt_builder = PromptBuilder(tokenizer, text_encoder.get_input_embeddings())
         self.backend: StageBackend = TorchBackend(self)

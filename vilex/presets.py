@@ -43,27 +43,13 @@ def _word_embedding_std(text_encoder) -> float:
     return float(text_encoder.get_input_embeddings().weight.detach().std())
 
 
-def record_stock_class_names(pipeline: ViLexPipeline) -> ViLexPipeline:
-    """Make model_index.json name the stock image-processor class, whatever else is installed.
-
-    model_index.json records the class of each component as loaded. transformers 5 gives the PIL-backed image
-    processors a name of their own (`SiglipImageProcessorPil`) and, where torchvision is absent, hands that class
-    out for the stock name (`SiglipImageProcessor`), which is the torchvision one where it is present. So the
-    same checkpoint would record what else was installed. The stock name loads either way.
-    """
-    library, name = pipeline.config.image_processor
-    if name.endswith("ImageProcessorPil"):
-        pipeline.register_to_config(image_processor=(library, name.removesuffix("Pil")))
-    return pipeline
-
-
 def _assemble(vision_config: dict, image_size: int, text_encoder, tokenizer, unet, vae, scheduler,
               num_queries: int, pooler: dict) -> ViLexPipeline:
     vilex = ViLexModel(vision_config=vision_config, num_queries=num_queries, output_dim=text_encoder.config.hidden_size,
                        token_scale=_word_embedding_std(text_encoder), **pooler)
     image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
-    return record_stock_class_names(ViLexPipeline(vilex=vilex, image_processor=image_processor, text_encoder=text_encoder,
-                                                  tokenizer=tokenizer, unet=unet, vae=vae, scheduler=scheduler))
+    return ViLexPipeline(vilex=vilex, image_processor=image_processor, text_encoder=text_encoder,
+                         tokenizer=tokenizer, unet=unet, vae=vae, scheduler=scheduler)
 
 
 def tiny(seed: int = 0) -> ViLexPipeline:
@@ -123,7 +109,7 @@ def toy(seed: int = 0) -> ViLexPipeline:
     """The trained toy checkpoint (its weights are fixed: `seed` does not apply)."""
     from .toyworld.shipped import checkpoint_path
 
-    return record_stock_class_names(ViLexPipeline.from_pretrained(checkpoint_path()))
+    return ViLexPipeline.from_pretrained(checkpoint_path())
 
 
 def build_preset(name: str, seed: int = 0) -> ViLexPipeline:
@@ -177,8 +163,8 @@ def from_local(sd_dir: str | os.PathLike, vision_dir: str | os.PathLike, num_que
     if missing or unexpected:
         raise ViLexUsageError(f"--vision '{vision_dir}': its weights do not match the vision model of its config: "
                               f"missing {_listed(missing)}, unexpected {_listed(unexpected)}")
-    return record_stock_class_names(ViLexPipeline(vilex=vilex, image_processor=image_processor, text_encoder=text_encoder,
-                                                  tokenizer=tokenizer, unet=unet, vae=vae, scheduler=scheduler))
+    return ViLexPipeline(vilex=vilex, image_processor=image_processor, text_encoder=text_encoder,
+                         tokenizer=tokenizer, unet=unet, vae=vae, scheduler=scheduler)
 
 
 def ensure_preset_checkpoint(cache: str | os.PathLike, preset: str, seed: int = 0) -> Path:

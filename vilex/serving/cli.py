@@ -33,10 +33,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=None, help="requests queued per model before rejecting (default: 8 batches)")
     p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS,
                    help=f"the most denoising steps one request may ask for, 1..1000 (default {DEFAULT_MAX_STEPS})")
-    p.add_argument("--unet", default=DEFAULT_UNET, choices=UNET_PLACEMENTS,
+    p.add_argument("--unet", default=None, choices=UNET_PLACEMENTS,
                    help=f"where vilex_generate and vilex_reconstruct run the UNet: bls (each denoising step a request "
                         f"to the unet model) or local (an onnxruntime session in their own process; no per-step "
-                        f"hop). Default {DEFAULT_UNET}")
+                        f"hop). Default {DEFAULT_UNET}; with --platform tensorrt bls, the only choice there "
+                        f"(its UNet is the engine)")
     p.add_argument("--stream", action="store_true",
                    help="also write vilex_generate_stream and vilex_reconstruct_stream: decoupled models that send "
                         "progress per denoising step over gRPC (`vilex generate|reconstruct --stream`); each is one "

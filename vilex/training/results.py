@@ -31,10 +31,9 @@ def save_pipeline_folder(checkpoint: str, vilex_state: dict[str, torch.Tensor], 
                          out: Path) -> Path:
     """OUT: a ViLex pipeline folder with CKPT's frozen components unchanged and the given ViLex weights."""
     from ..pipeline import ViLexPipeline
-    from ..presets import record_stock_class_names
 
     # reload CKPT rather than save the in-memory modules: those may have been cast to bf16/fp16
-    pipeline = record_stock_class_names(ViLexPipeline.from_pretrained(checkpoint))
+    pipeline = ViLexPipeline.from_pretrained(checkpoint)
     pipeline.vilex.load_state_dict(vilex_state)
     if taildrop_prob is not None:
         pipeline.vilex.register_to_config(taildrop_prob=taildrop_prob)
