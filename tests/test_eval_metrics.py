@@ -124,7 +124,9 @@ def stock_generation(pipeline, prompts, guidance_scale):
     with torch.no_grad():
         prompt_embeds, negative_embeds = encode(prompts), encode([""] * len(prompts))
     return stock(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, num_inference_steps=2,
-                 guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0), output_type="np").images
+                 guidance_scale=guidance_scale, output_type="np",
+                 # `seed=0` gives every image a generator of its own seeded 0 (the seed rule; see seeded_generators)
+                 generator=[torch.Generator().manual_seed(0) for _ in prompts]).images
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
