@@ -144,8 +144,9 @@ def test_ctrl_c_says_where_to_resume_and_exits_130(tiny_ckpt, image_folder, tmp_
     """Issue 19, item 6: Ctrl-C (SIGINT) during `vilex train` printed a 25-frame KeyboardInterrupt traceback. It
     says where the last checkpoint is and the command that resumes, and exits with 130 (128 + SIGINT)."""
     run = tmp_path / "run"
-    # --max-steps 1000 (the last one given counts): a run that Ctrl-C stops, not its end.
-    process = subprocess.Popen(vilex_train(tiny_ckpt, "--data", image_folder, "--out", run, *OPTIONS, "--max-steps", "1000"),
+    # --max-steps 100000 (the last one given counts): a run that Ctrl-C stops, not its end (1000 was seen to
+    # finish, at 15 steps/s, before a loaded machine let the test send the signal).
+    process = subprocess.Popen(vilex_train(tiny_ckpt, "--data", image_folder, "--out", run, *OPTIONS, "--max-steps", "100000"),
                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
