@@ -2,46 +2,69 @@
 # Train the toy world's base (the shipped recipe: VAE, text encoder + UNet, VAE decoder) on one NVIDIA GPU,
 # then a ViLex encoder on it, within about 10 minutes of device time.
 #
-#   benchmarks/gpu_toy_base.sh OUT_DIR [WHEELS_DIR]
+#   benchmarks/gpu_toy_base.sh [--dry-run] OUT_DIR [WHEELS_DIR]
 #
-# WHEELS_DIR (optional) holds pure-Python wheels to install first without touching the machine's torch, as
-# for benchmarks/gpu_suite.sh: vilex itself (`pip wheel --no-deps . -w wheels`) and diffusers when the image
-# lacks it (`pip download --no-deps diffusers -d wheels`); matplotlib is optional (without it the learning
-# curve is logged but not plotted). The run is the CPU recipe of vilex/toyworld/weights/MODEL_CARD.md with
-# `--device cuda`: the same options and seeds, every random draw from the same CPU generators, so it trains
-# the same model up to floating-point differences. Rerun the same command to continue a run that was cut off.
+# WHEELS_DIR (optional) holds the wheels the GPU host lacks, installed as for benchmarks/gpu_suite.sh (with
+# `--no-deps --no-index --target OUT_DIR/site`, first on PYTHONPATH and PATH; benchmarks/gpu_env.sh): diffusers
+# (`pip download --no-deps diffusers -d wheels`) and vilex (`pip wheel --no-deps . -w wheels`; without one, vilex is
+# built there from this checkout). `vilex train` also needs accelerate and psutil (the GPU host has both); matplotlib
+# is optional (without it the learning curve is logged but not plotted). The run is the CPU recipe of
+# vilex/toyworld/weights/MODEL_CARD.md with `--device cuda`: the same options and seeds, every random draw from the
+# same CPU generators, so it trains the same model up to floating-point differences. Rerun the same command to
+# continue a run that was cut off. PYTHON (default python3, else python) is the interpreter to use.
+#
+# --dry-run runs every step on CPU with a few steps of each stage (the options below, then overrides appended:
+# the last value of an option wins), to try the set-up on a machine without a GPU; every time limit is then
+# DRY_RUN_LIMIT seconds (default 300).
 set -uo pipefail
-OUT=${1:?usage: benchmarks/gpu_toy_base.sh OUT_DIR [WHEELS_DIR]}
+DRY_RUN=0
+if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
+OUT=${1:?usage: benchmarks/gpu_toy_base.sh [--dry-run] OUT_DIR [WHEELS_DIR]}
 WHEELS=${2:-}
-mkdir -p "$OUT"
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: it goes on PYTHONPATH and PATH
+if [ -n "$WHEELS" ]; then WHEELS=$(cd "$WHEELS" && pwd) || exit 2; fi
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$REPO/benchmarks/gpu_env.sh"
+# Run from OUT: from the repository root, `python -c` would import the checkout's vilex/ instead of the carried wheel.
+cd "$OUT" || exit 2
 exec > >(tee -a "$OUT/train.log") 2>&1
+# Python buffers a pipe: without this, a step killed at its time limit leaves nothing of what it printed in the log.
+export PYTHONUNBUFFERED=1
 start=$(date +%s)
 
-if [ -n "$WHEELS" ]; then
-  python -m pip install --no-deps --no-index --quiet "$WHEELS"/*.whl || { echo "could not install $WHEELS/*.whl"; exit 2; }
+gpu_env_install || exit 2
+gpu_env_check "$DRY_RUN" torch diffusers transformers safetensors PIL accelerate psutil vilex vilex.toyworld.train_base \
+  vilex.training.trainer || exit 2
+
+# The GPU run, or its CPU dry run: the same commands with these overrides appended.
+BASE_DRY=() DATA_N=20000 VILEX_DRY=() BASE_LIMIT=420 VILEX_LIMIT=240
+if [ "$DRY_RUN" = 1 ]; then
+  BASE_DRY=(--device cpu --num-scenes 64 --vae-steps 2 --unet-steps 2 --decoder-steps 2 --curve-every 0 --warmup-steps 0
+            --vae-batch-size 4 --unet-batch-size 4 --checkpoint-every 1 --log-every 1)
+  DATA_N=64
+  VILEX_DRY=(--cpu --max-steps 2 --warmup-steps 0 --batch-size 4 --num-workers 1 --checkpoint-every 1 --log-every 1)
+  BASE_LIMIT=${DRY_RUN_LIMIT:-300} VILEX_LIMIT=${DRY_RUN_LIMIT:-300}
 fi
-python - <<'PY' || exit 2
-import importlib.util, sys
-missing = [m for m in ("torch", "diffusers", "transformers", "safetensors", "vilex") if importlib.util.find_spec(m) is None]
-if missing:
-    sys.exit(f"missing {missing}: carry them as wheels in WHEELS_DIR")
-import torch
-if not torch.cuda.is_available():
-    sys.exit("no CUDA GPU visible to torch")
-print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
-PY
 
 # 1. The base (the model card's `vilex toyworld train-base` with its default options), on the GPU.
-timeout 420 vilex toyworld train-base "$OUT/toy-base" --device cuda || { echo "!! train-base did not finish in 420 s"; exit 1; }
+timeout "$BASE_LIMIT" vilex toyworld train-base "$OUT/toy-base" --device cuda ${BASE_DRY[@]+"${BASE_DRY[@]}"} \
+  || { echo "!! train-base did not finish in $BASE_LIMIT s"; exit 1; }
 echo "== base done in $(( $(date +%s) - start )) s"
 # 2. ViLex on the trained base (the model card's `vilex train` options), on the GPU.
-test -d "$OUT/toy-data" || vilex toyworld make-data "$OUT/toy-data" --n 20000
-test -d "$OUT/toy-vilex0" || vilex toyworld new-vilex "$OUT/toy-base/pipeline" "$OUT/toy-vilex0"
-VILEX_TRAIN=(--data "$OUT/toy-data" --train-vision --vision-lr 3e-4 --pooler-lr 3e-4 --max-steps 1500 --warmup-steps 75
-             --batch-size 32 --caption-prob 0.25 --snr-gamma 5 --num-workers 4 --holdout 0 --checkpoint-every 250 --no-progress)
+test -d "$OUT/toy-data" || vilex toyworld make-data "$OUT/toy-data" --n "$DATA_N" || { echo "!! make-data failed"; exit 1; }
+test -d "$OUT/toy-vilex0" || vilex toyworld new-vilex "$OUT/toy-base/pipeline" "$OUT/toy-vilex0" \
+  || { echo "!! new-vilex failed"; exit 1; }
+VILEX_TRAIN=(--data "$OUT/toy-data" --train-vision --vision-lr 3e-4 --pooler-lr 3e-4 --max-steps 1200 --warmup-steps 60
+             --batch-size 32 --caption-prob 0.25 --snr-gamma 5 --num-workers 4 --holdout 0 --checkpoint-every 200 --no-progress
+             ${VILEX_DRY[@]+"${VILEX_DRY[@]}"})
+status=0
 if [ -d "$OUT/vilex" ]; then
-  timeout 240 vilex train --resume "$OUT/vilex" || echo "!! vilex train did not finish in 240 s (rerun to continue)"
+  timeout "$VILEX_LIMIT" vilex train --resume "$OUT/vilex" \
+    || { echo "!! vilex train did not finish in $VILEX_LIMIT s (rerun to continue)"; status=1; }
 else
-  timeout 240 vilex train "$OUT/toy-vilex0" --out "$OUT/vilex" "${VILEX_TRAIN[@]}" || echo "!! vilex train did not finish in 240 s (rerun to continue)"
+  timeout "$VILEX_LIMIT" vilex train "$OUT/toy-vilex0" --out "$OUT/vilex" "${VILEX_TRAIN[@]}" \
+    || { echo "!! vilex train did not finish in $VILEX_LIMIT s (rerun to continue)"; status=1; }
 fi
 echo "== done in $(( $(date +%s) - start )) s; the base's learning curve: $OUT/toy-base/learning_curve.jsonl"
+exit "$status"

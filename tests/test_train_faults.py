@@ -148,7 +148,10 @@ def test_ctrl_c_says_where_to_resume_and_exits_130(tiny_ckpt, image_folder, tmp_
     # finish, at 15 steps/s, before a loaded machine let the test send the signal).
     process = subprocess.Popen(vilex_train(tiny_ckpt, "--data", image_folder, "--out", run, *OPTIONS, "--max-steps", "100000"),
                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               # a shell's background job (`pytest ... &`) starts with SIGINT ignored, and Python
+                               # keeps an ignored SIGINT ignored: give the child the terminal's default back
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 900
         while len(ckpt.list_checkpoints(run)) < 2:  # mid-run, with checkpoints behind it
