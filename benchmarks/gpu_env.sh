@@ -1,6 +1,21 @@
 # The set-up shared by benchmarks/gpu_suite.sh and benchmarks/gpu_toy_base.sh (sourced, not run): the carried
 # wheels, then the check that everything a script imports is there and that a GPU is (or, in a dry run, not).
-# Expects OUT (absolute), WHEELS (absolute or empty), PYTHON and REPO (the checkout these scripts are in).
+# Expects REPO (the checkout these scripts are in); gpu_env_args sets DRY_RUN, OUT, WHEELS and PYTHON.
+
+# gpu_env_args SCRIPT [--dry-run] OUT_DIR [WHEELS_DIR]: the scripts' common arguments. OUT and WHEELS become
+# absolute (they go on PYTHONPATH and PATH), and the script continues in OUT: from the repository root,
+# `python -c` would import the checkout's vilex/ instead of the carried wheel.
+gpu_env_args() {
+  local script=$1; shift
+  DRY_RUN=0
+  if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
+  OUT=${1:?usage: $script [--dry-run] OUT_DIR [WHEELS_DIR]}
+  WHEELS=${2:-}
+  PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
+  mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
+  if [ -n "$WHEELS" ]; then WHEELS=$(cd "$WHEELS" && pwd) || exit 2; fi
+  cd "$OUT" || exit 2
+}
 
 # gpu_env_install: the wheels in WHEELS into OUT/site, first on PYTHONPATH and PATH. `--target` into a fresh folder
 # leaves the machine's torch and site-packages alone (a system Python may be externally managed or read-only), and a

@@ -19,17 +19,9 @@
 # Exit status: 0 when every step finished, 1 when a step failed or ran out of time (its figures are missing),
 # 2 when the set-up failed (nothing was measured).
 set -uo pipefail
-DRY_RUN=0
-if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
-OUT=${1:?usage: benchmarks/gpu_suite.sh [--dry-run] OUT_DIR [WHEELS_DIR]}
-WHEELS=${2:-}
-PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: it goes on PYTHONPATH and PATH
-if [ -n "$WHEELS" ]; then WHEELS=$(cd "$WHEELS" && pwd) || exit 2; fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$REPO/benchmarks/gpu_env.sh"
-# Run from OUT: from the repository root, `python -c` would import the checkout's vilex/ instead of the carried wheel.
-cd "$OUT" || exit 2
+gpu_env_args benchmarks/gpu_suite.sh "$@"
 LOG="$OUT/suite.log"
 exec > >(tee -a "$LOG") 2>&1
 # Python buffers a pipe: without this, a step killed at its time limit leaves nothing of what it printed in the log.

@@ -17,17 +17,9 @@
 # the last value of an option wins), to try the set-up on a machine without a GPU; every time limit is then
 # DRY_RUN_LIMIT seconds (default 300).
 set -uo pipefail
-DRY_RUN=0
-if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
-OUT=${1:?usage: benchmarks/gpu_toy_base.sh [--dry-run] OUT_DIR [WHEELS_DIR]}
-WHEELS=${2:-}
-PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: it goes on PYTHONPATH and PATH
-if [ -n "$WHEELS" ]; then WHEELS=$(cd "$WHEELS" && pwd) || exit 2; fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$REPO/benchmarks/gpu_env.sh"
-# Run from OUT: from the repository root, `python -c` would import the checkout's vilex/ instead of the carried wheel.
-cd "$OUT" || exit 2
+gpu_env_args benchmarks/gpu_toy_base.sh "$@"
 exec > >(tee -a "$OUT/train.log") 2>&1
 # Python buffers a pipe: without this, a step killed at its time limit leaves nothing of what it printed in the log.
 export PYTHONUNBUFFERED=1
