@@ -2,7 +2,8 @@
 
     vilex toyworld make-data DIR [--n 20000] [--split train]     scenes as name.png + name.txt (captions)
     vilex toyworld train-base OUT [--vae-steps ...]              the text-to-image base, from scratch
-    vilex toyworld new-vilex BASE OUT [--pooler cross|perceiver] an untrained ViLex encoder on a trained base
+    vilex toyworld new-vilex BASE OUT [--pooler cross|perceiver] [--pretrain-vision STEPS]
+                                                                 a new ViLex encoder on a trained base
     vilex toyworld train-probe OUT                               the attribute probe (a small CNN)
 """
 
@@ -50,6 +51,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--pooler", default="cross", help="cross (queries attend to patches) | perceiver (to patches and "
                                                       "each other); default cross")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-vision", type=int, default=0, metavar="STEPS",
+                   help="first pretrain the vision model for STEPS steps with SigLIP's sigmoid loss against the base's "
+                        "frozen text encoder, as ViLex starts from a pretrained SigLIP (default 0: from scratch; the "
+                        "shipped checkpoint used 1500)")
     p.set_defaults(func=cmd_new_vilex)
 
     p = sub.add_parser("train-probe", help="train the attribute probe that `vilex eval` reads scenes with")
@@ -90,8 +95,11 @@ def cmd_new_vilex(args) -> None:
 
     if args.pooler not in POOLERS:
         raise ViLexUsageError(f"--pooler must be one of {', '.join(POOLERS)}, got {args.pooler!r}")
-    out = new_vilex_checkpoint(args.base, args.out, pooler_self_attention=args.pooler == "perceiver", seed=args.seed)
-    print(f"wrote ViLex checkpoint {out} ({args.pooler} pooler, untrained) on the base {args.base}")
+    check_range("--pretrain-vision", args.pretrain_vision, 0, 10**6)
+    out = new_vilex_checkpoint(args.base, args.out, pooler_self_attention=args.pooler == "perceiver", seed=args.seed,
+                               pretrain_vision_steps=args.pretrain_vision)
+    vision = f"vision model pretrained {args.pretrain_vision} steps" if args.pretrain_vision else "untrained"
+    print(f"wrote ViLex checkpoint {out} ({args.pooler} pooler, {vision}) on the base {args.base}")
 
 
 def cmd_train_probe(args) -> None:
