@@ -68,14 +68,15 @@ def retrieval_accuracy(vision_model, head, pixels: torch.Tensor, captions: list[
 
 
 def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int, num_scenes: int = 20_000,
-                    batch_size: int = 256, lr: float = 1e-3, seed: int = 0, log_every: int = 100) -> dict:
+                    batch_size: int = 256, lr: float = 1e-3, seed: int = 0, log_every: int = 100,
+                    heldout_scenes: int = HELDOUT_SCENES) -> dict:
     """Train `vilex.vision_model` in place with the sigmoid loss against the frozen text encoder's pooled
     caption features; returns a report (loss, held-out retrieval accuracy before and after, wall time)."""
     started = time.time()
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     scenes = make_scenes(num_scenes, SPLITS["train"])
-    heldout = make_scenes(HELDOUT_SCENES, SPLITS["heldout"])
+    heldout = make_scenes(heldout_scenes, SPLITS["heldout"])
     pixels, heldout_pixels = _pixels(image_processor, scenes), _pixels(image_processor, heldout)
     text_encoder.eval()
     text = _caption_features(tokenizer, text_encoder, [s.caption for s in scenes])
@@ -115,5 +116,5 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "num_scenes": num_scenes, "seed": seed,
             "final_loss": round(sum(losses[-log_every:]) / len(losses[-log_every:]), 4),
             "heldout_caption_retrieval_top1": {"before": round(before, 3), "after": round(after, 3),
-                                               "scenes": HELDOUT_SCENES},
+                                               "scenes": heldout_scenes},
             "wall_time_s": round(time.time() - started, 1)}
