@@ -54,7 +54,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--pretrain-vision", type=int, default=0, metavar="STEPS",
                    help="first pretrain the vision model for STEPS steps with SigLIP's sigmoid loss against the base's "
                         "frozen text encoder, as ViLex starts from a pretrained SigLIP (default 0: from scratch; the "
-                        "shipped checkpoint used 1500)")
+                        "shipped checkpoint used 1000)")
     p.set_defaults(func=cmd_new_vilex)
 
     p = sub.add_parser("train-probe", help="train the attribute probe that `vilex eval` reads scenes with")
