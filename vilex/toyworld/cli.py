@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 
 from ..errors import ViLexUsageError, check_range
 
@@ -55,6 +56,7 @@ def add_parser(subparsers) -> None:
                    help="first pretrain the vision model for STEPS steps with SigLIP's sigmoid loss against the base's "
                         "frozen text encoder, as ViLex starts from a pretrained SigLIP (default 0: from scratch; the "
                         "shipped checkpoint used 1000)")
+    p.add_argument("--device", default="cpu", help="where --pretrain-vision trains: cpu or cuda (default cpu)")
     p.set_defaults(func=cmd_new_vilex)
 
     p = sub.add_parser("train-probe", help="train the attribute probe that `vilex eval` reads scenes with")
@@ -96,8 +98,10 @@ def cmd_new_vilex(args) -> None:
     if args.pooler not in POOLERS:
         raise ViLexUsageError(f"--pooler must be one of {', '.join(POOLERS)}, got {args.pooler!r}")
     check_range("--pretrain-vision", args.pretrain_vision, 0, 10**6)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise ViLexUsageError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     out = new_vilex_checkpoint(args.base, args.out, pooler_self_attention=args.pooler == "perceiver", seed=args.seed,
-                               pretrain_vision_steps=args.pretrain_vision)
+                               pretrain_vision_steps=args.pretrain_vision, device=args.device)
     vision = f"vision model pretrained {args.pretrain_vision} steps" if args.pretrain_vision else "untrained"
     print(f"wrote ViLex checkpoint {out} ({args.pooler} pooler, {vision}) on the base {args.base}")
 

@@ -330,7 +330,7 @@ def _assemble(tokenizer, text_encoder, unet, vae, pipeline_scheduler, pooler_sel
 
 
 def new_vilex_checkpoint(base: str, out: str, pooler_self_attention: bool = False, seed: int = 0,
-                         pretrain_vision_steps: int = 0) -> Path:
+                         pretrain_vision_steps: int = 0, device: str = "cpu") -> Path:
     """A ViLex checkpoint on a trained base's frozen components, with a new ViLex encoder whose pooler is
     untrained and whose vision model is, with `pretrain_vision_steps`, pretrained SigLIP-style against the
     base's text encoder (`vision_pretrain`)."""
@@ -341,7 +341,7 @@ def new_vilex_checkpoint(base: str, out: str, pooler_self_attention: bool = Fals
         from .vision_pretrain import pretrain_vision
 
         report = pretrain_vision(pipeline.vilex, pipeline.image_processor, pipeline.tokenizer, pipeline.text_encoder,
-                                 steps=pretrain_vision_steps, seed=seed)
+                                 steps=pretrain_vision_steps, seed=seed, device=device)
         print(json.dumps({"vision_pretrain": report}), flush=True)
     with atomic_folder(Path(out), must_be_new=True) as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)

@@ -69,9 +69,10 @@ def retrieval_accuracy(vision_model, head, pixels: torch.Tensor, captions: list[
 
 def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int, num_scenes: int = 20_000,
                     batch_size: int = 256, lr: float = 1e-3, seed: int = 0, log_every: int = 100,
-                    heldout_scenes: int = HELDOUT_SCENES) -> dict:
+                    heldout_scenes: int = HELDOUT_SCENES, device: str = "cpu") -> dict:
     """Train `vilex.vision_model` in place with the sigmoid loss against the frozen text encoder's pooled
-    caption features; returns a report (loss, held-out retrieval accuracy before and after, wall time)."""
+    caption features, on `device` (every random draw from a CPU generator; the model is back on the CPU after);
+    returns a report (loss, held-out retrieval accuracy before and after, wall time)."""
     started = time.time()
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -79,27 +80,28 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
     heldout = make_scenes(heldout_scenes, SPLITS["heldout"])
     pixels, heldout_pixels = _pixels(image_processor, scenes), _pixels(image_processor, heldout)
     text_encoder.eval()
-    text = _caption_features(tokenizer, text_encoder, [s.caption for s in scenes])
+    text = _caption_features(tokenizer, text_encoder, [s.caption for s in scenes]).to(device)
     heldout_captions = [s.caption for s in heldout]
-    heldout_text = _caption_features(tokenizer, text_encoder, heldout_captions)
+    heldout_text = _caption_features(tokenizer, text_encoder, heldout_captions).to(device)
+    heldout_pixels = heldout_pixels.to(device)
 
-    vision_model = vilex.vision_model
+    vision_model = vilex.vision_model.to(device)
     vision_model.train()
     width = vision_model.config.hidden_size
-    head = torch.nn.Linear(width, text.shape[1])
-    logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
-    logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
+    head = torch.nn.Linear(width, text.shape[1]).to(device)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0), device=device))
+    logit_bias = torch.nn.Parameter(torch.tensor(-10.0, device=device))
     parameters = list(vision_model.parameters()) + list(head.parameters()) + [logit_scale, logit_bias]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     before = retrieval_accuracy(vision_model, head, heldout_pixels, heldout_captions, heldout_text)
-    labels = 2 * torch.eye(batch_size) - 1
+    labels = 2 * torch.eye(batch_size, device=device) - 1
     losses = []
     for step in range(1, steps + 1):
         batch = torch.randint(len(scenes), (batch_size,), generator=generator)
-        image = _image_features(vision_model, head, pixels[batch])
+        image = _image_features(vision_model, head, pixels[batch].to(device))
         logits = image @ text[batch].T * logit_scale.exp() + logit_bias
         loss = -F.logsigmoid(labels * logits).sum() / batch_size
         optimizer.zero_grad(set_to_none=True)
@@ -113,6 +115,7 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
                               "loss": round(sum(losses[-log_every:]) / len(losses[-log_every:]), 4),
                               "elapsed_s": round(time.time() - started, 1)}), flush=True)
     after = retrieval_accuracy(vision_model, head, heldout_pixels, heldout_captions, heldout_text)
+    vision_model.cpu()
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "num_scenes": num_scenes, "seed": seed,
             "final_loss": round(sum(losses[-log_every:]) / len(losses[-log_every:]), 4),
             "heldout_caption_retrieval_top1": {"before": round(before, 3), "after": round(after, 3),
