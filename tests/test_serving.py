@@ -210,7 +210,8 @@ def test_repository_options_reach_the_configs(engines, tmp_path):
         assert len(config.model_warmup) == (0 if pipeline else 1), name
     for flags, pattern in ((dict(pipeline_instances=0), r"--pipeline-instances must be in 1\.\.64, got 0"),
                            (dict(instances=65), r"--instances must be in 1\.\.64, got 65"),
-                           (dict(graph_queue_delay_us=-1), r"--graph-queue-delay must be in 0\.\.1000000 microseconds")):
+                           (dict(graph_queue_delay_us=-1), r"--graph-queue-delay must be in 0\.\.1000000 microseconds"),
+                           (dict(max_steps=1001), r"--max-steps must be in 1\.\.1000, got 1001")):
         with pytest.raises(ViLexUsageError, match=pattern):
             build_repository(engines, tmp_path / "bad", **flags)
         assert not (tmp_path / "bad").exists()
@@ -722,9 +723,9 @@ def test_cli_runs_through_the_server(served, in_process, sample_files, tmp_path,
     assert main(["reconstruct", str(tiny_ckpt), image, "--out", str(tmp_path / "x"), *remote]) == 2
     assert "drop CKPT" in capsys.readouterr().err
     assert main(["reconstruct", image, "--out", str(tmp_path / "x"), "--tokens", "99", *remote]) == 2
-    assert "NUM_TOKENS[0] must be in 1..75, got 99" in capsys.readouterr().err
+    assert "--tokens must be in 1..75, got 99" in capsys.readouterr().err
     assert main(["reconstruct", image, "--out", str(tmp_path / "x"), "--height", "50", *remote]) == 2
-    assert "HEIGHT[0] must be a positive multiple of 4 in 32..128, got 50" in capsys.readouterr().err
+    assert "--height must be a positive multiple of 4 in 32..128, got 50" in capsys.readouterr().err  # the server's HEIGHT[0]
     assert main(["reconstruct", image, "--out", str(tmp_path / "x"), "--negative-prompt", "dark", "--guidance", "1",
                  *remote]) == 2
     assert "--negative-prompt needs --guidance > 1" in capsys.readouterr().err

@@ -4,7 +4,8 @@ Every mode Pillow can open is converted explicitly rather than through `Image.co
 clips 16-bit images to white and drops alpha onto black.
 
 What is refused rather than guessed at (an ImageInputError naming the image): more than
-MAX_IMAGE_PIXELS pixels; no pixels; an animation or a multi-page file (GIF, APNG, WebP, TIFF), whose
+MAX_IMAGE_PIXELS pixels, with one message of ours whatever the size (Pillow's own decompression-bomb
+warning and error, above its larger limits, never reach the caller); no pixels; an animation or a multi-page file (GIF, APNG, WebP, TIFF), whose
 first frame would silently stand for the rest (MPO, a JPEG with a preview or depth image after the
 photo, is read as its first image, the photo); float pixels (mode F) that are NaN or infinite, which
 would otherwise become 0 and 255 without a word.
@@ -12,12 +13,14 @@ would otherwise become 0 and 255 without a word.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageInputError
 
@@ -31,14 +34,49 @@ MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 DECODER_ERRORS = Exception
 
 
-def check_decodable(image: Image.Image, name: str = "image") -> None:
+def check_pixel_count(name: str, width: int, height: int, limit: int = MAX_IMAGE_PIXELS) -> None:
+    """The size rule for every image, encoded or raw: at least 1x1 and at most `limit` pixels."""
+    if width * height > limit:
+        raise ImageInputError(too_many_pixels(name, f"{width}x{height}", limit))
+    if width < 1 or height < 1:
+        raise ImageInputError(f"{name}: {width}x{height} pixels; an image must have at least 1x1")
+
+
+def too_many_pixels(name: str, size: str, limit: int = MAX_IMAGE_PIXELS) -> str:
+    return f"{name}: {size} pixels is above the limit of {limit} pixels"
+
+
+@contextlib.contextmanager
+def open_image(source, name: str, limit: int = MAX_IMAGE_PIXELS):
+    """`with Image.open(source)` (a path or a binary file), with Pillow's decompression-bomb checks answered by ours.
+
+    Pillow warns above Image.MAX_IMAGE_PIXELS (89 M pixels) and refuses above twice that, in Image.open (and
+    for a GIF's later frames, when they are read); ours (`limit`, lower) is checked from the header by
+    check_decodable. So the warning is silenced (such an image is refused anyway) and the error becomes our
+    message, which can only say "more than" then: Pillow refuses before the size reaches us. catch_warnings
+    sets the process's warning filters while the block runs (not thread-safe: other threads miss only this
+    one warning category meanwhile).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(source) as image:
+                yield image
+        except Image.DecompressionBombError:
+            raise ImageInputError(too_many_pixels(name, f"more than {2 * Image.MAX_IMAGE_PIXELS}", limit)) from None
+
+
+def unreadable(error: Exception) -> str:
+    """A decoder's error as a reason. Pillow's "cannot identify image file <_io.BytesIO object at 0x...>"
+    names a file object of ours, which means nothing to the caller."""
+    if isinstance(error, UnidentifiedImageError):
+        return "Pillow recognizes no image format in it"
+    return str(error) or type(error).__name__
+
+
+def check_decodable(image: Image.Image, name: str = "image", limit: int = MAX_IMAGE_PIXELS) -> None:
     """Refuse, from the header alone, what to_rgb would decode wrongly or at a cost out of proportion."""
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise ImageInputError(
-            f"{name}: {image.width}x{image.height} pixels is above the limit of {MAX_IMAGE_PIXELS} pixels"
-        )
-    if image.width < 1 or image.height < 1:
-        raise ImageInputError(f"{name}: {image.width}x{image.height} pixels; an image must have at least 1x1")
+    check_pixel_count(name, image.width, image.height, limit)
     # is_animated is cheap (GIF reads ahead one frame header; APNG, WebP and TIFF count from headers).
     if getattr(image, "is_animated", False) and image.format != "MPO":
         raise ImageInputError(f"{name}: animated or multi-page {image.format} ({_frames(image)}); "
@@ -85,30 +123,31 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ImageInputError(f"IMAGE '{path}': no such file")
+    name = f"IMAGE '{path}'"
     try:
-        with Image.open(path) as image:
-            check_decodable(image, name=f"IMAGE '{path}'")
-            image.load()
-            return to_rgb(image, name=f"IMAGE '{path}'")
-    except ImageInputError:
-        raise
-    except DECODER_ERRORS as error:  # noqa: BLE001 - any decoder failure is an unreadable image
-        raise ImageInputError(
-            f"IMAGE '{path}': not a readable image (PNG, JPEG, WebP, BMP, TIFF, GIF ...): {error}"
-        ) from None
-
-
-def decode_image(data: bytes, name: str = "IMAGE") -> Image.Image:
-    """Decode encoded image bytes (PNG/JPEG/...) to RGB, with an ImageInputError naming `name`."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            check_decodable(image, name=name)  # before image.load(): nothing is decoded yet
+        with open_image(path, name) as image:
+            check_decodable(image, name=name)
             image.load()
             return to_rgb(image, name=name)
     except ImageInputError:
         raise
     except DECODER_ERRORS as error:  # noqa: BLE001 - any decoder failure is an unreadable image
-        raise ImageInputError(f"{name}: bytes are not a readable image (PNG, JPEG, WebP ...): {error}") from None
+        raise ImageInputError(
+            f"{name}: not a readable image (PNG, JPEG, WebP, BMP, TIFF, GIF ...): {unreadable(error)}"
+        ) from None
+
+
+def decode_image(data: bytes, name: str = "IMAGE", limit: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode encoded image bytes (PNG/JPEG/...) to RGB, with an ImageInputError naming `name`."""
+    try:
+        with open_image(io.BytesIO(data), name, limit) as image:
+            check_decodable(image, name=name, limit=limit)  # before image.load(): nothing is decoded yet
+            image.load()
+            return to_rgb(image, name=name)
+    except ImageInputError:
+        raise
+    except DECODER_ERRORS as error:  # noqa: BLE001 - any decoder failure is an unreadable image
+        raise ImageInputError(f"{name}: bytes are not a readable image (PNG, JPEG, WebP ...): {unreadable(error)}") from None
 
 
 def make_grid(rows: list[list[Image.Image]], pad: int = 2, labels: list[str] | None = None,

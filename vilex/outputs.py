@@ -74,16 +74,29 @@ def swap_folder_into_place(staging: Path, out: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def save_tokens(path: str | os.PathLike, vilex_tokens: torch.Tensor, metadata: dict) -> Path:
-    """Save tokens (B, k, D) to a safetensors file, atomically."""
+def check_tokens_out(path: str | os.PathLike) -> Path:
+    """A new .safetensors file for tokens: an existing file is refused, not replaced (as init, export and train
+    refuse an existing folder)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ViLexUsageError(f"--out '{path}' must end in .safetensors")
+    if path.exists():
+        raise ViLexUsageError(f"--out '{path}' already exists; choose a new file")
+    return path
+
+
+def save_tokens(path: str | os.PathLike, vilex_tokens: torch.Tensor, metadata: dict) -> Path:
+    """Save tokens (B, k, D) to a new safetensors file, atomically, readable as any file the user writes."""
+    path = check_tokens_out(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.partial")
     try:
         save_file({TOKENS_KEY: vilex_tokens.detach().float().contiguous().cpu()}, str(staging),
                   metadata={k: json.dumps(v) for k, v in metadata.items()})
+        # safetensors (0.8) creates its files with mode 0600; give it what open() would (0666 less the umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o666 & ~umask)
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)

@@ -199,8 +199,11 @@ class ViLexPipeline(DiffusionPipeline):
         settings.check_order(order)
         settings.check_seed(seed)
         check_range("num_images_per_prompt", num_images_per_prompt, 1, settings.MAX_IMAGES_PER_PROMPT)
-        height = settings.check_side(self.default_size if height is None else height, self.size_multiple, "height")
-        width = settings.check_side(self.default_size if width is None else width, self.size_multiple, "width")
+        # Within the backend's bounds: an export's (as its server's), any size up to MAX_SIDE in PyTorch.
+        height = settings.check_side(self.default_size if height is None else height, self.size_multiple, "height",
+                                     *self.backend.side_range("height"))
+        width = settings.check_side(self.default_size if width is None else width, self.size_multiple, "width",
+                                    *self.backend.side_range("width"))
         if text_guidance_scale is not None and not prompt:
             raise ViLexUsageError("text_guidance_scale needs a prompt")
         if output_type not in settings.OUTPUT_TYPES:
@@ -215,7 +218,7 @@ class ViLexPipeline(DiffusionPipeline):
         if len(prompts) != B:
             raise ViLexUsageError(f"got {len(prompts)} prompts for {B} images")
         for p in prompts:
-            self.prompt_builder.check_fits(p, k)
+            check_prompt_fits(self.prompt_builder, p, k)
         negatives = [negative_prompt] * B if negative_prompt is None or isinstance(negative_prompt, str) \
             else list(negative_prompt)
         if len(negatives) != B:
@@ -224,10 +227,7 @@ class ViLexPipeline(DiffusionPipeline):
             raise ViLexUsageError(f"negative_prompt needs guidance_scale > 1 (it replaces the empty prompt of "
                                   f"classifier-free guidance, which guidance_scale {guidance_scale:g} turns off)")
         for p in negatives:
-            try:
-                self.prompt_builder.check_fits(p, 0)
-            except ViLexUsageError as error:
-                raise ViLexUsageError(f"negative_prompt: {error}") from None
+            check_prompt_fits(self.prompt_builder, p, 0, name="negative_prompt")
         if seed is not None:  # one generator per image, as every backend does (see seeded_generators)
             generator = seeded_generators([(seed + j) % (settings.MAX_SEED + 1)
                                            for _ in range(B) for j in range(num_images_per_prompt)])
@@ -301,6 +301,27 @@ class ViLexPipeline(DiffusionPipeline):
             images = [images]
         vilex_tokens = self.tokenize(images, num_tokens=num_tokens)
         return self.generate(vilex_tokens, prompt=prompt, **generate_kwargs)
+
+
+def check_prompt_fits(prompt_builder: PromptBuilder, prompt: str | None, num_vilex_tokens: int, name: str | None = None,
+                      fewer: str | None = None) -> None:
+    """The prompt-fit rule of `generate`, for every caller (the library, the command line, the served models).
+
+    Raises the PromptBuilder's ViLexUsageError, starting with `name` (the prompt as the caller knows it:
+    "--prompt", "PROMPT[0]") and, where fewer ViLex tokens would make room for the prompt, saying how many:
+    `fewer` puts that count in the caller's terms ("--tokens <= {}", "NUM_TOKENS[0] <= {}"). Nothing is
+    shortened: which tokens to give up is the caller's choice (issue 19).
+    """
+    try:
+        prompt_builder.check_fits(prompt, num_vilex_tokens)
+    except ViLexUsageError as error:
+        message = f"{name}: {error}" if name else str(error)
+        most = prompt_builder.max_vilex_tokens(prompt)
+        if num_vilex_tokens and most >= 1:
+            message += f"; at most {most} ViLex tokens leave room for it" + (f" ({fewer.format(most)})" if fewer else "")
+        elif num_vilex_tokens:
+            message += "; it does not fit beside even one ViLex token"
+        raise ViLexUsageError(message) from None
 
 
 def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:

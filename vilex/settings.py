@@ -15,6 +15,13 @@ from .errors import ViLexUsageError, check_range
 
 DEFAULT_STEPS = 25
 MAX_STEPS = 1000  # the schedulers' num_train_timesteps
+# A server's bound on one request's work (`vilex triton-repo --max-steps`, at most MAX_STEPS), which its
+# requests' STEPS and PREVIEW_EVERY are checked against instead of MAX_STEPS.
+DEFAULT_SERVED_MAX_STEPS = 200
+# The most ViLex tokens any checkpoint has (N): a 77-position CLIP text encoder keeps two for BOS and EOS.
+# A checkpoint's own N (its `num_queries`) may be smaller; commands check 1..MAX_VILEX_TOKENS before they
+# load anything, and 1..N once they know it.
+MAX_VILEX_TOKENS = 75
 DEFAULT_GUIDANCE = 7.5  # classifier-free guidance against the empty prompt; <= 1 turns it off
 GUIDANCE_RANGE = (0.0, 100.0)
 TEXT_GUIDANCE_RANGE = (0.0, 100.0)  # the text-free guidance weight w

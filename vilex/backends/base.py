@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from ..settings import MAX_SIDE
 from ..stages import STAGE_NAMES, stage_modules
 
 
@@ -18,6 +19,12 @@ class StageBackend:
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} does not implement run()")
+
+    def side_range(self, side: str) -> tuple[int, int]:
+        """The output heights (side "height") or widths ("width"), in pixels, that the stages take:
+        `ViLexPipeline.generate` checks height and width against them before any stage runs. PyTorch modules
+        take any size up to settings.MAX_SIDE; a backend of an export folder narrows it to the export's bounds."""
+        return 1, MAX_SIDE
 
     def __call__(self, stage: str, **inputs: torch.Tensor) -> torch.Tensor:
         if stage not in STAGE_NAMES:
@@ -56,6 +63,9 @@ class TimedBackend(StageBackend):
         self.device = inner.device
         self.seconds = collections.defaultdict(float)
         self.calls = collections.defaultdict(int)
+
+    def side_range(self, side: str) -> tuple[int, int]:
+        return self.inner.side_range(side)
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         start = time.perf_counter()

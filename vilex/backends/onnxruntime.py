@@ -6,9 +6,11 @@ so torch CUDA tensors go in and come out without a host round trip; outputs are 
 contract's output shapes. On CPU, sessions run on numpy views of the tensors.
 
 Inputs are checked against the graph's contract (names, fixed sizes, multiples) before they reach
-onnxruntime, so a wrong shape is a ViLexUsageError naming the input instead of a kernel error. The
-contract's min..max bounds are not enforced here (the graphs are fully dynamic); the TensorRT backend,
-whose engines cannot go past them, enforces them.
+onnxruntime, so a wrong shape is a ViLexUsageError naming the input instead of a kernel error. The image
+sides are held to the export's bounds (`side_range`, which `ViLexPipeline.generate` checks height and width
+against), the same bounds a server of this export keeps (vilex.serving.pipeline_requests.Limits), though the
+graphs themselves are fully dynamic; the batch is not bounded here (the TensorRT backend, whose engines cannot
+go past their profiles, bounds every axis).
 
 Outputs come back on the device the inputs came from, so the pipeline's loop is the same for all backends.
 """
@@ -86,6 +88,12 @@ class OnnxRuntimeBackend(StageBackend):
         self.session_options = session_options
         self.contracts = self.engines.contracts()
         self.sessions: dict = {}
+
+    def side_range(self, side: str) -> tuple[int, int]:
+        """The export's heights or widths in pixels: its UNet contract's latent axis times the VAE factor."""
+        axis = self.contracts["unet"].axes[f"latent_{side}"]
+        factor = self.engines.dims.vae_scale_factor
+        return axis.min * factor, axis.max * factor
 
     # ---- sessions --------------------------------------------------------------------------------------
     def _provider_options(self, provider: str, graph: str) -> dict:

@@ -11,6 +11,7 @@ import signal
 import sys
 
 from vilex.errors import ViLexUsageError
+from vilex.settings import MAX_STEPS
 
 from .config import DEFAULT_MAX_STEPS, DEFAULT_UNET, GRAPH_QUEUE_DELAY_US, PLATFORMS, UNET_PLACEMENTS
 
@@ -32,7 +33,7 @@ def add_parser(subparsers) -> None:
                         "queued at once; more lets concurrent pipeline instances share a batch)")
     p.add_argument("--max-queue", type=int, default=None, help="requests queued per model before rejecting (default: 8 batches)")
     p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS,
-                   help=f"the most denoising steps one request may ask for, 1..1000 (default {DEFAULT_MAX_STEPS})")
+                   help=f"the most denoising steps one request may ask for, 1..{MAX_STEPS} (default {DEFAULT_MAX_STEPS})")
     p.add_argument("--unet", default=None, choices=UNET_PLACEMENTS,
                    help=f"where vilex_generate and vilex_reconstruct run the UNet: bls (each denoising step a request "
                         f"to the unet model) or local (an onnxruntime session in their own process; no per-step "

@@ -5,7 +5,7 @@
     images = client.generate(tokens, prompt="a watercolor", seed=0)           # (1, H, W, 3) uint8
     images = client.reconstruct([pil_image], steps=25, seed=0)               # raw pixels travel as IMAGE_RGB
     images = client.generate(tokens, prompt="a watercolor", text_guidance=3.0, negative_prompt="blurry",
-                             order="text_first", height=48, width=64)
+                             order="text_first")                 # height=, width=: within the export's bounds
 
     client = TritonClient("localhost:8001", "grpc")                  # streaming: gRPC only
     with client.generate_stream(tokens, steps=25, seed=0, preview_every=5) as events:
@@ -28,7 +28,8 @@ the images. Closing the stream early (`close()`, or leaving its `with` block) ca
 closed with `stop_stream(cancel_requests=True)` and the server stops at its next step.
 
 Errors: a 400 (gRPC INVALID_ARGUMENT) from the server is a `ServedRequestError`, a ViLexUsageError with
-the server's message, which names the input; no server at --url is a ViLexUsageError naming --url; any
+the server's message, which names the input; no server at --url, or a port of the other protocol (HTTP sent
+to the gRPC port, or the reverse), is a ViLexUsageError naming --url and the --protocol such a port needs; any
 other failure is a `ServingError`. On a stream (which carries messages without status codes) a streaming
 model's INVALID_ARG is still a ServedRequestError (its message says so, interface.STREAM_INVALID_ARG_PREFIX);
 Triton's own dtype and shape checks come as a ServingError with Triton's message, which names the input.
@@ -189,7 +190,15 @@ class TritonClient:
             raise self._error(error) from None
         except (ConnectionError, OSError) as error:
             raise ViLexUsageError(f"--url {self.url}: no tritonserver answers over {self.protocol} ({error})") from None
-        except http.client.HTTPException as error:  # geventhttpclient's HTTPConnectionClosed: the server hung up
+        except http.client.HTTPException as error:
+            from geventhttpclient.response import HTTPConnectionClosed
+
+            if not isinstance(error, HTTPConnectionClosed):
+                # What answered is not HTTP/1.1 (geventhttpclient's HTTPParseError): a gRPC port answers an HTTP
+                # request with an HTTP/2 frame ("Expected HTTP/"). The reverse mistake is _error's.
+                reason = error.args[0] if error.args else error  # args: (message, offset in the response)
+                raise ViLexUsageError(f"--url {self.url}: no tritonserver answers over http (what answers is not "
+                                      f"HTTP/1.1: {reason}); a gRPC port needs --protocol grpc") from None
             raise ServingError(f"{self.protocol}://{self.url}: the server closed the connection ({error!r})") from None
 
     def _stream_error(self, error) -> Exception:
@@ -205,7 +214,12 @@ class TritonClient:
         if status in ("400", "StatusCode.INVALID_ARGUMENT"):
             return ServedRequestError(error.message(), status)
         if status == "StatusCode.UNAVAILABLE" and "connect" in str(error.message()).lower():
-            return ViLexUsageError(f"--url {self.url}: no tritonserver answers over {self.protocol} ({error.message()})")
+            # Something listens but does not speak gRPC: tritonserver's HTTP port closes the connection on gRPC's
+            # HTTP/2 preface ("Socket closed"), other HTTP servers answer it ("Failed parsing HTTP/2").
+            listening = "connection refused" not in str(error.message()).lower()
+            hint = "; if it is an HTTP port, use --protocol http" if listening else ""
+            return ViLexUsageError(f"--url {self.url}: no tritonserver answers over {self.protocol} "
+                                   f"({error.message()}){hint}")
         return ServingError(f"{self.protocol}://{self.url}: {error.message()} (status {status or 'unknown'})")
 
     # ---- the pipeline models -----------------------------------------------------------------------------

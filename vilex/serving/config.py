@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from vilex import settings
 from vilex.errors import ViLexUsageError
 from vilex.engines.contract import MAX_GUIDANCE_BRANCHES, GraphContract, TensorSpec
 
@@ -101,7 +102,7 @@ MAX_QUEUE_DELAY_US = 1_000_000
 PIPELINE_QUEUE_DELAY_US = 20_000
 PIPELINE_QUEUE_TIMEOUT_S = 300.0
 QUEUE_PER_BATCH = 8  # default queue bound: this many full batches
-DEFAULT_MAX_STEPS = 200  # a server bound on one request's work (the library allows 1000)
+DEFAULT_MAX_STEPS = settings.DEFAULT_SERVED_MAX_STEPS  # a server bound on one request's work (the library: MAX_STEPS)
 # The pipeline models that run the denoising loop (vilex_tokenize only encodes images).
 LOOP_MODELS = ("vilex_generate", "vilex_reconstruct", "vilex_generate_stream", "vilex_reconstruct_stream")
 

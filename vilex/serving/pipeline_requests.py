@@ -10,7 +10,6 @@ Inputs are numpy arrays with the batch axis first: n images per request, per-ima
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +17,7 @@ import PIL.Image
 
 from vilex import settings
 from vilex.errors import ViLexUsageError, check_range
-from vilex.images import DECODER_ERRORS, MAX_IMAGE_PIXELS, decode_image
+from vilex.images import MAX_IMAGE_PIXELS, check_pixel_count, decode_image
 
 from .interface import MAX_PROMPT_BYTES
 
@@ -128,12 +127,11 @@ def parse_request(model: str, inputs: dict[str, np.ndarray], limits: Limits, pro
             raise ViLexUsageError(f"NEGATIVE_PROMPT[{i}] needs GUIDANCE[{i}] > 1 (it replaces the empty prompt of "
                                   f"classifier-free guidance, which GUIDANCE {request.guidance[i]:g} turns off)")
     if prompt_builder is not None:
+        from vilex.pipeline import check_prompt_fits  # the library's rule and message (it imports torch; here only)
+
         for i, (prompt, negative, k) in enumerate(zip(request.prompts, request.negative_prompts, request.num_tokens)):
-            for name, text, tokens in (("PROMPT", prompt, k), ("NEGATIVE_PROMPT", negative, 0)):
-                try:
-                    prompt_builder.check_fits(text, tokens)
-                except ViLexUsageError as error:
-                    raise ViLexUsageError(f"{name}[{i}]: {error}") from None
+            check_prompt_fits(prompt_builder, prompt, k, name=f"PROMPT[{i}]", fewer=f"NUM_TOKENS[{i}] <= {{}}")
+            check_prompt_fits(prompt_builder, negative, 0, name=f"NEGATIVE_PROMPT[{i}]")
     return request
 
 
@@ -155,24 +153,16 @@ def read_images(inputs: dict[str, np.ndarray], n: int, max_pixels: int) -> list[
     if "IMAGE_RGB" in inputs:
         pixels = inputs["IMAGE_RGB"]  # (n, H, W, 3) uint8, checked by Triton
         height, width = pixels.shape[1:3]
-        if height < 1 or width < 1 or height * width > max_pixels:
-            raise ViLexUsageError(f"IMAGE_RGB: {width}x{height} pixels; an image must have 1..{max_pixels} pixels")
+        check_pixel_count("IMAGE_RGB", width, height, max_pixels)  # the rule and message of encoded images
         return [PIL.Image.fromarray(np.ascontiguousarray(pixels[i]), mode="RGB") for i in range(n)]
     return [decode_encoded(_as_bytes(inputs["IMAGE"][i, 0]), f"IMAGE[{i}]", max_pixels) for i in range(n)]
 
 
 def decode_encoded(data: bytes, name: str, max_pixels: int) -> PIL.Image.Image:
-    """Encoded bytes -> RGB, checking the pixel count from the header before decoding anything."""
+    """Encoded bytes -> RGB; decode_image checks the pixel count from the header before decoding anything."""
     if not data:
         raise ViLexUsageError(f"{name}: empty bytes; expected an encoded image (PNG, JPEG, WebP, ...)")
-    try:
-        with PIL.Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except DECODER_ERRORS as error:  # noqa: BLE001 - whatever a decoder raises on these bytes (AVIF: RuntimeError)
-        raise ViLexUsageError(f"{name}: bytes are not a readable image (PNG, JPEG, WebP ...): {error}") from None
-    if width * height > max_pixels:
-        raise ViLexUsageError(f"{name}: {width}x{height} pixels is above the limit of {max_pixels} pixels")
-    return decode_image(data, name=name)
+    return decode_image(data, name=name, limit=max_pixels)
 
 
 def _as_bytes(value) -> bytes:

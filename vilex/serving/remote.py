@@ -60,8 +60,8 @@ class RemotePipeline:
     # ---- images -> tokens ------------------------------------------------------------------------------
     def tokenize(self, images: Sequence[PIL.Image.Image] | PIL.Image.Image, num_tokens: int | None = None) -> torch.Tensor:
         images = [images] if isinstance(images, PIL.Image.Image) else list(images)
-        if num_tokens is not None:
-            check_range("num_tokens", num_tokens, 1)
+        if num_tokens is not None:  # 1..N: the server knows N, at most MAX_VILEX_TOKENS
+            check_range("num_tokens", num_tokens, 1, settings.MAX_VILEX_TOKENS)
         tokens = self._map(lambda client, image: client.tokenize([image], num_tokens=num_tokens), images)
         return torch.from_numpy(np.concatenate(tokens))  # (n, k, D)
 
@@ -127,8 +127,8 @@ class RemotePipeline:
     def __call__(self, images, num_tokens: int | None = None, prompt=None, **generate_kwargs):
         """Reconstruct: images -> tokens -> images on the server (vilex_reconstruct), one request per image."""
         images = [images] if isinstance(images, PIL.Image.Image) else list(images)
-        if num_tokens is not None:
-            check_range("num_tokens", num_tokens, 1)
+        if num_tokens is not None:  # 1..N: the server knows N, at most MAX_VILEX_TOKENS
+            check_range("num_tokens", num_tokens, 1, settings.MAX_VILEX_TOKENS)
         output_type = generate_kwargs.get("output_type", "pil")
         progress = generate_kwargs.pop("progress", True)
         defaults = dict(num_inference_steps=settings.DEFAULT_STEPS, guidance_scale=settings.DEFAULT_GUIDANCE,

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from vilex import settings
 from vilex.errors import ViLexUsageError
 from vilex.outputs import swap_folder_into_place
 
@@ -71,8 +72,7 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
                               f"got {graph_queue_delay_us}")
     if max_queue is not None and not 1 <= max_queue <= 100_000:
         raise ViLexUsageError(f"--max-queue must be in 1..100000, got {max_queue}")
-    if not 1 <= max_steps <= 1000:
-        raise ViLexUsageError(f"--max-steps must be in 1..1000, got {max_steps}")
+    settings.check_steps(max_steps, "--max-steps")
     spec = PLATFORMS[platform]
     unet = spec.default_unet if unet is None else unet
     if unet not in UNET_PLACEMENTS:
