@@ -6,7 +6,8 @@
 
 Layout, each module importing only the ones above it in this list:
     config.py      TrainConfig and its checks, the run's train_config.json, what a resume may change
-    data.py        image folder, crops, the resumable sample stream
+    shards.py      WebDataset tar and parquet shards: patterns, pieces, reading a piece's samples
+    data.py        image folder, crops, the resumable sample stream; the shard stream (split, shuffle, position)
     objective.py   the reconstruction loss through the frozen UNet
     optim.py       AdamW parameter groups, the warmup-cosine schedule (lr_factor)
     setup.py       the set-up steps: run folder, accelerate, frozen pipeline, resolution, batches

@@ -5,7 +5,7 @@
         optimizer.safetensors   AdamW state tensors, "<param index>.<key>" (step, exp_avg, exp_avg_sq)
         ema.safetensors         EMA shadow weights by parameter name (with --ema)
         rng-<rank>.safetensors  per process: the training generator, torch CPU and CUDA RNG states
-        rank-<rank>.json        per process: batches consumed, unreadable files met
+        rank-<rank>.json        per process: batches consumed, unreadable files met, shard readers' positions
         state.json              step, optimizer param groups, LR schedule, grad scaler, EMA counters;
                                 written last
 

@@ -36,7 +36,14 @@ VALUE_OPTIONS = (
     ("--taildrop-prob", "taildrop_prob", float, "probability that TailDrop shortens a sample (default: the checkpoint's)"),
     ("--caption-prob", "caption_prob", float, "share of captioned samples trained as ViLex + text (default 0.5)"),
     ("--resolution", "resolution", int, "VAE input size in pixels (default: the UNet's native size)"),
-    ("--num-workers", "num_workers", int, "data loader worker processes (default 2)"),
+    ("--num-workers", "num_workers", int, "data loader worker processes (default 2); with shards each is a reader "
+                                          "of its own shards"),
+    ("--shuffle-buffer", "shuffle_buffer", int, "shards: samples each reader shuffles among, 0 = shard order "
+                                                "(default 1000)"),
+    ("--image-column", "image_column", str, "parquet: the column of encoded images, binary or {bytes, path} "
+                                            "(default image)"),
+    ("--caption-column", "caption_column", str, "parquet: the caption column (default: text, else caption, else "
+                                                "none)"),
     ("--seed", "seed", int, "seed of data order, noise, timesteps and TailDrop (default 0)"),
     ("--holdout", "holdout", int, "images kept out of training for the preview grids (default 4)"),
     ("--preview-every", "preview_every", int, "steps between preview grids, 0 = only at the end (default 1000)"),
@@ -55,15 +62,21 @@ FLAG_OPTIONS = (
     ("--random-flip", "random_flip", True, "random horizontal flips"),
     ("--no-progress", "progress", False, "no progress bar"),
     ("--cpu", "cpu", True, "train on the CPU even when a GPU is there"),
+    ("--log-samples", "log_samples", True, "write RUN_DIR/samples/rank-R.jsonl: the key of every sample each "
+                                           "process consumed, per step"),
 )
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a ViLex checkpoint on a folder of images",
+    p = subparsers.add_parser("train", help="train a ViLex checkpoint on images (a folder, WebDataset shards, "
+                                            "parquet)",
                               description="Train the ViLex pooler (and optionally the vision encoder) through the "
                                           "frozen diffusion model. Multi-GPU: accelerate launch -m vilex.cli train ...")
     p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, help="a ViLex checkpoint folder (`vilex init`)")
-    p.add_argument("--data", metavar="DIR", default=None, help="folder of .jpg/.jpeg/.png/.webp images (recursive; name.txt captions)")
+    p.add_argument("--data", metavar="DATA", default=None,
+                   help="folder of .jpg/.jpeg/.png/.webp images (recursive; name.txt captions), or shards streamed "
+                        "from a .tar/.parquet file or pattern: 'shards/{000000..000999}.tar' (WebDataset: KEY.jpg "
+                        "+ KEY.txt), 'data/*.parquet' (an image-bytes column, an optional caption column)")
     p.add_argument("--out", metavar="RUN_DIR", default=None, help="RUN_DIR: a new or empty folder for checkpoints, metrics, previews")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     for flag, name, kind, help_text in VALUE_OPTIONS:
@@ -92,7 +105,7 @@ def new_run_config(args):
 
     missing = [name for name, value in (("CKPT", args.ckpt), ("--data", args.data), ("--out", args.out)) if not value]
     if missing:
-        raise ViLexUsageError(f"missing {', '.join(missing)}: use `vilex train CKPT --data DIR --out RUN_DIR` "
+        raise ViLexUsageError(f"missing {', '.join(missing)}: use `vilex train CKPT --data DATA --out RUN_DIR` "
                               f"or `vilex train --resume RUN_DIR`")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(checkpoint=args.ckpt, data=args.data, out=args.out,

@@ -20,8 +20,10 @@ from ..errors import ViLexUsageError, check_range
 CONFIG_FILE = "train_config.json"
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # Options a resumed run may change: they do not touch the numbers of the optimisation.
+# (--num-workers too, for a folder; with shards each worker is a reader of its own, so a resume checks that
+# it is unchanged: state.py.)
 RESUME_OVERRIDABLE = ("num_workers", "log_every", "progress", "preview_every", "preview_steps", "preview_guidance",
-                      "checkpoint_every", "keep_checkpoints")
+                      "checkpoint_every", "keep_checkpoints", "log_samples")
 # Without --warmup-steps a run warms up for 5% of its steps, at most 500: a fixed 500 would be longer
 # than a short run (--max-steps 300) and take most of a run of 1000 steps.
 DEFAULT_WARMUP_PERCENT = 5
@@ -38,7 +40,7 @@ class TrainConfig:
     """Everything a run needs; saved as RUN_DIR/train_config.json (a resumed run reads it back)."""
 
     checkpoint: str  # CKPT: a ViLex pipeline folder (`vilex init`)
-    data: str  # folder of images (+ name.txt captions)
+    data: str  # folder of images (+ name.txt captions), or WebDataset .tar / parquet shards (a file or pattern)
     out: str  # RUN_DIR
     max_steps: int = 10_000  # optimizer steps
     batch_size: int = 8  # per process and micro-batch
@@ -63,6 +65,10 @@ class TrainConfig:
     random_crop: bool = False
     random_flip: bool = False
     num_workers: int = 2
+    shuffle_buffer: int = 1000  # shards: samples each reader shuffles among (0 or 1: shard order, unshuffled)
+    image_column: str | None = None  # parquet: the image column; None: "image"
+    caption_column: str | None = None  # parquet: the caption column; None: "text", else "caption", else none
+    log_samples: bool = False  # RUN_DIR/samples/rank-R.jsonl: the keys of every sample each process consumed
     seed: int = 0
     holdout: int = 4  # images kept out of training and reconstructed in the preview grids
     preview_every: int = 1000  # 0: previews only at the end; also off with holdout 0
@@ -99,11 +105,15 @@ class TrainConfig:
         check_range("--caption-prob", self.caption_prob, 0.0, 1.0)
         if self.resolution is not None:
             check_range("--resolution", self.resolution, 8, 4096)
-        for name in ("num_workers", "holdout", "preview_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("num_workers", "shuffle_buffer", "holdout", "preview_every", "checkpoint_every",
+                     "keep_checkpoints"):
             check_range(f"--{name.replace('_', '-')}", getattr(self, name), 0)
         check_range("--preview-steps", self.preview_steps, 1, 1000)
         check_range("--preview-guidance", self.preview_guidance, 0.0, 100.0)
         check_range("--log-every", self.log_every, 1)
+        for flag, value in (("--image-column", self.image_column), ("--caption-column", self.caption_column)):
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise ViLexUsageError(f"{flag} must name a column of the parquet files, got {value!r}")
         return self
 
     def to_json(self) -> dict:

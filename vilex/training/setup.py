@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import ViLexUsageError
 from .config import CONFIG_FILE, TrainConfig
-from .data import TrainingStream, collate
+from .data import ShardStream, TrainingStream, collate
 
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # of the frozen modules
 
@@ -33,7 +33,9 @@ def make_accelerator(config: TrainConfig):
     if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
         raise ViLexUsageError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
     try:
-        return Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+        # Without a GPU, cpu=True is what makes accelerate join the processes that torchrun or `accelerate launch`
+        # started (gloo); with cpu=False each one would train alone, as process 0 of 1.
+        return Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu or not torch.cuda.is_available())
     except ValueError as error:  # accelerate keeps one state per process
         raise ViLexUsageError(f"--mixed-precision {config.mixed_precision}: {error}") from None
 
@@ -77,16 +79,23 @@ def training_resolution(config: TrainConfig, pipeline) -> int:
 
 
 def data_fingerprint(root: str | os.PathLike, records) -> str:
-    """SHA-256 of the training images' paths relative to --data: the sample order depends on them."""
+    """SHA-256 of the training images' paths relative to --data: the sample order depends on them.
+    (Shards: ShardSource.fingerprint.)"""
     names = "\n".join(str(r.path.relative_to(root)) for r in records)
     return hashlib.sha256(names.encode()).hexdigest()
 
 
-def make_batches(dataset, config: TrainConfig, rank: int, world_size: int, batches_consumed: int, pin_memory: bool):
-    """This process's batches, from the one after the `batches_consumed` it has already trained on."""
-    stream = TrainingStream(len(dataset), seed=config.seed, rank=rank, world_size=world_size,
-                            start=batches_consumed * config.batch_size)
-    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=stream, num_workers=config.num_workers,
+def make_batches(dataset, config: TrainConfig, rank: int, world_size: int, batches_consumed: int, pin_memory: bool,
+                 stream_positions: dict | None = None):
+    """This process's batches, from the one after the `batches_consumed` it has already trained on (for a
+    ShardStream: each reader from its position in `stream_positions`)."""
+    if isinstance(dataset, ShardStream):
+        dataset.resume_at(stream_positions or {}, batches_consumed)
+        sampler = None
+    else:
+        sampler = TrainingStream(len(dataset), seed=config.seed, rank=rank, world_size=world_size,
+                                 start=batches_consumed * config.batch_size)
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
                         collate_fn=collate, pin_memory=pin_memory,
                         # its own generator: creating the loader must not draw from the global RNG
                         generator=torch.Generator().manual_seed(config.seed),

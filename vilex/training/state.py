@@ -3,7 +3,8 @@ latest with --resume. `checkpoint.py` owns the file format (the folder layout, s
 the atomic rename); this module decides what goes in and checks that a resume can be exact.
 
 Saved: the trainable weights, AdamW state, LR schedule, grad scaler, EMA, and per process the training
-generator, the global RNGs and the data position (batches consumed, samples seen, files skipped).
+generator, the global RNGs and the data position (batches consumed, samples seen, files skipped; with
+shards also each reader's (epoch, samples yielded in it) as of the last batch the process consumed).
 
 Both functions take a set-up Trainer (trainer.py) and read or write its parts.
 """
@@ -34,6 +35,8 @@ def save_run_checkpoint(trainer) -> Path:
     ckpt.save_tensors(staging / f"rng-{trainer.rank}.safetensors", ckpt.rng_tensors(trainer.generator))
     ckpt.save_json(staging / f"rank-{trainer.rank}.json", {
         "batches_consumed": trainer.batches_consumed, "samples_seen": trainer.samples_seen,
+        "stream_positions": {str(reader): list(position)
+                             for reader, position in sorted(trainer.stream_positions.items())},
         "unreadable": trainer.unreadable, "captions_too_long": trainer.objective_module.captions_too_long})
     accelerator.wait_for_everyone()
 
@@ -52,7 +55,9 @@ def save_run_checkpoint(trainer) -> Path:
             "step": trainer.step, "num_processes": trainer.world_size, "optimizer": optimizer_meta,
             "lr_scheduler": trainer.lr_scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "ema": ema_meta, "trainable_names": trainer.trainable_names, "config": trainer.config.to_json(),
-            "training_images": len(trainer.dataset), "data_fingerprint": trainer.data_fingerprint,
+            "training_images": None if trainer.shards is not None else len(trainer.dataset),
+            "readers_per_process": trainer.dataset.readers_per_rank if trainer.shards is not None else None,
+            "data_fingerprint": trainer.data_fingerprint,
             "versions": _versions()})
         ckpt.commit(staging, final)
         ckpt.prune(trainer.run_dir, trainer.config.keep_checkpoints)
@@ -69,11 +74,22 @@ def restore_run_checkpoint(trainer, folder: Path) -> None:
     if state["num_processes"] != trainer.world_size:
         raise ViLexUsageError(f"--resume: the run was saved with {state['num_processes']} processes, this launch "
                               f"has {trainer.world_size}; resume with the same number")
+    if state["data_fingerprint"] != trainer.data_fingerprint and trainer.shards is not None:
+        raise ViLexUsageError(
+            f"--resume: the shards of --data '{trainer.config.data}' changed since the checkpoint (now "
+            f"{trainer.shards.describe()}, or other names, sizes or columns); an exact resume needs the same "
+            f"shards, so restore them or start a new run")
     if state["data_fingerprint"] != trainer.data_fingerprint:
         raise ViLexUsageError(
             f"--resume: the images under --data '{trainer.config.data}' changed since the checkpoint (it trained on "
             f"{state['training_images']} files, now there are {len(trainer.dataset)} or other names); an exact "
             f"resume needs the same files, so restore them or start a new run")
+    readers = state.get("readers_per_process")
+    if readers is not None and readers != trainer.dataset.readers_per_rank:
+        raise ViLexUsageError(
+            f"--resume: with shards each data loader worker reads shards of its own, and the run was saved with "
+            f"{readers} per process (--num-workers {readers if readers > 1 else '0 or 1'}); resume with that "
+            f"--num-workers, not {trainer.config.num_workers}")
     if state["trainable_names"] != trainer.trainable_names:
         raise ViLexUsageError(f"--resume: checkpoint '{folder}' trains other parameters than this set-up")
 
@@ -97,6 +113,8 @@ def restore_run_checkpoint(trainer, folder: Path) -> None:
     trainer.step = state["step"]
     trainer.batches_consumed = rank_state["batches_consumed"]
     trainer.samples_seen = rank_state["samples_seen"]
+    trainer.stream_positions = {int(reader): (epoch, count)
+                                for reader, (epoch, count) in rank_state.get("stream_positions", {}).items()}
     trainer.unreadable.update(rank_state["unreadable"])
     trainer.objective_module.captions_too_long = rank_state["captions_too_long"]
 

@@ -30,7 +30,8 @@ import torch
 from ..errors import ViLexUsageError
 from . import checkpoint as ckpt
 from .config import TrainConfig, config_for_resume, write_run_config
-from .data import ImageFolderDataset, crop_square, find_images, pick_holdout
+from .data import (ImageFolderDataset, SampleLog, ShardStream, crop_square, find_images, pick_holdout,
+                   pick_shard_holdout)
 from .ema import ema_weights, make_ema
 from .metrics import MetricsLog
 from .objective import ReconstructionObjective
@@ -39,12 +40,13 @@ from .previews import holdout_loss, preview_grid, preview_token_counts, reconstr
 from .results import PIPELINE_DIR, REPORT_FILE, TrainResult, save_pipeline_folder, write_report
 from .setup import (WEIGHT_DTYPES, check_new_run_dir, data_fingerprint, make_accelerator, make_batches,
                     prepare_pipeline, training_resolution)
+from .shards import ShardSource, is_shard_pattern
 from .state import restore_run_checkpoint, save_run_checkpoint
 
 
 class Trainer:
-    """Trains a ViLex checkpoint on a folder of images. `train()` runs the whole loop; `setup()` and
-    `train_step()` are there for benchmarks and tests that drive it step by step.
+    """Trains a ViLex checkpoint on a folder of images or on shards (WebDataset tar, parquet). `train()` runs
+    the whole loop; `setup()` and `train_step()` are there for benchmarks and tests that drive it step by step.
 
     pipeline: an already loaded ViLexPipeline to train instead of loading config.checkpoint (used by the
     benchmark); the final pipeline folder is still assembled from config.checkpoint.
@@ -58,6 +60,7 @@ class Trainer:
         self.is_set_up = False
         self.step = 0
         self.batches_consumed = 0  # loader batches of this process, readable or not
+        self.stream_positions: dict[int, tuple[int, int]] = {}  # shards: reader -> (epoch, samples yielded)
         self.samples_seen = 0  # readable samples of this process
         self.images_trained = 0  # readable samples of this process since setup (for images/s)
         self.unreadable: dict[str, str] = {}
@@ -71,9 +74,15 @@ class Trainer:
         if not self.resuming:
             check_new_run_dir(self.run_dir)
 
-        # 1a. The data folder first: its errors are the cheapest to find
-        records = find_images(cfg.data)
-        training, self.holdout_records, holdout_images, unreadable = pick_holdout(records, cfg.holdout, cfg.seed)
+        # 1a. The data first: its errors are the cheapest to find
+        self.shards = ShardSource(cfg.data, cfg.image_column, cfg.caption_column) if is_shard_pattern(cfg.data) \
+            else None
+        if self.shards is not None:
+            self.holdout_names, holdout_images, unreadable = pick_shard_holdout(self.shards, cfg.holdout)
+        else:
+            records = find_images(cfg.data)
+            training, holdout_records, holdout_images, unreadable = pick_holdout(records, cfg.holdout, cfg.seed)
+            self.holdout_names = [str(r.path) for r in holdout_records]
         self.unreadable.update(unreadable)
 
         # 1b. Devices, mixed precision, data parallel
@@ -89,9 +98,16 @@ class Trainer:
         # 1d. Preprocessing at the VAE resolution
         self.resolution = resolution = training_resolution(cfg, pipeline)
         self.holdout_squares = [crop_square(image, resolution) for image in holdout_images]
-        self.dataset = ImageFolderDataset(training, pipeline.image_processor, resolution, seed=cfg.seed,
-                                          random_crop=cfg.random_crop, random_flip=cfg.random_flip)
-        self.data_fingerprint = data_fingerprint(cfg.data, training)
+        if self.shards is not None:
+            self.dataset = ShardStream(self.shards, pipeline.image_processor, resolution, seed=cfg.seed,
+                                       random_crop=cfg.random_crop, random_flip=cfg.random_flip,
+                                       holdout_keys=self.holdout_names, rank=self.rank, world_size=self.world_size,
+                                       num_workers=cfg.num_workers, buffer_size=cfg.shuffle_buffer)
+            self.data_fingerprint = self.shards.fingerprint()
+        else:
+            self.dataset = ImageFolderDataset(training, pipeline.image_processor, resolution, seed=cfg.seed,
+                                              random_crop=cfg.random_crop, random_flip=cfg.random_flip)
+            self.data_fingerprint = data_fingerprint(cfg.data, training)
 
         # 1e. Objective, optimizer, schedule, EMA
         objective = ReconstructionObjective(pipeline, snr_gamma=cfg.snr_gamma, caption_prob=cfg.caption_prob,
@@ -121,8 +137,10 @@ class Trainer:
             write_run_config(self.run_dir, cfg)
         accelerator.wait_for_everyone()
         self.metrics = MetricsLog(self.run_dir, resume_step=resume_step) if self.is_main else None
+        self.sample_log = SampleLog(self.run_dir, self.rank, resume_step) if cfg.log_samples else None
         self._batches = make_batches(self.dataset, cfg, self.rank, self.world_size, self.batches_consumed,
-                                     pin_memory=accelerator.device.type == "cuda")
+                                     pin_memory=accelerator.device.type == "cuda",
+                                     stream_positions=self.stream_positions)
         self.objective.train()
         self.is_set_up = True
         return self
@@ -137,14 +155,34 @@ class Trainer:
         while True:
             batch = next(self._batches)
             self.batches_consumed += 1
+            if batch["position"] is not None:  # shards: where this batch's reader is now
+                reader, epoch, count = batch["position"]
+                self.stream_positions[reader] = (epoch, count)
+            if self.sample_log is not None:
+                self.sample_log.write(self.step + 1, batch)
             for path, reason in batch["skipped"]:
                 self.unreadable.setdefault(path, reason)
             if batch["pixel_values"] is not None:
                 self.samples_seen += len(batch["paths"])
                 return batch
-            if self.samples_seen == 0 and self.batches_consumed * self.config.batch_size >= len(self.dataset):
+            if self.samples_seen == 0 and self.shards is None and \
+                    self.batches_consumed * self.config.batch_size >= len(self.dataset):
                 raise ViLexUsageError(f"--data '{self.config.data}': none of the {len(self.dataset)} training "
                                       f"images could be read")
+            if self.samples_seen == 0 and self.shards is not None and self.epoch >= 1:
+                raise ViLexUsageError(f"--data '{self.config.data}': none of the samples process {self.rank} was "
+                                      f"dealt in a whole epoch (its share of {self.shards.describe()}) could be read")
+
+    @property
+    def epoch(self) -> float:
+        """Epochs this process has consumed: a fraction for a folder; for shards, the epoch its furthest-behind
+        reader is in (readers' epochs need not end together)."""
+        if self.shards is None:
+            return self.batches_consumed * self.config.batch_size * self.world_size / len(self.dataset)
+        readers = self.dataset.readers_per_rank
+        if len(self.stream_positions) < readers:
+            return 0
+        return min(epoch for epoch, _ in self.stream_positions.values())
 
     def compute_loss(self, batch: dict) -> dict:
         device = self.accelerator.device
@@ -184,7 +222,7 @@ class Trainer:
         figures = {"step": self.step, "loss": self.last_loss, "grad_norm": grad_norm, "images": images * self.world_size,
                    "seconds": seconds, "images_per_s": images * self.world_size / seconds,
                    "mean_vilex_tokens": tokens / max(images, 1), "text_fraction": with_text / max(images, 1),
-                   "epoch": self.batches_consumed * cfg.batch_size * self.world_size / len(self.dataset)}
+                   "epoch": self.epoch}
         figures.update(learning_rates)
         return figures
 
@@ -277,6 +315,8 @@ class Trainer:
         bar.close()
         seconds = time.perf_counter() - started
         del self._batches  # stops the loader's worker processes
+        if self.sample_log is not None:
+            self.sample_log.close()
         pipeline_dir = self.export_pipeline()
 
         # gather what every process skipped, for one report
@@ -290,8 +330,10 @@ class Trainer:
                              unreadable=dict(sorted(unreadable.items())), captions_too_long=too_long)
         if self.is_main:
             # Trained on: the training files less those found unreadable (by any process), which were skipped.
-            trained = sum(str(record.path) not in unreadable for record in self.dataset.records)
-            write_report(self.run_dir, result, trained, [r.path for r in self.holdout_records])
+            # Shards: not known without reading every shard (null in report.json).
+            trained = None if self.shards is not None else \
+                sum(str(record.path) not in unreadable for record in self.dataset.records)
+            write_report(self.run_dir, result, trained, self.holdout_names)
             self.metrics.close()
         return result
 
