@@ -7,6 +7,7 @@ import argparse
 import datetime
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--preset", default="small", choices=("tiny", "small", "sd15"), help="preset to measure without CKPT")
     p.add_argument("--backends", default="torch,onnxruntime", help=f"comma-separated, from: {', '.join(ALL_BACKENDS)}")
     p.add_argument("--engines", default=None, help="an export folder of CKPT (default: export into OUT/engines)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="export precision when exporting")
+    from vilex.engines.contract import PRECISIONS
+
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="export precision when exporting")
     p.add_argument("--batch-sizes", type=int_list, default=(1, 2, 4), help="image batch sizes for the stages")
     p.add_argument("--stages", default=None, help="comma-separated stages to measure (default: all four; empty: none)")
     p.add_argument("--tokens", type=int, default=16, help="ViLex tokens end to end")
@@ -106,10 +109,23 @@ def cmd_bench(args) -> None:
                              window_s=args.window, stability=args.stability)
     command = "vilex " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("vilex") else \
         "vilex bench ..."
-    run_bench(ckpt=args.ckpt, preset=args.preset, cache=Path(args.cache), backends=backends, settings=settings,
-              out=Path(args.out), engines=Path(args.engines) if args.engines else None, precision=args.precision,
-              concurrency=args.concurrency, compare=args.compare, command=command,
-              date=datetime.date.today().isoformat(), unet=unet)
+    # SIGTERM (`timeout`, kill) and SIGHUP (a closed terminal) end the run as Ctrl-C does, so that the tritonserver
+    # it started is stopped on the way out. Python's default for them ends the process on the spot, and the
+    # server, in a session of its own that the terminal's signals do not reach, kept running beside whatever was
+    # measured next.
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        run_bench(ckpt=args.ckpt, preset=args.preset, cache=Path(args.cache), backends=backends, settings=settings,
+                  out=Path(args.out), engines=Path(args.engines) if args.engines else None, precision=args.precision,
+                  concurrency=args.concurrency, compare=args.compare, command=command,
+                  date=datetime.date.today().isoformat(), unet=unet)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def cmd_stress(args) -> None:

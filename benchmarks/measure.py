@@ -5,12 +5,16 @@ when the last `stable_windows` windows agree: each window's throughput and p50 l
 `stability` (a fraction) of those windows' mean. Statistics are taken over those last windows. If no
 stable run is reached after `max_windows`, the last windows are reported with `stable: false`.
 
+`watch` (isolation.Isolation.watch) is entered around the measured windows, after the warm-up, and what it
+records (what else of the run was alive meanwhile) is kept in `Stats.extra["alongside"]`.
+
 Concurrency > 1 runs that many threads, each with its own callable (`make_call()` is called once per
 thread: tritonclient clients must not be shared between threads), all issuing calls back to back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -108,6 +112,7 @@ def measure(
     stable_windows: int = 3,
     max_windows: int = 8,
     sync: Callable[[], None] | None = None,
+    watch: contextlib.AbstractContextManager | None = None,
 ) -> Stats:
     """Measure `make_call()()` until stable; `sync` (e.g. torch.cuda.synchronize) ends each call.
 
@@ -127,7 +132,7 @@ def measure(
     latencies: list[float] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
-    state = {"deadline": 0.0, "stop": False}
+    state = {"deadline": 0.0, "stop": False, "interrupted": False}
     start_window = threading.Barrier(concurrency + 1)
     end_window = threading.Barrier(concurrency + 1)
 
@@ -168,7 +173,7 @@ def measure(
         for thread in threads:
             thread.start()
 
-    with PeakMemory() as memory:
+    with PeakMemory() as memory, (watch or contextlib.nullcontext()) as alongside:
         try:
             while len(windows) < max_windows:
                 latencies.clear()
@@ -186,10 +191,16 @@ def measure(
                 windows.append((list(latencies), time.perf_counter() - start))
                 if len(windows) >= stable_windows and _agree(windows[-stable_windows:], items_per_call, stability):
                     break
+        except BaseException:
+            # Ctrl-C or SIGTERM (vilex bench turns it into KeyboardInterrupt): workers may be waiting at a
+            # barrier for this thread, which will not come; break the barriers so they end and the run can stop
+            # its server.
+            state["interrupted"] = True
+            raise
         finally:
             if concurrency > 1:
                 state["stop"] = True
-                if not errors:
+                if not errors and not state["interrupted"]:
                     start_window.wait()
                 else:
                     start_window.abort()
@@ -211,6 +222,7 @@ def measure(
         stable=len(windows) >= stable_windows and _agree(last, items_per_call, stability),
         peak_rss_mb=memory.peak_rss / 2**20,
         peak_gpu_mb=None if memory.peak_gpu is None else memory.peak_gpu / 2**20,
+        extra={} if alongside is None else {"alongside": alongside},
     )
 
 

@@ -6,6 +6,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from . import isolation
+
 
 def row_label(row: dict) -> str:
     if row["kind"] == "stage":
@@ -47,7 +49,8 @@ def markdown(report: dict) -> str:
 # agreed (measure.py's `stable: false`), or when a call at a smaller batch took longer than a call at a larger
 # batch of the same stage and backend by more than the stability margin: a call with more work taking markedly
 # less time means one of the two figures caught a transient (a clock change, a lazy initialization, another
-# process), so neither stands for the backend. Both rows of such a pair are marked.
+# process), so neither stands for the backend. Both rows of such a pair are marked. A row is also unsound when
+# something else of the run was alive beside it (another backend, a server: benchmarks/isolation.py).
 def row_key(row: dict) -> tuple:
     return (row_label(row), row["backend"], row["batch"], row["stats"]["concurrency"])
 
@@ -58,9 +61,11 @@ def row_problems(report: dict) -> dict[tuple, list[str]]:
     problems: dict[tuple, list[str]] = defaultdict(list)
     series = defaultdict(list)  # (label, backend, concurrency) -> rows over batch sizes
     for row in report["results"]:
+        where = f"{row_label(row)} {row['backend']} batch {row['batch']} conc {row['stats']['concurrency']}"
         if not row["stats"]["stable"]:
-            problems[row_key(row)].append(f"{row_label(row)} {row['backend']} batch {row['batch']} conc "
-                                          f"{row['stats']['concurrency']}: unstable (windows did not agree)")
+            problems[row_key(row)].append(f"{where}: unstable (windows did not agree)")
+        for why in isolation.problems(row["stats"].get("extra", {}).get("alongside", {})):
+            problems[row_key(row)].append(f"{where}: {why}")
         series[(row_label(row), row["backend"], row["stats"]["concurrency"])].append(row)
     for rows in series.values():
         rows = sorted(rows, key=lambda r: r["batch"])

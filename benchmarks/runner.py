@@ -193,7 +193,8 @@ def stage_contracts(ckpt: Path, batch_sizes) -> tuple[dict, ModelDims, object]:
     return contracts, dims, pipeline
 
 
-def run_stage(bench: BenchBackend, contracts: dict, stage: str, batch: int, settings: BenchSettings) -> Stats:
+def run_stage(bench: BenchBackend, contracts: dict, stage: str, batch: int, settings: BenchSettings,
+              watch=None) -> Stats:
     inputs = sample_inputs(contracts[stage], stage_sizes(contracts, stage, batch),
                            torch.Generator().manual_seed(settings.seed))
     if bench.device == "cuda":
@@ -207,10 +208,10 @@ def run_stage(bench: BenchBackend, contracts: dict, stage: str, batch: int, sett
         return call
 
     return measure(make_call, items_per_call=batch, window_s=settings.window_s, max_windows=settings.max_windows,
-                   stability=settings.stability, sync=bench.sync)
+                   stability=settings.stability, sync=bench.sync, watch=watch)
 
 
-def run_end_to_end(bench: BenchBackend, images, settings: BenchSettings) -> Stats:
+def run_end_to_end(bench: BenchBackend, images, settings: BenchSettings, watch=None) -> Stats:
     batch = list(images[: settings.e2e_batch])
 
     def make_call():
@@ -221,15 +222,22 @@ def run_end_to_end(bench: BenchBackend, images, settings: BenchSettings) -> Stat
 
     # End to end is long: windows of two calls, at most five of them.
     return measure(make_call, items_per_call=len(batch), warmup_calls=1, window_s=0.0, min_calls=2,
-                   max_windows=min(settings.max_windows, 5), stability=settings.stability, sync=bench.sync)
+                   max_windows=min(settings.max_windows, 5), stability=settings.stability, sync=bench.sync, watch=watch)
 
 
 @contextlib.contextmanager
-def released(bench: BenchBackend):
-    """Free a backend's memory before the next one loads (sd15 backends are several GB each)."""
+def released(bench: BenchBackend, isolation=None):
+    """Free a backend before the next one loads: its memory (sd15 backends are several GB each), and its
+    onnxruntime sessions with their intra-op thread pools, none of which may be left beside the next backend.
+    With an isolation.Isolation, what of it survives the release is printed, and every row measured while it
+    is alive is marked unsound."""
     try:
         yield bench
     finally:
+        if isolation is not None:
+            survivors = isolation.release(bench.name, bench)
+            if survivors:
+                print(f"  {bench.name}: still alive after its release: {', '.join(survivors)}")
         bench.pipeline = None
         import gc
 

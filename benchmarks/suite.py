@@ -2,22 +2,30 @@
 
 1. the checkpoint (given, or a preset made in the cache) and, for non-PyTorch backends, its export
 2. FLOPs per stage and batch, counted once on the fp32 PyTorch modules
-3. per backend: every stage at every batch size, then image -> image end to end
-4. Triton: the served pipeline over HTTP and gRPC at each concurrency, for each UNet placement (`unet`)
+3. per backend, one at a time: load it, every stage at every batch size, image -> image end to end, release it
+4. Triton, once every in-process backend is released: the served pipeline over HTTP and gRPC at each
+   concurrency, for each UNet placement (`unet`), each placement's server stopped before the next starts
 5. results.json / results.md / plots, and the ratios with --compare
 
 A backend that cannot run here, or fails while it runs, is listed under `skipped` with the reason; what the
 other backends measured (and what the failing one finished before it failed) is still written.
+
+Every row records what else of the run was alive while it was measured (benchmarks/isolation.py): nothing,
+when the run kept to one backend at a time; a row measured beside another backend's sessions or a server is
+marked unsound in the report.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 from pathlib import Path
 
 from vilex.stages import STAGE_NAMES
 
 from . import hardware, report
+from .isolation import Isolation, problems
 from .runner import (BenchSettings, Unavailable, count_flops, load_backend, released, run_end_to_end, run_stage,
                      stage_contracts, stage_sizes)
 
@@ -80,10 +88,12 @@ def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: Ben
         inputs = sample_inputs(contracts[stage], stage_sizes(contracts, stage, batch), torch.Generator().manual_seed(0))
         flops[(stage, batch)] = count_flops(modules[stage], inputs)
     del reference, modules
+    gc.collect()  # the reference pipeline is no backend: gone before the first one is measured
     images = [load_image(p) for p in sample_paths()]
     images = (images * settings.e2e_batch)[: settings.e2e_batch]
 
     results, skipped, peaks = [], {}, {}
+    isolation = Isolation()
 
     def record(backend: str, kind: str, batch: int, stats, device: str, precision_: str, stage: str | None = None,
                call_flops: int | None = None, server: dict | None = None):
@@ -102,6 +112,8 @@ def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: Ben
         print(f"  {backend:<16} {what:<22} batch {batch:>2} conc {stats.concurrency:>2}: p50 {stats.p50_ms:9.2f} ms  "
               f"{stats.throughput:8.2f} img/s" + (f"  {100 * fraction:5.1f}% of peak" if fraction else "")
               + (f"  server overhead {server['overhead_ms']:.1f} ms" if server else ""))
+        for why in problems(stats.extra.get("alongside", {})):
+            print(f"    unsound: {why}")
 
     def skip(name: str, reason: str):
         skipped[name] = reason
@@ -120,6 +132,7 @@ def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: Ben
             skip(name, export_failure)
             continue
         rows_before = len(results)
+        isolation.loading(name)
         try:
             bench = load_backend(name, ckpt, engines)
         except Unavailable as reason:
@@ -129,15 +142,15 @@ def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: Ben
             failed(name, error, rows_before)
             continue
         print(f"{name} ({bench.device}, {bench.precision}):")
-        with released(bench):
+        with released(bench, isolation):
             try:
                 for stage in settings.stages:
                     for batch in settings.batch_sizes:
-                        stats = run_stage(bench, contracts, stage, batch, settings)
+                        stats = run_stage(bench, contracts, stage, batch, settings, watch=isolation.watch(name))
                         record(name, "stage", batch, stats, bench.device, bench.precision, stage, flops[(stage, batch)])
                 if settings.end_to_end:
                     e2e_flops = _end_to_end_flops(flops, settings)
-                    stats = run_end_to_end(bench, images, settings)
+                    stats = run_end_to_end(bench, images, settings, watch=isolation.watch(name))
                     record(name, "e2e", settings.e2e_batch, stats, bench.device, bench.precision, call_flops=e2e_flops)
             except Exception as error:
                 failed(name, error, rows_before)
@@ -149,12 +162,16 @@ def run_bench(ckpt, preset: str, cache: Path, backends: list[str], settings: Ben
         from .triton import measure_triton
 
         rows_before = len(results)
+        # closing(): the server stops when the run ends here for any reason (Ctrl-C, SIGTERM), not whenever the
+        # suspended generator happens to be collected.
+        sweep = measure_triton(engines, images, settings, concurrency, placements=unet, isolation=isolation)
         try:
-            for placement, protocol, stats, server in measure_triton(engines, images, settings, concurrency,
-                                                                     placements=unet):
-                # The server's processes hold the models: peak RSS here is the client's only.
-                record(f"triton-{placement}-{protocol}", "e2e", settings.e2e_batch, stats, "cpu", "fp32",
-                       call_flops=_end_to_end_flops(flops, settings) if settings.end_to_end else None, server=server)
+            with contextlib.closing(sweep):
+                for placement, protocol, stats, server in sweep:
+                    # The server's processes hold the models: peak RSS here is the client's only.
+                    record(f"triton-{placement}-{protocol}", "e2e", settings.e2e_batch, stats, "cpu", "fp32",
+                           call_flops=_end_to_end_flops(flops, settings) if settings.end_to_end else None,
+                           server=server)
         except Unavailable as reason:
             skip("triton", str(reason))
         except Exception as error:

@@ -39,8 +39,10 @@ LOCAL_UNET_METRIC = re.compile(r'^vilex_local_unet_(duration_us|runs)\{[^}]*mode
 
 
 def measure_triton(engines: Path | None, images, settings: BenchSettings, concurrency=(1, 2, 4),
-                   protocols=("http", "grpc"), placements: tuple[str, ...] | None = None):
-    """Yield (placement, protocol, Stats, server breakdown) per placement, protocol and concurrency."""
+                   protocols=("http", "grpc"), placements: tuple[str, ...] | None = None, isolation=None):
+    """Yield (placement, protocol, Stats, server breakdown) per placement, protocol and concurrency. Each
+    placement's server starts here and is stopped before the next one starts; with an isolation.Isolation,
+    every measurement records what else of the run was alive beside that server."""
     if engines is None:
         raise Unavailable("triton needs an export folder")
     try:
@@ -74,9 +76,10 @@ def measure_triton(engines: Path | None, images, settings: BenchSettings, concur
 
                         before = settled_counters(server)
                         # Each window: every thread completes two requests back to back.
+                        watch = None if isolation is None else isolation.watch("triton", own_pids=(server.pid,))
                         stats = measure(make_call, items_per_call=len(batch), concurrency=workers, warmup_calls=3,
                                         window_s=0.0, min_calls=2 * workers, max_windows=min(settings.max_windows, 5),
-                                        stability=settings.stability)
+                                        stability=settings.stability, watch=watch)
                         yield placement, protocol, stats, {**breakdown(before, settled_counters(server)), **per_step}
 
 

@@ -83,6 +83,36 @@ def test_measure_concurrency_uses_one_callable_per_thread():
     assert len(made) == 4 and stats.concurrency == 4
 
 
+def test_an_interrupted_concurrent_measurement_ends():
+    """Ctrl-C (or SIGTERM, which vilex bench turns into it) while worker threads measure: the measuring thread
+    used to wait at a barrier for workers that were waiting for it (seen: hung until killed), so the server of
+    the run was never stopped. Now the interrupt comes out, and the workers end."""
+    import faulthandler
+    import os
+    import signal
+    import threading
+
+    sent, calls, before_threads = threading.Event(), [], threading.active_count()
+
+    def make_call():
+        def call():
+            time.sleep(0.02)
+            if threading.current_thread() is not threading.main_thread() and not sent.is_set():
+                calls.append(1)
+                if len(calls) > 6:  # past the warm-up, inside the measured windows
+                    sent.set()
+                    os.kill(os.getpid(), signal.SIGINT)
+        return call
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a hang ends the test run instead of blocking CI
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            measure(make_call, items_per_call=1, concurrency=2, window_s=0.2, stability=1e-6, max_windows=1000)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert sent.is_set() and threading.active_count() == before_threads
+
+
 def stats_row(backend, p50, kind="stage", batch=1, stable=True, stage="unet"):
     stats = dict(items_per_call=batch, concurrency=1, calls=3, mean_ms=p50, p50_ms=p50, p90_ms=p50, p95_ms=p50,
                  p99_ms=p50, throughput=1000 * batch / p50, windows=3 if stable else 8, stable=stable,
@@ -183,10 +213,10 @@ def test_a_failing_backend_is_skipped_and_the_others_results_are_written(tmp_pat
     from vilex.cli import main
     from vilex.serving.server import ModelLoadError
 
-    def end_to_end(bench, images, settings):
+    def end_to_end(bench, images, settings, **kwargs):
         if bench.name == "onnxruntime":
             raise RuntimeError("onnxruntime ran out of memory")
-        return real_end_to_end(bench, images, settings)
+        return real_end_to_end(bench, images, settings, **kwargs)
 
     def no_server(*args, **kwargs):
         raise ModelLoadError("tritonserver could not load 1 model(s): vilex_reconstruct (version 1): Internal")
@@ -209,6 +239,56 @@ def test_a_failing_backend_is_skipped_and_the_others_results_are_written(tmp_pat
     assert "triton (failed: ModelLoadError" in (tmp_path / "b" / "results.md").read_text()
 
 
+def test_sigterm_ends_a_bench_run_as_ctrl_c_does(monkeypatch):
+    """SIGTERM (`timeout`) used to end vilex bench on the spot, leaving the tritonserver it had started running
+    (seen: reparented to init with its 7 stubs). Now it raises KeyboardInterrupt, so every `with` and `finally` on
+    the way out runs, and the handlers are put back afterwards."""
+    import os
+    import signal
+
+    from vilex.benchmarks import suite
+    from vilex.cli import main
+
+    def run_bench(**kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the signal arrives long before this ends
+        raise AssertionError("SIGTERM did not interrupt the run")
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    monkeypatch.setattr(suite, "run_bench", run_bench)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        main(["bench", "--backends", "torch"])
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)) == before
+
+
+def test_the_server_sweep_is_closed_as_soon_as_the_run_leaves_it(tmp_path, tiny_ckpt, tiny_engines, monkeypatch):
+    """The Triton sweep is a generator holding the server: when the run leaves it early (an error here; Ctrl-C or
+    SIGTERM alike), it is closed then, stopping the server before the report is written, not when the generator
+    happens to be collected."""
+    from vilex.benchmarks import report, suite, triton
+    from vilex.cli import main
+
+    events = []
+
+    def sweep(*args, **kwargs):
+        try:
+            yield ("a row the suite cannot unpack",)
+        finally:
+            events.append("server stopped")
+
+    def write(data, out):
+        events.append("report written")
+        return real_write(data, out)
+
+    real_write = report.write
+    monkeypatch.setattr(triton, "measure_triton", sweep)
+    monkeypatch.setattr(report, "write", write)
+    code = main(["bench", str(tiny_ckpt), "--engines", str(tiny_engines), "--backends", "triton", "--stages", "",
+                 "--steps", "1", "--out", str(tmp_path / "b")])
+    assert code == 0 and events == ["server stopped", "report written"]
+    assert "ValueError" in json.loads((tmp_path / "b" / "results.json").read_text())["skipped"]["triton"]
+
+
 def test_bench_rejects_unknown_backend(capsys):
     from vilex.cli import main
 
@@ -216,20 +296,236 @@ def test_bench_rejects_unknown_backend(capsys):
     assert "--backends must be a comma-separated list from" in capsys.readouterr().err
 
 
-@pytest.mark.triton
-def test_bench_triton_sweep_on_tiny(tmp_path, tiny_ckpt, capsys):
+def test_isolation_reports_what_is_beside_a_measurement():
+    """The check behind every row's `alongside` (issue 20) can fail: a backend still referenced after its release,
+    a process the run started and a thread a released backend left behind are each reported; a caller's own
+    process from before the run and the measured server's processes are not."""
+    import subprocess
+    import threading
+
+    from vilex.benchmarks.isolation import Isolation, problems
+    from vilex.benchmarks.runner import BenchBackend
+
+    class Session:  # stands in for an onnxruntime session
+        pass
+
+    class Backend:
+        def __init__(self):
+            self.sessions = {"unet": Session()}
+
+    class Pipeline:
+        def __init__(self):
+            self.backend = Backend()
+
+    def bench(name):
+        return BenchBackend(name, Pipeline(), "fp32", None, "cpu")
+
+    before_run = subprocess.Popen(["sleep", "60"])
+    try:
+        isolation = Isolation()
+        isolation.loading("clean")
+        assert isolation.release("clean", bench("clean")) == []
+        with isolation.watch("next") as seen:
+            pass
+        assert seen["backends"] == [] and seen["processes"] == [] and seen["threads"] == 0 and not problems(seen)
+
+        # A session someone still holds keeps its backend's name in every later row.
+        kept = bench("kept")
+        session = kept.pipeline.backend.sessions["unet"]
+        isolation.loading("kept")
+        assert isolation.release("kept", kept) == ["unet session"]
+        # A thread that appeared while a backend was loaded and outlives its release.
+        isolation.loading("threaded")
+        stop, work, done = threading.Event(), threading.Event(), threading.Event()
+
+        def worker():  # idle until asked, then 50 ms of CPU, as a pool thread woken beside a measurement would
+            while not stop.is_set():
+                if work.wait(0.01):
+                    work.clear()
+                    begun = time.thread_time()
+                    while time.thread_time() - begun < 0.05:
+                        pass
+                    done.set()
+        threading.Thread(target=worker, daemon=True).start()
+        assert isolation.release("threaded", bench("threaded")) == []
+        server = subprocess.Popen(["sleep", "60"])
+        try:
+            with isolation.watch("next") as seen:
+                work.set()
+                assert done.wait(120)
+            with isolation.watch("triton", own_pids=(server.pid,)) as served:
+                pass
+        finally:
+            stop.set()
+            server.kill()
+            server.wait()
+        assert seen["backends"] == ["kept"] and seen["processes"] == [f"sleep (pid {server.pid})"]
+        assert seen["threads"] == 1 and seen["threads_cpu_s"] >= 0.04  # the kernel counts in 10 ms ticks
+        why = problems(seen)
+        assert "measured while kept was still loaded" in why and f"measured beside sleep (pid {server.pid})" in why
+        assert served["processes"] == []  # the measured server is the backend, not beside it
+        # Left-behind threads make a row unsound once they used more than 2 % of a core meanwhile.
+        assert problems({"threads": 1, "threads_cpu_s": 0.05, "wall_s": 1.0}) and \
+            not problems({"threads": 1, "threads_cpu_s": 0.01, "wall_s": 1.0})
+        del session
+        assert isolation.alive() == []
+    finally:
+        before_run.kill()
+        before_run.wait()
+
+
+def test_a_row_measured_beside_something_is_unsound():
+    row = stats_row("onnxruntime", 50.0)
+    row["stats"]["extra"] = {"alongside": {"backends": [], "processes": ["tritonserver (pid 7)"], "threads": 0,
+                                           "threads_cpu_s": 0.0, "wall_s": 1.0}}
+    report = bench_report([stats_row("torch", 100.0), row])
+    (found,) = comparisons(report)
+    assert not found["stable"]
+    assert "unet onnxruntime batch 1 conc 1: measured beside tritonserver (pid 7)" in found["problems"]
+    assert "measured beside tritonserver (pid 7)" in markdown(report)
+
+
+class RunState:
+    """What exists in the benchmark's process while each measurement runs, read from inside it (right after its
+    first call, when every session the call needs exists) with psutil and the garbage collector, independently of
+    benchmarks/isolation.py. It keeps counts and ids only: a reference kept here would itself keep a backend alive."""
+
+    def __init__(self):
+        import weakref
+
+        import onnxruntime as ort
+        import psutil
+
+        from vilex import ViLexPipeline
+
+        self.session_type, self.pipeline_type = ort.InferenceSession, ViLexPipeline
+        # Sessions, pipelines and processes of other tests (session fixtures: `vilex serve`) are not the run's.
+        self.before = weakref.WeakSet(self.objects())
+        self.processes_before = {c.pid for c in psutil.Process().children(recursive=True)}
+        self.backend = None  # the BenchBackend measured in process, as load_backend returned it
+        self.seen = []  # (backend name, snapshot) per measurement and client thread
+
+    def objects(self) -> list:
+        import gc
+        import warnings
+
+        with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated `reduce_op` warns
+            warnings.simplefilter("ignore", FutureWarning)
+            return [o for o in gc.get_objects() if isinstance(o, (self.session_type, self.pipeline_type))]
+
+    def snapshot(self, name: str) -> dict:
+        import gc
+
+        import psutil
+
+        gc.collect()
+        measured = self.backend.pipeline if name != "triton" else None
+        own = list(getattr(getattr(measured, "backend", None), "sessions", {}).values())
+        objects = [o for o in self.objects() if o not in self.before]
+        sessions = [o for o in objects if isinstance(o, self.session_type)]
+        pipelines = [o for o in objects if isinstance(o, self.pipeline_type)]
+        children = [c for c in psutil.Process().children(recursive=True) if c.pid not in self.processes_before]
+        return {"sessions": len(sessions), "other_sessions": sum(not any(s is o for o in own) for s in sessions),
+                "pipelines": len(pipelines), "measured_pipeline": any(p is measured for p in pipelines),
+                "children": [(c.pid, c.name()) for c in children],
+                "threads": {t.id for t in psutil.Process().threads()}}
+
+    def spy(self, real_measure, name_of):
+        def measure(make_call, *args, **kwargs):
+            def make_spied_call():
+                call, taken = make_call(), []
+
+                def spied():
+                    result = call()
+                    if not taken:
+                        taken.append(1)
+                        self.seen.append((name_of(), self.snapshot(name_of())))
+                    return result
+                return spied
+            return real_measure(make_spied_call, *args, **kwargs)
+        return measure
+
+
+@pytest.fixture(scope="module")
+def run_with_triton(tiny_ckpt, tiny_engines, tmp_path_factory):
+    """One `vilex bench` on tiny with two in-process backends and Triton (one placement: a server each), its
+    process state read inside every measurement; the tests below read it."""
+    import contextlib
+    import io
+
+    from vilex.benchmarks import runner, suite, triton
     from vilex.cli import main
 
-    steps = 2
-    code = main(["bench", str(tiny_ckpt), "--backends", "onnxruntime,triton", "--stages", "", "--steps", str(steps),
-                 "--concurrency", "1,2", "--unet", "local", "--compare", "--out", str(tmp_path / "b")])
-    assert code == 0
-    data = json.loads((tmp_path / "b" / "results.json").read_text())
+    out = tmp_path_factory.mktemp("bench-triton") / "b"
+    state = RunState()
+    real_load = suite.load_backend
+
+    def load_backend(name, ckpt, engines):
+        state.backend = real_load(name, ckpt, engines)
+        return state.backend
+
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setattr(suite, "load_backend", load_backend)
+        patch.setattr(runner, "measure", state.spy(runner.measure, lambda: state.backend.name))
+        patch.setattr(triton, "measure", state.spy(triton.measure, lambda: "triton"))
+        code = main(["bench", str(tiny_ckpt), "--engines", str(tiny_engines), "--backends", "torch,onnxruntime,triton",
+                     "--stages", "text_encoder", "--batch-sizes", "1", "--steps", str(TRITON_STEPS), "--window", "0.05",
+                     "--concurrency", "1,2", "--unet", "local", "--compare", "--out", str(out)])
+    assert code == 0, printed.getvalue()
+    return json.loads((out / "results.json").read_text()), state, printed.getvalue(), out
+
+
+TRITON_STEPS = 2
+
+
+@pytest.mark.triton
+def test_each_backend_is_measured_alone(run_with_triton):
+    """Issue 20 saw in-process figures 35 % slower in runs that also measured triton. Whatever else is in a run,
+    a backend is measured alone: while an in-process backend runs, no process of the run (no server, starting or
+    running) and no pipeline or session but its own; while Triton runs, its own server only, no in-process
+    backend's pipeline or sessions, and none of onnxruntime's intra-op threads."""
+    data, state, _, _ = run_with_triton
+    import psutil
+
+    # One snapshot per measurement: text_encoder and end to end in process, then per protocol concurrency 1 (one
+    # client thread) and 2 (two). Every in-process measurement comes before the server starts.
+    assert [name for name, _ in state.seen] == ["torch"] * 2 + ["onnxruntime"] * 2 + ["triton"] * 6
+    started = {name: set().union(*(s["threads"] for n, s in state.seen if n == name))
+               for name in ("torch", "onnxruntime")}
+    for name, seen in state.seen:
+        if name == "triton":
+            assert seen["sessions"] == 0 and seen["pipelines"] == 0  # every in-process backend is gone
+            # Only the bench's own server: one tritonserver and its Python-backend stubs.
+            assert sorted({n for _, n in seen["children"]}) == ["triton_python_backend_stub", "tritonserver"]
+            assert sum(n == "tritonserver" for _, n in seen["children"]) == 1
+            # onnxruntime's intra-op threads went with its sessions.
+            assert not (started["onnxruntime"] - started["torch"]) & seen["threads"]
+        else:
+            assert seen["children"] == [], (name, seen["children"])  # no server, starting or running
+            assert seen["pipelines"] == 1 and seen["measured_pipeline"], name  # its own pipeline only
+            assert seen["other_sessions"] == 0 and (seen["sessions"] > 0) == (name == "onnxruntime"), (name, seen)
+    # The run's own account (benchmarks/isolation.py) says the same of every row, so none is marked unsound for it.
+    for row in data["results"]:
+        alongside = row["stats"]["extra"]["alongside"]
+        assert alongside["backends"] == [] and alongside["processes"] == [], row
+    assert not any("measured beside" in why or "still loaded" in why
+                   for c in data["comparisons"] for why in c["problems"])
+    # Nothing of the run outlives it.
+    server_pids = {pid for name, s in state.seen if name == "triton" for pid, _ in s["children"]}
+    assert not [pid for pid in server_pids
+                if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.triton
+def test_bench_triton_sweep_on_tiny(run_with_triton):
+    data, _, printed, out = run_with_triton
+    steps = TRITON_STEPS
     served = {(r["backend"], r["stats"]["concurrency"]): r for r in data["results"] if r["backend"].startswith("triton")}
     # One placement here (a server each); tests/test_serving.py reads the same account from a bls server.
     assert set(served) == {(f"triton-local-{protocol}", c) for protocol in ("http", "grpc") for c in (1, 2)}
-    assert "triton-local-http/onnxruntime (in-process)" in capsys.readouterr().out
-    assert (tmp_path / "b" / "triton_throughput_vs_concurrency.png").is_file()
+    assert "triton-local-http/onnxruntime (in-process)" in printed
+    assert (out / "triton_throughput_vs_concurrency.png").is_file()
     # The server's own account of each measurement: every execution of the pipeline model (one request, or
     # several batched) ran `steps` UNet calls (the guidance branches and batched images go as one call), as
     # `unet` model requests with bls and as runs of the pipeline's local UNet with local; a request's time is at
