@@ -271,7 +271,8 @@ def cmd_demo(args) -> None:
 # which registers the subcommand and sets `func`.
 COMMAND_MODULES: tuple[str, ...] = ("vilex.export.cli", "vilex.benchmarks.cli", "vilex.serving.cli",
                                    "vilex.training.cli", "vilex.toyworld.cli",
-                                   "vilex.evaluation.cli")
+                                   "vilex.evaluation.cli",
+                                   "vilex.scale.cli")
 
 
 # ---- parser -------------------------------------------------------------------------------------------
