@@ -113,7 +113,9 @@ def cmd_bench(args) -> None:
     # it started is stopped on the way out. Python's default for them ends the process on the spot, and the
     # server, in a session of its own that the terminal's signals do not reach, kept running beside whatever was
     # measured next.
-    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    # A signal the caller ignores (SIGHUP under `nohup`) stays ignored.
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         run_bench(ckpt=args.ckpt, preset=args.preset, cache=Path(args.cache), backends=backends, settings=settings,
                   out=Path(args.out), engines=Path(args.engines) if args.engines else None, precision=args.precision,

@@ -104,12 +104,16 @@ def test_an_interrupted_concurrent_measurement_ends():
                     os.kill(os.getpid(), signal.SIGINT)
         return call
 
+    # A background job of a non-interactive shell (a CI step run with `&`, `nohup ... &`) starts with SIGINT
+    # ignored: Python's own handler is put in for the test, as an interactive terminal would have it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     faulthandler.dump_traceback_later(120, exit=True)  # a hang ends the test run instead of blocking CI
     try:
         with pytest.raises(KeyboardInterrupt):
             measure(make_call, items_per_call=1, concurrency=2, window_s=0.2, stability=1e-6, max_windows=1000)
     finally:
         faulthandler.cancel_dump_traceback_later()
+        signal.signal(signal.SIGINT, previous)
     assert sent.is_set() and threading.active_count() == before_threads
 
 
