@@ -335,6 +335,12 @@ class Trainer:
                 sum(str(record.path) not in unreadable for record in self.dataset.records)
             write_report(self.run_dir, result, trained, self.holdout_names)
             self.metrics.close()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every process past the report, then the process group destroyed before the interpreter exits: left to
+            # exit, gloo's threads were destroyed still joinable now and then ("terminate called without an active
+            # exception", exit -6 after a finished run: seen once in the 2-process torchrun test).
+            self.accelerator.wait_for_everyone()
+            torch.distributed.destroy_process_group()
         return result
 
 
