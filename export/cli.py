@@ -6,8 +6,10 @@ import argparse
 import sys
 
 from vilex.errors import ViLexUsageError
+from vilex.settings import DEFAULT_STEPS
 
 from vilex.engines.contract import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
+from vilex.engines.precision import DEFAULT_CALIBRATION_COUNT, MAX_CALIBRATION_COUNT, QUANT_POLICY
 
 
 def add_size_args(parser: argparse.ArgumentParser, exporting: bool) -> None:
@@ -27,10 +29,26 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("export", help="checkpoint -> ONNX graphs validated against PyTorch, in engines/NAME")
     p.add_argument("ckpt")
     p.add_argument("--out", required=True, help="the export folder, e.g. engines/NAME")
-    p.add_argument("--precision", default="fp32", help=f"{' or '.join(PRECISIONS)} (default fp32)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
+    p.add_argument("--precision", default="fp32",
+                   help=f"{', '.join(PRECISIONS)} (default fp32): fp16 converts the graphs that are safe in fp16; "
+                        f"int8 and fp8 also quantize the UNet, calibrated on its own denoising trajectories")
+    p.add_argument("--opset", type=int, default=None,
+                   help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET}; "
+                        f"{QUANT_POLICY['fp8'].min_opset} for fp8, whose QuantizeLinear came in that opset)")
+    p.add_argument("--calibration-images", default=None, metavar="DIR",
+                   help="int8/fp8: a folder of calibration images (recursive; default: toy-world scenes of the train "
+                        "split); two more than --calibration-count are needed, to validate on held-out images")
+    p.add_argument("--calibration-count", type=int, default=None, metavar="N",
+                   help=f"int8/fp8: images whose reconstructions calibrate the UNet, 1..{MAX_CALIBRATION_COUNT} "
+                        f"(default {DEFAULT_CALIBRATION_COUNT}: {DEFAULT_CALIBRATION_COUNT} x 25 steps x 2 guidance "
+                        f"branches = {DEFAULT_CALIBRATION_COUNT * 50} UNet samples)")
+    p.add_argument("--calibration-steps", type=int, default=None, metavar="N",
+                   help=f"int8/fp8: denoising steps of the calibration reconstructions (default {DEFAULT_STEPS}; "
+                        f"calibrate at the step count you deploy with)")
     add_size_args(p, exporting=True)
-    p.add_argument("--optimize", default=None, help="also write onnxruntime-optimized graphs fused for 'cpu' or 'gpu'")
+    p.add_argument("--optimize", default=None,
+                   help="also write onnxruntime-optimized graphs fused for 'cpu' or 'gpu' (int8: cpu by default, with "
+                        "the UNet in onnxruntime's CPU format)")
     p.add_argument("--replace", action="store_true",
                    help="replace an existing export in --out (atomically: the folder is swapped whole)")
     p.set_defaults(func=cmd_export)
@@ -55,9 +73,13 @@ def cmd_export(args) -> None:
     from .validate import ExportError
 
     options = ExportOptions(precision=args.precision, opset=args.opset, **size_overrides(args))
-    print(f"exporting {args.ckpt} -> {args.out} ({args.precision}, opset {args.opset})")
+    print(f"exporting {args.ckpt} -> {args.out} ({args.precision}"
+          + (f", opset {args.opset}" if args.opset is not None else "") + ")")
     try:
-        folder = export_checkpoint(args.ckpt, args.out, options, replace=args.replace, optimize=args.optimize)
+        folder = export_checkpoint(args.ckpt, args.out, options, replace=args.replace, optimize=args.optimize,
+                                   calibration_images=args.calibration_images,
+                                   calibration_count=args.calibration_count,
+                                   calibration_steps=args.calibration_steps)
     except ExportError as error:
         print(f"vilex export: failed: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -18,6 +18,13 @@ types exactly (weak typing is deprecated from TensorRT 10.12 and gone in 11). `-
 export instead sets the FP16 builder flag (weakly typed: TensorRT picks fp16 kernels where faster),
 except for the graphs the policy keeps fp32 (the VAE decoder); TensorRT 11 has no such flag, so there
 export with `--precision fp16`.
+
+8-bit. The UNet of an int8 or fp8 export is a QDQ graph (QuantizeLinear/DequantizeLinear around the
+quantized layers' inputs and weights, export/quantize.py): TensorRT builds it with explicit quantization,
+as a strongly typed network and without precision flags, as NVIDIA's guide says to ("Use explicit
+quantization with Strong Typing. Precision-control build flags are not required and should not be
+specified"); the other graphs of such an export are built as those of an fp16 export. FP8 kernels exist
+from compute capability 8.9 (Ada, Hopper) on; an fp8 export on an older GPU is refused before any build.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from vilex.errors import ViLexUsageError
 from vilex.backends.tensorrt import TensorRTUnavailableError, cuda_compute_capability, engine_file_name, import_tensorrt
 from vilex.engines.contract import GraphContract, build_contracts
 from vilex.engines.folder import EngineFolder, sha256_file
-from vilex.engines.precision import FP16_POLICY
+from vilex.engines.precision import FP16_POLICY, QUANT_POLICY
 
 ENGINE_DIR = "tensorrt"
 SCRIPT = "build_engines.sh"
@@ -67,7 +74,7 @@ class EngineBuild:
     graph: str
     onnx: str  # relative to the folder
     engine: str  # relative to the folder
-    precision: str  # of the engine: "fp16" or "fp32"
+    precision: str  # of the engine: "fp32", "fp16", or "int8" / "fp8" (a QDQ graph)
     strongly_typed: bool
     fp16_flag: bool
     profile: dict[str, dict[str, tuple[int, ...]]]
@@ -82,9 +89,9 @@ def plan_builds(folder: EngineFolder, fp16: bool, trt_version: str, compute_capa
     recorded = folder.manifest.get("tensorrt", {}).get("engines", {})
     builds = []
     for graph in folder.graph_names:
-        graph_is_fp16 = folder.graph_precision(graph) == "fp16"
-        fp16_flag = fp16 and not graph_is_fp16 and FP16_POLICY[graph].convert
-        precision = "fp16" if graph_is_fp16 or fp16_flag else "fp32"
+        exported = folder.graph_precision(graph)  # fp32, fp16, int8 or fp8: strongly typed but for fp32
+        fp16_flag = fp16 and exported == "fp32" and FP16_POLICY[graph].convert
+        precision = "fp16" if fp16_flag else exported
         onnx_path = folder.graph_path(graph, "onnx")
         build = EngineBuild(
             graph=graph, onnx=onnx_path.relative_to(folder.root).as_posix(),
@@ -104,6 +111,19 @@ def plan_builds(folder: EngineFolder, fp16: bool, trt_version: str, compute_capa
                                 and sha256_file(engine_path) == entry.get("sha256"))
         builds.append(build)
     return builds
+
+
+def check_compute_capability(folder: EngineFolder, compute_capability: str) -> None:
+    """Refuse a quantized graph this GPU has no kernels for (FP8 below sm89) before building anything."""
+    for graph in folder.graph_names:
+        policy = QUANT_POLICY.get(folder.graph_precision(graph))
+        if policy and policy.min_compute_capability and int(compute_capability) < policy.min_compute_capability:
+            minimum = f"{policy.min_compute_capability // 10}.{policy.min_compute_capability % 10}"
+            raise ViLexUsageError(
+                f"ENGINES '{folder.root}' is a {policy.precision} export: TensorRT builds {policy.precision} engines "
+                f"on GPUs of compute capability {minimum} or newer (Ada, Hopper and later), and this one is "
+                f"{compute_capability[:-1]}.{compute_capability[-1]} (sm{compute_capability}); export with "
+                f"--precision int8 or fp16 for it")
 
 
 # ---- trtexec ---------------------------------------------------------------------------------------------
@@ -246,6 +266,7 @@ def build_engines(folder: EngineFolder, fp16: bool = False, overrides: dict | No
     except TensorRTUnavailableError as error:
         raise TensorRTUnavailableError(f"{error}. The equivalent trtexec commands are in {folder.root / SCRIPT}") from None
     trt_version = trt.__version__
+    check_compute_capability(folder, compute_capability)
 
     # 4. Plans; the graphs must be what the manifest says, since the build keys trust its hashes
     problems = [p for p in folder.verify() if "onnx/" in p]

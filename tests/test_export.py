@@ -108,7 +108,7 @@ def test_contract_checks_inputs_by_name(tiny_dims):
 
 @pytest.mark.parametrize("options, message", [
     (ExportOptions(height=30), "--height must be a positive multiple of 4"),
-    (ExportOptions(precision="int8"), "--precision must be one of fp32, fp16"),
+    (ExportOptions(precision="int4"), "--precision must be one of fp32, fp16, int8, fp8, got 'int4'"),
     (ExportOptions(opset=13), "--opset must be in 17..20"),
     (ExportOptions(max_batch=0), "--max-batch must be in 1..256"),
     (ExportOptions(height=256, max_size=128), "must lie within --min-size..--max-size"),

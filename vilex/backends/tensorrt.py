@@ -177,6 +177,7 @@ class TensorRTBackend(StageBackend):
     name = "tensorrt"
 
     def __init__(self, engines, precision: str | None = None, cuda_graph: bool = False, device_id: int = 0):
+        from vilex.engines.contract import PRECISIONS
         from vilex.engines.folder import EngineFolder
 
         self.trt = trt = import_tensorrt("the tensorrt backend")
@@ -190,7 +191,7 @@ class TensorRTBackend(StageBackend):
         self.engines: dict[str, Engine] = {}
         for graph in self.folder.graph_names:
             candidates = []
-            for candidate_precision in ((precision,) if precision else ("fp16", "fp32")):
+            for candidate_precision in ((precision,) if precision else PRECISIONS):
                 name = engine_file_name(graph, candidate_precision, trt.__version__, compute_capability)
                 path = self.folder.root / "tensorrt" / name
                 if path.is_file():
