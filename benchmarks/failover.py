@@ -98,8 +98,22 @@ class Replica:
                 self.process.wait()
 
 
-def start_replica(repository: Path, folder: Path, name: str, admin_key: str, timeout_s: float = 600.0) -> Replica:
-    """`vilex serve REPOSITORY` on free ports (its log in FOLDER/NAME.log), returned once it says it is ready."""
+def start_replica(repository: Path, folder: Path, name: str, admin_key: str, timeout_s: float = 600.0,
+                  attempts: int = 3) -> Replica:
+    """`vilex serve REPOSITORY` on free ports (its log in FOLDER/NAME.log), returned once it says it is ready.
+
+    A port found free can be taken before tritonserver binds it (free ports come from the kernel's ephemeral
+    range, which every outgoing connection draws from too; seen once in the suite): `vilex serve` then refuses
+    with a usage error naming the port, and the replica is started again on other ports, `attempts` times."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_replica(repository, folder, name, admin_key, timeout_s)
+        except RuntimeError as error:
+            if "is in use" not in str(error) or attempt == attempts:
+                raise
+
+
+def _start_replica(repository: Path, folder: Path, name: str, admin_key: str, timeout_s: float) -> Replica:
     from vilex.serving.server import free_ports
 
     http, grpc, metrics = free_ports(3)
