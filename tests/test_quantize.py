@@ -450,11 +450,52 @@ def test_build_engines_fp8_strongly_typed_and_refused_below_sm89(fp8_export, tmp
 
 
 # ---- serving ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("platform", ["python-ort", "onnxruntime"])
-def test_triton_repository_serves_the_quantized_graph(int8_export, tmp_path, platform):
-    from vilex.serving.repository import build_repository
+@pytest.mark.parametrize("platform,variant", [("python-ort", "ort"), ("onnxruntime", "onnx")])
+def test_triton_repository_serves_the_variant_onnxruntime_runs_on_its_target(int8_export, tmp_path, platform, variant):
+    """The CPU server (python-ort) serves the CPU format (`ort/`, integer kernels), as in-process onnxruntime on
+    CPU runs it; the GPU platform the portable `onnx/`. The loop models' local UNet is the `unet` model's file."""
+    from vilex.serving.repository import build_repository, read_repository
 
     repository = build_repository(int8_export.root, tmp_path / "repo", platform=platform, max_batch=2)
     served = onnx.load(str(repository / "unet" / "1" / "model.onnx"))
     assert sum(n.op_type == "DequantizeLinear" for n in served.graph.node) > 0
-    assert (repository / "unet" / "1" / "model.onnx").read_bytes() == int8_export.graph_path("unet").read_bytes()
+    expected = int8_export.graph_path("unet", variant).read_bytes()
+    assert (repository / "unet" / "1" / "model.onnx").read_bytes() == expected
+    for graph in ("vilex_encoder", "text_encoder", "vae_decoder"):
+        assert ((repository / graph / "1" / "model.onnx").read_bytes()
+                == int8_export.graph_path(graph, variant).read_bytes()), graph
+    info = read_repository(repository)
+    assert info["graph_variant"] == variant and info["graph_files"]["unet"] == f"{variant}/unet.onnx"
+    if info["unet"] == "local":
+        local = repository / "vilex_generate" / "1" / "engine" / variant / "unet.onnx"
+        assert local.read_bytes() == expected
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_a_real_tritonserver_serves_the_int8_export_as_in_process_onnxruntime_runs_it(int8_export, tmp_path,
+                                                                                        sample_images):
+    """tritonserver on the python-ort repository of the int8 export (the loop models run the `ort/` UNet
+    locally): reconstructions equal in-process onnxruntime's on the same export."""
+    from vilex.backends.onnxruntime import OnnxRuntimeBackend
+    from vilex.engines.host import pipeline_from_engines
+    from vilex.serving.client import TritonClient
+    from vilex.serving.repository import build_repository
+    from vilex.serving.server import Ports, TritonServer
+
+    in_process = pipeline_from_engines(int8_export.root)
+    assert isinstance(in_process.backend, OnnxRuntimeBackend) and in_process.backend.variant == "ort"
+    in_process.set_progress_bar_config(disable=True)
+    repository = build_repository(int8_export.root, tmp_path / "repo", platform="python-ort", max_batch=2)
+    server = TritonServer(repository, ports=Ports.free(), log=tmp_path / "server.log", watchdog=False)
+    server.start(timeout_s=900)
+    try:
+        with TritonClient(server.url("http")) as client:
+            served = client.reconstruct(sample_images, num_tokens=8, steps=3, seed=5)
+    finally:
+        server.stop()
+    expected = [np.asarray(image) for image in in_process(sample_images, num_tokens=8, num_inference_steps=3,
+                                                         seed=5).images]
+    for got, want in zip(served, expected):
+        assert got.shape == want.shape
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1

@@ -77,11 +77,8 @@ class OnnxRuntimeBackend(StageBackend):
         self.on_gpu = wanted[0] in GPU_PROVIDERS
         self.device = torch.device("cuda", device_id) if self.on_gpu else torch.device("cpu")
         self.device_id = device_id
-        if variant is None:
-            # The optimized graphs are fused for one target; use them where the export's target matches.
-            target = self.engines.manifest.get("optimize")
-            matches = target == ("gpu" if self.on_gpu else "cpu")
-            variant = "ort" if matches and self.engines.has_variant("ort") else "onnx"
+        if variant is None:  # the optimized graphs are fused for one target: used where it matches
+            variant = self.engines.onnxruntime_variant("gpu" if self.on_gpu else "cpu")
         self.variant = variant
         for graph in self.engines.graph_names:
             self.engines.graph_path(graph, variant)  # raises if this variant is missing

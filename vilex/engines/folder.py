@@ -259,6 +259,12 @@ class EngineFolder:
     def has_variant(self, variant: str) -> bool:
         return all(variant in self.manifest["graphs"][g]["files"] for g in self.graph_names)
 
+    def onnxruntime_variant(self, target: str) -> str:
+        """The variant onnxruntime runs on `target` ("cpu" or "gpu"): "ort" where the export fused its graphs for
+        that target (`--optimize`; an int8 export's `ort/` UNet holds the CPU's integer kernels), else "onnx".
+        The one rule for onnxruntime in-process and for Triton's graph and pipeline models."""
+        return "ort" if self.manifest.get("optimize") == target and self.has_variant("ort") else "onnx"
+
     @property
     def host_dir(self) -> Path:
         return self.root / "host"

@@ -152,10 +152,11 @@ class LocalUNetBackend(StageBackend):
         return output
 
 
-def local_unet(folder, contract, device_id: int = 0) -> StageBackend:
+def local_unet(folder, contract, device_id: int = 0, variant: str = "onnx") -> StageBackend:
     """An onnxruntime backend for the export's UNet graph in `folder` (a pipeline model's engine/), warmed up
     once at the contract's opt shapes, as the graph models are by their config's model_warmup. device_id: the
-    instance's GPU, where onnxruntime has CUDA."""
+    instance's GPU, where onnxruntime has CUDA. variant: the one `vilex triton-repo` copied there (the `unet`
+    graph model's: an int8 export's integer-kernel `ort/` UNet on CPU)."""
     import onnxruntime as ort
 
     from vilex.backends.onnxruntime import OnnxRuntimeBackend
@@ -167,7 +168,7 @@ def local_unet(folder, contract, device_id: int = 0) -> StageBackend:
     # As in triton_repo/onnxruntime_model.py: other stages run in other processes, and threads spinning
     # idle in this one would take the cores they run on.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    backend = OnnxRuntimeBackend(EngineFolder(folder.root, manifest), variant="onnx", session_options=options,
+    backend = OnnxRuntimeBackend(EngineFolder(folder.root, manifest), variant=variant, session_options=options,
                                  device_id=device_id)
     opt = contract.input_shapes("opt")  # {input: shape}
     backend.run("unet", {spec.name: torch.zeros(opt[spec.name], dtype=getattr(torch, spec.dtype))
@@ -198,8 +199,9 @@ class PipelineModel:
                                f"build of torch, or write the repository with --platform python-ort for a CPU server")
         backend = TritonStageBackend(pb_utils, folder.contracts(), float(parameters["stage_timeout_seconds"]), device)
         if parameters.get("unet", "bls") == "local" and model in LOOP_MODELS:
-            backend = LocalUNetBackend(backend, local_unet(folder, folder.contract("unet"), device.index or 0),
-                                       pb_utils, model)
+            unet = local_unet(folder, folder.contract("unet"), device.index or 0,
+                              variant=parameters.get("unet_variant", "onnx"))
+            backend = LocalUNetBackend(backend, unet, pb_utils, model)
         self.pipeline = pipeline_from_engines(folder, backend=backend)
         self.pipeline.set_progress_bar_config(disable=True)
         dims = folder.dims

@@ -66,6 +66,11 @@ class Platform:
     unet_placements: tuple[str, ...] = UNET_PLACEMENTS  # the --unet values this platform takes
     default_unet: str = DEFAULT_UNET  # `vilex triton-repo` without --unet
 
+    @property
+    def target(self) -> str:
+        """Where its graphs run: "cpu" or "gpu" (which of an export's variants it serves)."""
+        return "gpu" if self.kind == "KIND_GPU" else "cpu"
+
 
 PLATFORMS = {
     # The CPU server (nvidia-pytriton's tritonserver has only the Python backend).
@@ -249,11 +254,13 @@ def graph_config(contract: GraphContract, platform: str, max_batch: int, instanc
 
 
 def pipeline_parameters(max_steps: int, default_steps: int, default_guidance: float,
-                        stage_timeout_s: float = STAGE_TIMEOUT_S, unet: str = DEFAULT_UNET) -> dict[str, str]:
-    """Parameters of the pipeline models; `PipelineModel` reads them in initialize()."""
+                        stage_timeout_s: float = STAGE_TIMEOUT_S, unet: str = DEFAULT_UNET,
+                        unet_variant: str = "onnx") -> dict[str, str]:
+    """Parameters of the pipeline models; `PipelineModel` reads them in initialize(). unet_variant: the export's
+    variant of the UNet graph a local UNet runs (the `unet` graph model's file)."""
     return {"engine_dir": "engine", "max_steps": str(max_steps), "default_steps": str(default_steps),
             "default_guidance": str(default_guidance), "stage_timeout_seconds": str(stage_timeout_s),
-            "unet": unet}
+            "unet": unet, "unet_variant": unet_variant}
 
 
 def pipeline_config(model: ServedModel, max_batch: int, parameters: dict[str, str], instances: int = 1,

@@ -81,10 +81,12 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
         raise ViLexUsageError(f"--unet {unet} cannot be used with --platform {platform}: it would run the UNet in an "
                               f"onnxruntime session on the ONNX graph, not the TensorRT engine; use --unet "
                               f"{' or '.join(spec.unet_placements)} (each denoising step a request to the `unet` engine)")
+    variant = "onnx"
     if platform == "tensorrt":
         graph_files = tensorrt_engines(folder, {name: graph_max_batch(c, max_batch) for name, c in contracts.items()})
-    else:
-        graph_files = {name: folder.graph_path(name, "onnx") for name in contracts}
+    else:  # the variant onnxruntime runs in-process on the same target: `ort/` where the export fused for it
+        variant = folder.onnxruntime_variant(spec.target)
+        graph_files = {name: folder.graph_path(name, variant) for name in contracts}
     source = source_dir()
     out = Path(out)
     if out.exists() and not replace:
@@ -111,7 +113,7 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
                 shutil.copyfile(source / GRAPH_MODEL_SOURCE, version / "model.py")
 
         # 3. Pipeline (BLS) models, each with the export's host files
-        parameters = pipeline_parameters(max_steps, DEFAULT_STEPS, DEFAULT_GUIDANCE, unet=unet)
+        parameters = pipeline_parameters(max_steps, DEFAULT_STEPS, DEFAULT_GUIDANCE, unet=unet, unet_variant=variant)
         dims = folder.dims
         served = {name: model for name, model in pipeline_models(dims.hidden_size, dims.num_queries).items()
                   if streaming or name not in STREAM_MODELS}
@@ -129,8 +131,8 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
                 target.parent.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(path, target)
             if unet == "local" and name in LOOP_MODELS:
-                # The UNet's ONNX graph (and its external weights), where the manifest names it.
-                graph = folder.graph_path("unet", "onnx")
+                # The UNet's graph model's file (and its external weights), where the manifest names it.
+                graph = folder.graph_path("unet", variant)
                 for path in (graph, graph.with_name(graph.name + ".data")):
                     if path.is_file():
                         target = engine / path.relative_to(folder.root)
@@ -141,7 +143,7 @@ def build_repository(engines: str | os.PathLike, out: str | os.PathLike, platfor
         (staging / REPOSITORY_FILE).write_text(json.dumps({
             "format": "vilex-triton-repository", "format_version": 1,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "platform": platform, "max_batch": max_batch, "instances": instances,
+            "platform": platform, "graph_variant": variant, "max_batch": max_batch, "instances": instances,
             "pipeline_instances": pipeline_instances, "graph_queue_delay_us": graph_queue_delay_us, "unet": unet,
             "max_queue": max_queue, "max_steps": max_steps,
             "models": {"graphs": list(contracts), "pipeline": list(served)},
