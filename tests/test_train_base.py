@@ -45,6 +45,31 @@ def test_train_base_runs_every_stage_logs_the_curve_and_resumes(tmp_path, capsys
     assert "holds a run with other options" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(600)
+def test_init_from_keeps_the_vae_and_starts_from_the_text_encoder_and_unet(tmp_path, capsys):
+    """`--init-from` a trained base (the shipped one): no VAE stage, its VAE encoder kept exactly; the text encoder
+    and UNet start from its weights (one AdamW step moves each weight by about the learning rate, 5e-4; a fresh
+    initialization differs by far more); a folder that is not a base is refused, naming the flag."""
+    from vilex.toyworld.shipped import checkpoint_path
+
+    source = ViLexPipeline.from_pretrained(checkpoint_path())
+    out = tmp_path / "warm"
+    run = ["--init-from", str(checkpoint_path()), *TINY_RUN[:4], "--unet-steps", "1", "--decoder-steps", "1",
+           *TINY_RUN[8:12], "--warmup-steps", "0", "--curve-every", "0"]
+    assert main(["toyworld", "train-base", str(out), *run]) == 0
+    assert '"stage": "vae", "from":' in capsys.readouterr().out and not (out / "vae").exists()
+    warm = ViLexPipeline.from_pretrained(out / "pipeline")
+    encoder = {k: v for k, v in source.vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    assert all(torch.equal(v, warm.vae.state_dict()[k]) for k, v in encoder.items())
+    for name in ("unet", "text_encoder"):
+        before, after = getattr(source, name).state_dict(), getattr(warm, name).state_dict()
+        moved = max(float((after[k] - v).abs().max()) for k, v in before.items())
+        assert moved < 2e-3, (name, moved)
+
+    assert main(["toyworld", "train-base", str(tmp_path / "other"), "--init-from", str(tmp_path)]) == 2
+    assert "--init-from must be a trained base's pipeline folder" in capsys.readouterr().err
+
+
 def test_atomic_folder_replaces_an_existing_folder_with_subfolders(tmp_path):
     """A rerun rewrites OUT/pipeline, whose components are folders: os.replace cannot put a folder over a
     non-empty one (the failure a resumed train-base hit), so each is swapped whole; files are replaced."""

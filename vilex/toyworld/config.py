@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import ViLexUsageError, check_range
 
@@ -14,6 +15,9 @@ from ..errors import ViLexUsageError, check_range
 class BaseConfig:
     out: str
     seed: int = 0
+    # A trained base's pipeline folder to start from: its VAE is kept (no VAE stage) and its text encoder and
+    # UNet are the starting weights of the text-to-image stage. "": from scratch.
+    init_from: str = ""
     num_scenes: int = 20_000
     vae_steps: int = 2000
     vae_batch_size: int = 16
@@ -31,6 +35,7 @@ class BaseConfig:
     log_every: int = 50
     curve_every: int = 1000  # learning curve: caption-only samples read by the probe every N UNet steps; 0: off
     curve_n: int = 64  # held-out captions per learning-curve point
+    curve_probe: str = ""  # the probe the learning curve reads samples with; "": the shipped probe
     zero_terminal_snr: bool = True
     device: str = "cpu"  # cpu | cuda | cuda:N; not part of a run's identity: a run may continue on another device
 
@@ -54,6 +59,12 @@ class BaseConfig:
         check_range("--min-snr-gamma", self.min_snr_gamma, 0.0)
         check_range("--curve-every", self.curve_every, 0)
         check_range("--curve-n", self.curve_n, 1, 1000)
+        for name in ("init_from", "curve_probe"):
+            folder = getattr(self, name)
+            if folder and not (Path(folder) / ("unet" if name == "init_from" else "config.json")).exists():
+                what = "a trained base's pipeline folder (with unet/, text_encoder/, vae/)" if name == "init_from" \
+                    else "a probe folder (vilex toyworld train-probe)"
+                raise ViLexUsageError(f"--{name.replace('_', '-')} must be {what}, got {folder!r}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ViLexUsageError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
         return self

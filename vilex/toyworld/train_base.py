@@ -1,6 +1,8 @@
 """Train the toy world's text-to-image base from scratch: the VAE, then the text encoder and UNet on captions.
 
-    vilex toyworld train-base OUT [--vae-steps 1500] [--unet-steps 5000] [--seed 0]
+    vilex toyworld train-base OUT [--vae-steps 2000] [--unet-steps 8000] [--seed 0]
+    vilex toyworld train-base OUT --init-from OLD/pipeline [--unet-steps 4000]   a warm start: the old base's VAE
+                                  kept (no stage 2), its text encoder and UNet the starting weights of stage 3
 
 1. scenes: `num_scenes` training scenes rendered once (split "train"), held in memory as uint8
 2. VAE stage: AutoencoderKL on whole scenes (`vae_crop` 64; smaller crops are cheaper but leave a frame
@@ -30,9 +32,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
+from transformers import CLIPTextModel
 
 from ..bridge import TextEncoderFromEmbeds
 from ..errors import ViLexUsageError
@@ -251,6 +254,9 @@ def train_text_to_image(config: BaseConfig, vae, captions: list[str], pixels: to
     device = torch.device(config.device)
     text_encoder = components.toy_text_encoder(tokenizer).to(device)
     unet = components.toy_unet().to(device)
+    if config.init_from:  # a warm start; a checkpoint of this stage, when there is one, still wins (below)
+        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(Path(config.init_from) / "text_encoder").state_dict())
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(Path(config.init_from) / "unet").state_dict())
     pipeline_scheduler = scheduler(config.zero_terminal_snr)
     noise_scheduler = training_noise_scheduler(pipeline_scheduler.config)
     stage = Stage(config, "text_to_image", {"text_encoder": text_encoder, "unet": unet}, config.unet_lr,
@@ -309,7 +315,8 @@ def learning_curve_point(config: BaseConfig, stage: Stage, pipeline: ViLexPipeli
     for module in modules:
         module.eval()
     try:
-        point = curve.measure(pipeline, load_probe(probe_path()), config.curve_n, seed=config.seed)
+        probe = load_probe(config.curve_probe or probe_path())
+        point = curve.measure(pipeline, probe, config.curve_n, seed=config.seed)
     finally:
         if stage.ema is not None:
             stage.ema.restore(stage.parameters)
@@ -363,7 +370,12 @@ def train_base(config: BaseConfig) -> Path:
     print(f"rendered {len(scenes)} scenes in {time.time() - started:.0f} s; data fingerprint {fingerprint(scenes)}",
           flush=True)
     torch.manual_seed(config.seed)
-    vae = train_vae(config, pixels)
+    if config.init_from:
+        vae = AutoencoderKL.from_pretrained(Path(config.init_from) / "vae").to(config.device).eval()
+        print(json.dumps({"stage": "vae", "from": config.init_from, "heldout_psnr_db": round(vae_psnr(vae), 2)}),
+              flush=True)
+    else:
+        vae = train_vae(config, pixels)
     tokenizer, text_encoder, unet, pipeline_scheduler = train_text_to_image(
         config, vae, [s.caption for s in scenes], pixels)
     if config.decoder_steps:
