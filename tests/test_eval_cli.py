@@ -68,3 +68,30 @@ def test_eval_on_a_folder_skips_unreadable_files_and_says_when_it_leaves_the_cap
     result = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert "caption" not in {row["condition"] for row in result["rows"]}
     assert result["config"]["sweep_n"] == 2  # min(32, the 2 readable images), not 32 against --n 8
+
+
+def test_eval_compares_each_later_backend_with_the_first(tiny_ckpt, tiny_engines, tmp_path):
+    """With several backends, each later backend's rows carry the PSNR between its reconstructions and the first
+    backend's, checked against `vilex reconstruct`'s PNGs of both backends, measured with numpy."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels = np.random.default_rng(1).integers(0, 255, (64, 64, 3)).astype(np.uint8)
+    Image.fromarray(pixels).save(folder / "a.png")
+    common = ["--tokens", "4", "--steps", "2", "--seed", "0"]
+    assert main(["reconstruct", str(tiny_ckpt), str(folder / "a.png"), "--out", str(tmp_path / "torch"), *common]) == 0
+    assert main(["reconstruct", str(tiny_ckpt), str(folder / "a.png"), "--out", str(tmp_path / "ort"), *common,
+                 "--backend", "onnxruntime", "--engines", str(tiny_engines)]) == 0
+    assert main(["eval", str(tiny_ckpt), "--images", str(folder), "--n", "1", "--tokens", "4", "--steps", "2",
+                 "--backend", f"torch,onnxruntime={tiny_engines}", "--no-baselines", "--sweep-n", "0",
+                 "--out", str(tmp_path / "eval")]) == 0
+
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+    assert [("psnr_vs_first_backend" in r) for r in rows] == [False, True]
+    paired = rows[1]["psnr_vs_first_backend"]
+    a, b = (np.asarray(Image.open(tmp_path / name / "a.png"), dtype=np.float64) / 255 for name in ("torch", "ort"))
+    mse = ((a - b) ** 2).mean()
+    if mse == 0:
+        assert paired == {"identical": 1, "of": 1, "psnr": None}
+    else:
+        assert paired["identical"] == 0 and abs(paired["psnr"]["mean"] - 10 * np.log10(1 / mse)) < 1e-3
+    assert "PSNR vs the first backend" in (tmp_path / "eval" / "results.md").read_text()

@@ -238,6 +238,20 @@ def edit_targets(scenes, seed: int) -> tuple[list[str], np.ndarray]:
     return words, np.array([COLOR_NAMES.index(w) for w in words])
 
 
+def paired_psnr(images: np.ndarray, others: np.ndarray) -> dict:
+    """PSNR between two backends' reconstructions of the same inputs: pixel-identical pairs (infinite PSNR)
+    are counted, the others summarized."""
+    values = metrics.psnr(images, others)
+    identical = ~np.isfinite(values)
+    return {"identical": int(identical.sum()), "of": len(values),
+            "psnr": metrics.summarize(values[~identical]) if (~identical).any() else None}
+
+
+def _paired_figure(value: dict) -> str:
+    figure = _figure(value["psnr"]) + " dB" if value["psnr"] else "all"
+    return f"{figure} ({value['identical']} of {value['of']} identical)" if value["identical"] else figure
+
+
 def _batched(function, count: int, batch_size: int) -> np.ndarray:
     return np.concatenate([function(np.arange(i, min(i + batch_size, count))) for i in range(0, count, batch_size)])
 
@@ -287,6 +301,10 @@ class Evaluation:
         self.measure = Measure(self.references, self.probe)
         self.rows: list[dict] = []
         self.grid_columns: dict[str, np.ndarray] = {}
+        # With several backends: the first one's images per condition, which every later backend's images of
+        # the same condition are compared with (PSNR between the two reconstructions: what a precision or a
+        # server changes, free of how far both are from the input).
+        self.first_backend: dict[str, np.ndarray] = {}
 
     def _load_probe(self):
         if self.references.scenes is None:
@@ -353,6 +371,10 @@ class Evaluation:
                    "steps": self.config.steps, "scheduler": "checkpoint", "guidance": self.config.guidance,
                    "seconds_per_image": seconds / count,
                    **self.measure(images, index, None if edit_colors is None else edit_colors[index])}
+            if len(self.specs) > 1 and first:
+                self.first_backend[condition] = images
+            elif condition in self.first_backend:
+                row["psnr_vs_first_backend"] = paired_psnr(images, self.first_backend[condition])
             self.rows.append(row)
             log(format_row(row))
             if first:
@@ -423,6 +445,8 @@ def format_row(row: dict) -> str:
         parts.append(f"pos err {_figure(row['position_error_px'], 1)} px")
     if "edit_color_hit" in row:
         parts.append(f"edit color hit {row['edit_color_hit']['mean']:.2f}")
+    if "psnr_vs_first_backend" in row:
+        parts.append(f"PSNR vs first backend {_paired_figure(row['psnr_vs_first_backend'])}")
     if "latency_ms_batch1" in row:
         parts.append(f"{row['latency_ms_batch1']:.0f} ms/image at batch 1")
     return "  ".join(parts)
@@ -436,6 +460,9 @@ def markdown(result: dict) -> str:
     header = ["backend", "condition", "PSNR dB", "SSIM"]
     if toy:
         header += [f"agree {a}" for a in ATTRIBUTES] + ["position error px", "color error", "edit color hit"]
+    versus = any("psnr_vs_first_backend" in r for r in rows)
+    if versus:
+        header.append("PSNR vs the first backend")
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
         cells = [r["backend"], r["condition"], _figure(r["psnr"]), _figure(r["ssim"], 3)]
@@ -444,6 +471,8 @@ def markdown(result: dict) -> str:
             cells += [f"{agreement[a]['mean']:.2f}" if a in agreement else "-" for a in ATTRIBUTES]
             cells += [_figure(r.get("position_error_px"), 1), _figure(r.get("color_error"), 1),
                       f"{r['edit_color_hit']['mean']:.2f}" if "edit_color_hit" in r else "-"]
+        if versus:
+            cells.append(_paired_figure(r["psnr_vs_first_backend"]) if "psnr_vs_first_backend" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")
     c = result["config"]
     text = [f"# vilex eval {result['checkpoint']}", "",
