@@ -8,10 +8,13 @@
 # `--no-deps --no-index --target OUT_DIR/site`, first on PYTHONPATH and PATH; benchmarks/gpu_env.sh): diffusers
 # (`pip download --no-deps diffusers -d wheels`) and vilex (`pip wheel --no-deps . -w wheels`; without one, vilex is
 # built there from this checkout). `vilex train` also needs accelerate and psutil (the GPU host has both); matplotlib
-# is optional (without it the learning curve is logged but not plotted). The run is the CPU recipe of
-# vilex/toyworld/weights/MODEL_CARD.md with `--device cuda`: the same options and seeds, every random draw from the
-# same CPU generators, so it trains the same model up to floating-point differences. Rerun the same command to
-# continue a run that was cut off. PYTHON (default python3, else python) is the interpreter to use.
+# is optional (without it the learning curve is logged but not plotted). The run is the recipe of
+# vilex/toyworld/weights/MODEL_CARD.md with `--device cuda`, from scratch on the current world: the same options and
+# seeds, every random draw from the same CPU generators. The shipped base was trained on CPU in stages instead (the
+# previous world's base, then `--init-from` it on this world, 4,000 + 3,000 UNet steps; the model card), so this run
+# trains the same design, not the same weights; its learning curve says how far the default 8,000 UNet steps take
+# shape. Rerun the same command to continue a run that was cut off. PYTHON (default python3, else python) is the
+# interpreter to use.
 #
 # --dry-run runs every step on CPU with a few steps of each stage (the options below, then overrides appended:
 # the last value of an option wins), to try the set-up on a machine without a GPU; every time limit is then
@@ -47,7 +50,7 @@ echo "== base done in $(( $(date +%s) - start )) s"
 test -d "$OUT/toy-data" || vilex toyworld make-data "$OUT/toy-data" --n "$DATA_N" || { echo "!! make-data failed"; exit 1; }
 test -d "$OUT/toy-vilex0" || vilex toyworld new-vilex "${PRETRAIN[@]}" "$OUT/toy-base/pipeline" "$OUT/toy-vilex0" \
   || { echo "!! new-vilex failed"; exit 1; }
-VILEX_TRAIN=(--data "$OUT/toy-data" --train-vision --vision-lr 1e-4 --pooler-lr 3e-4 --max-steps 3000 --warmup-steps 60
+VILEX_TRAIN=(--data "$OUT/toy-data" --train-vision --vision-lr 1e-4 --pooler-lr 3e-4 --max-steps 2000 --warmup-steps 60
              --batch-size 32 --caption-prob 0.25 --snr-gamma 5 --num-workers 4 --holdout 0 --checkpoint-every 200 --no-progress
              ${VILEX_DRY[@]+"${VILEX_DRY[@]}"})
 status=0

@@ -81,7 +81,7 @@ def test_main_object_is_largest_and_drawn_on_top(scenes):
     for scene in scenes:
         main, others = scene.objects[0], scene.objects[1:]
         assert all(main.radius > other.radius for other in others), scene.seed
-        # Every shape covers its centre pixel fully at the main object's size (radius >= 7), so the rendered
+        # Every shape covers its centre pixel fully at the main object's size (radius >= 11), so the rendered
         # pixel there is the main object's shade, whatever lies below it (1 level: rounding to uint8).
         pixel = np.asarray(scene.render(), dtype=np.int16)[int(main.y), int(main.x)]
         assert np.abs(pixel - np.array(main.rgb)).max() <= 1, scene.seed
@@ -115,7 +115,7 @@ def test_caption_names_each_object_and_the_background(scenes):
         assert len(objects) == len(scene.objects), caption
         for said, obj in zip(objects, scene.objects):  # the main object is named first
             assert said["shape"] == obj.shape and said["color"] == obj.color, caption
-            assert said["size"] == ("large" if obj.radius >= 11.0 else "small"), caption
+            assert said["size"] == ("large" if obj.radius >= 14.0 else "small"), caption
             assert said["cell"] == cell_from_geometry(obj.x, obj.y), caption
 
 
@@ -226,7 +226,7 @@ def test_targets_are_the_main_objects_attributes(scenes):
         main = scene.objects[0]
         assert SHAPES[targets["shape"][i]] == main.shape and COLOR_NAMES[targets["color"][i]] == main.color
         assert CELLS[targets["cell"][i]] == cell_from_geometry(main.x, main.y)
-        assert SIZES[targets["size"][i]] == ("large" if main.radius >= 11.0 else "small")
+        assert SIZES[targets["size"][i]] == ("large" if main.radius >= 14.0 else "small")
         assert BACKGROUNDS[targets["background"][i]] == scene.background
         assert COLOR_NAMES[targets["background_color"][i]] == scene.background_color
         assert targets["center"][i].tolist() == pytest.approx([main.x, main.y])

@@ -8,10 +8,18 @@ position was not even linearly decodable from them (ridge regression on 32 token
 the same as predicting the mean; measured 2026-12-05). This stage gives it SigLIP's kind of start.
 
     the text tower: the base's own CLIP text encoder, frozen (LiT: "locked-image text tuning" with the
-        roles swapped, as SigLIP's LiT variant does), its pooled output for each training caption
+        roles swapped, as SigLIP's LiT variant does), and on its hidden states of each caption's tokens a
+        trainable linear head (discarded afterwards)
     the image tower: the vision model, mean-pooled, then a linear head (discarded afterwards)
     loss: -mean log sigmoid(z_ij (t <x_i, y_j> + b)), z = +1 for an image with its own caption, -1 else,
         with SigLIP's learnable temperature t (init log 10) and bias b (init -10)
+
+Why the caption's whole hidden-state sequence and a head, not the text encoder's pooled output (the first
+version): the toy base's pooled output barely tells apart the words that matter here (cosine similarity of
+two captions that differ in one word, 2026-12-05: left/right 0.998, circle/square 0.999), so features trained
+against it learned the vertical position but not the horizontal one (ridge-regression centre error from 32
+tokens: x 10.1 px, the mean's 10.2; y 3.6 px). Each word's own hidden state still differs, and a head trained
+with the in-batch negatives (captions that differ in any word) learns to weigh every word that tells them apart.
 
 Captions are coarse (shape, color word, size word, 3x3 cell, background), so the features learn those;
 what captions leave out (exact place, size and shade) is left to the diffusion loss of `vilex train`.
@@ -41,16 +49,22 @@ def _pixels(processor, scenes) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _caption_features(tokenizer, text_encoder, captions: list[str], batch_size: int = 512) -> torch.Tensor:
+def _caption_states(tokenizer, text_encoder, captions: list[str], batch_size: int = 512
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen text encoder's last hidden states of each distinct caption over the longest caption's tokens
+    (BOS, words, EOS): (U, L, D), and each caption's row in them: (N,)."""
     unique = sorted(set(captions))
-    pooled = []
-    for start in range(0, len(unique), batch_size):
-        ids = tokenizer(unique[start:start + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        pooled.append(text_encoder(input_ids=ids).pooler_output)
-    table = F.normalize(torch.cat(pooled), dim=-1)
+    encoded = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt")
+    length = int(encoded.attention_mask.sum(dim=1).max())
+    states = torch.cat([text_encoder(input_ids=encoded.input_ids[start:start + batch_size]).last_hidden_state[:, :length]
+                        for start in range(0, len(unique), batch_size)])
     index = {caption: i for i, caption in enumerate(unique)}
-    return table[torch.tensor([index[c] for c in captions])]
+    return states, torch.tensor([index[c] for c in captions])
+
+
+def _text_features(head, states: torch.Tensor) -> torch.Tensor:
+    return F.normalize(head(states.flatten(1)), dim=-1)
 
 
 def _image_features(vision_model, head, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -58,20 +72,22 @@ def _image_features(vision_model, head, pixel_values: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def retrieval_accuracy(vision_model, head, pixels: torch.Tensor, captions: list[str], text: torch.Tensor) -> float:
-    """Image -> caption top-1 among the held-out captions (a tie with an identical caption counts)."""
+def retrieval_accuracy(vision_model, head, text_head, pixels: torch.Tensor, captions: list[str],
+                       states: torch.Tensor) -> float:
+    """Image -> caption top-1 among the held-out captions (a tie with an identical caption counts); states:
+    each caption's hidden states (N, L, D)."""
     vision_model.eval()
     image = torch.cat([_image_features(vision_model, head, pixels[i:i + 256]) for i in range(0, len(pixels), 256)])
     vision_model.train()
-    best = (image @ text.T).argmax(dim=1)
+    best = (image @ _text_features(text_head, states).T).argmax(dim=1)
     return sum(captions[j] == captions[i] for i, j in enumerate(best.tolist())) / len(captions)
 
 
 def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int, num_scenes: int = 20_000,
                     batch_size: int = 256, lr: float = 1e-3, seed: int = 0, log_every: int = 100,
                     heldout_scenes: int = HELDOUT_SCENES, device: str = "cpu") -> dict:
-    """Train `vilex.vision_model` in place with the sigmoid loss against the frozen text encoder's pooled
-    caption features, on `device` (every random draw from a CPU generator; the model is back on the CPU after);
+    """Train `vilex.vision_model` in place with the sigmoid loss against features of the frozen text encoder's
+    hidden states of each caption (through a trainable head), on `device` (every random draw from a CPU generator; the model is back on the CPU after);
     returns a report (loss, held-out retrieval accuracy before and after, wall time)."""
     started = time.time()
     generator = torch.Generator().manual_seed(seed)
@@ -80,29 +96,35 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
     heldout = make_scenes(heldout_scenes, SPLITS["heldout"])
     pixels, heldout_pixels = _pixels(image_processor, scenes), _pixels(image_processor, heldout)
     text_encoder.eval()
-    text = _caption_features(tokenizer, text_encoder, [s.caption for s in scenes]).to(device)
+    states, caption_row = _caption_states(tokenizer, text_encoder, [s.caption for s in scenes] +
+                                          [s.caption for s in heldout])
+    states = states.to(device)
+    caption_row, heldout_row = caption_row[:len(scenes)], caption_row[len(scenes):]
     heldout_captions = [s.caption for s in heldout]
-    heldout_text = _caption_features(tokenizer, text_encoder, heldout_captions).to(device)
     heldout_pixels = heldout_pixels.to(device)
 
     vision_model = vilex.vision_model.to(device)
     vision_model.train()
-    width = vision_model.config.hidden_size
-    head = torch.nn.Linear(width, text.shape[1]).to(device)
+    width, text_width = vision_model.config.hidden_size, states.shape[-1]
+    head = torch.nn.Linear(width, text_width).to(device)
+    text_head = torch.nn.Linear(states.shape[1] * text_width, text_width).to(device)
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0), device=device))
     logit_bias = torch.nn.Parameter(torch.tensor(-10.0, device=device))
-    parameters = list(vision_model.parameters()) + list(head.parameters()) + [logit_scale, logit_bias]
+    parameters = (list(vision_model.parameters()) + list(head.parameters()) + list(text_head.parameters())
+                  + [logit_scale, logit_bias])
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    before = retrieval_accuracy(vision_model, head, heldout_pixels, heldout_captions, heldout_text)
+    heldout_states = states[heldout_row]
+    before = retrieval_accuracy(vision_model, head, text_head, heldout_pixels, heldout_captions, heldout_states)
     labels = 2 * torch.eye(batch_size, device=device) - 1
     losses = []
     for step in range(1, steps + 1):
         batch = torch.randint(len(scenes), (batch_size,), generator=generator)
         image = _image_features(vision_model, head, pixels[batch].to(device))
-        logits = image @ text[batch].T * logit_scale.exp() + logit_bias
+        text = _text_features(text_head, states[caption_row[batch].to(device)])
+        logits = image @ text.T * logit_scale.exp() + logit_bias
         loss = -F.logsigmoid(labels * logits).sum() / batch_size
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,7 +136,7 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
             print(json.dumps({"stage": "vision-pretrain", "step": step, "of": steps,
                               "loss": round(sum(losses[-log_every:]) / len(losses[-log_every:]), 4),
                               "elapsed_s": round(time.time() - started, 1)}), flush=True)
-    after = retrieval_accuracy(vision_model, head, heldout_pixels, heldout_captions, heldout_text)
+    after = retrieval_accuracy(vision_model, head, text_head, heldout_pixels, heldout_captions, heldout_states)
     vision_model.cpu()
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "num_scenes": num_scenes, "seed": seed,
             "final_loss": round(sum(losses[-log_every:]) / len(losses[-log_every:]), 4),
