@@ -11,6 +11,13 @@ from pathlib import Path
 from ..errors import ViLexUsageError, check_range
 
 
+# The folder options, what each must hold and how the error names it.
+FOLDER_OPTIONS = {
+    "init_from": (("unet", "text_encoder", "vae"), "a trained base's pipeline folder (with unet/, text_encoder/, vae/)"),
+    "curve_probe": (("config.json",), "a probe folder (vilex toyworld train-probe)"),
+}
+
+
 @dataclass
 class BaseConfig:
     out: str
@@ -59,11 +66,9 @@ class BaseConfig:
         check_range("--min-snr-gamma", self.min_snr_gamma, 0.0)
         check_range("--curve-every", self.curve_every, 0)
         check_range("--curve-n", self.curve_n, 1, 1000)
-        for name in ("init_from", "curve_probe"):
+        for name, (entries, what) in FOLDER_OPTIONS.items():
             folder = getattr(self, name)
-            if folder and not (Path(folder) / ("unet" if name == "init_from" else "config.json")).exists():
-                what = "a trained base's pipeline folder (with unet/, text_encoder/, vae/)" if name == "init_from" \
-                    else "a probe folder (vilex toyworld train-probe)"
+            if folder and not all((Path(folder) / entry).exists() for entry in entries):
                 raise ViLexUsageError(f"--{name.replace('_', '-')} must be {what}, got {folder!r}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ViLexUsageError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
