@@ -122,8 +122,9 @@ def test_vision_pretraining_learns_captions_with_the_text_encoder_frozen():
     vision_before = {k: v.clone() for k, v in pipeline.vilex.vision_model.state_dict().items()}
     report = pretrain_vision(pipeline.vilex, pipeline.image_processor, pipeline.tokenizer, pipeline.text_encoder,
                              steps=60, num_scenes=512, batch_size=32, lr=2e-3, heldout_scenes=64, log_every=20)
-    retrieval = report["heldout_caption_retrieval_top1"]
     print(report)
-    assert retrieval["after"] > max(retrieval["before"], 1 / 64), retrieval
+    before, after = report["heldout"]["before"], report["heldout"]["after"]
+    assert after["caption_retrieval_top1"] > max(before["caption_retrieval_top1"], 1 / 64), report["heldout"]
+    assert set(after["beats_swapped_word"]) == {"shape", "color", "size", "cell", "background_color"}
     assert all(torch.equal(v, pipeline.text_encoder.state_dict()[k]) for k, v in text_before.items())
     assert any(not torch.equal(v, pipeline.vilex.vision_model.state_dict()[k]) for k, v in vision_before.items())

@@ -119,6 +119,35 @@ def test_caption_names_each_object_and_the_background(scenes):
             assert said["cell"] == cell_from_geometry(obj.x, obj.y), caption
 
 
+def test_swapped_captions_change_exactly_one_word_to_every_other_value(scenes):
+    """The vision pretraining's hard negatives, read back with this file's own caption parser."""
+    from vilex.toyworld.vision_pretrain import swapped_captions
+
+    allowed = {"shape": SHAPES, "color": COLOR_NAMES, "size": SIZES, "cell": sum(GRID, ()),
+               "background_color": COLOR_NAMES}
+    swapped, slices = swapped_captions(scenes[:20])
+    for scene, captions in zip(scenes, swapped):
+        (own,), background_color, _ = parse_caption(scene.caption)
+        own = own | {"background_color": background_color}
+        for word, part in slices.items():
+            seen = []
+            for caption in captions[part]:
+                (said,), background_color, _ = parse_caption(caption)
+                said = said | {"background_color": background_color}
+                assert {k for k in own if said[k] != own[k]} == {word}, (scene.caption, caption)
+                seen.append(said[word])
+            assert sorted(seen) == sorted(set(allowed[word]) - {own[word]}), (word, seen)
+
+
+def test_caption_of_refuses_a_word_it_cannot_swap(scenes):
+    from vilex.toyworld.scenes import caption_of
+
+    with pytest.raises(ValueError, match="shape=.hexagon.*swappable: shape in circle"):
+        caption_of(scenes[0], shape="hexagon")
+    with pytest.raises(ValueError, match="texture"):
+        caption_of(scenes[0], texture="flat")
+
+
 @pytest.mark.parametrize("shape, area_over_r2", [
     ("circle", math.pi),
     ("square", 1.7**2),  # half-side 0.85 r

@@ -166,14 +166,27 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def describe_object(obj: SceneObject) -> str:
-    return f"a {obj.size} {obj.color} {obj.shape} {_position_phrase(obj.cell)}"
+def describe_object(obj: SceneObject, **words: str) -> str:
+    words = {"size": obj.size, "color": obj.color, "shape": obj.shape, "cell": obj.cell} | words
+    return f"a {words['size']} {words['color']} {words['shape']} {_position_phrase(words['cell'])}"
 
 
-def caption_of(scene: Scene) -> str:
-    objects = " and ".join(describe_object(o) for o in scene.objects)
+# A caption's words that `caption_of` can swap, and the values each can take.
+SWAPPABLE = {"shape": SHAPES, "color": COLOR_NAMES, "size": SIZES, "cell": CELLS, "background_color": COLOR_NAMES}
+
+
+def caption_of(scene: Scene, **swap: str) -> str:
+    """The scene's caption; `swap` replaces words of the main object ("shape", "color", "size", "cell") or the
+    background's color ("background_color"), e.g. caption_of(scene, shape="cross"): the hard negatives of
+    the vision pretraining."""
+    for key, value in swap.items():
+        if key not in SWAPPABLE or value not in SWAPPABLE[key]:
+            raise ValueError(f"caption_of: cannot swap {key}={value!r}; swappable: "
+                             + "; ".join(f"{k} in {', '.join(v)}" for k, v in SWAPPABLE.items()))
+    background_color = swap.pop("background_color", scene.background_color)
+    objects = " and ".join(describe_object(o, **(swap if i == 0 else {})) for i, o in enumerate(scene.objects))
     background = {"flat": "plain", "gradient": "gradient", "striped": "striped"}[scene.background]
-    return f"{objects} on {_article(scene.background_color)} {scene.background_color} {background} background"
+    return f"{objects} on {_article(background_color)} {background_color} {background} background"
 
 
 def caption_vocabulary() -> list[str]:
