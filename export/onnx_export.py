@@ -33,7 +33,7 @@ import torch
 
 from vilex import settings
 from vilex.errors import ViLexUsageError
-from vilex.outputs import swap_folder_into_place
+from vilex.outputs import open_to_all_readers, swap_folder_into_place
 
 from vilex.engines.contract import GRAPH_NAMES, ExportOptions, GraphContract, ModelDims, build_contracts
 from vilex.engines.folder import (CHECKPOINT_HASH, FORMAT, FORMAT_VERSION, MANIFEST, EngineFolder, checkpoint_paths,
@@ -288,6 +288,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: 
 
         # 6. Into place
         check_out(out, replace)  # again: another process may have written there meanwhile
+        open_to_all_readers(staging)
         swap_folder_into_place(staging, out)  # an existing export is swapped out whole
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,5 +1,6 @@
 """The `vilex` command line on the tiny preset: outputs, sizes, and every bad input's error."""
 
+import stat
 import subprocess
 import sys
 
@@ -55,6 +56,13 @@ def test_init_preset_and_existing_out(tmp_path, capsys):
     assert (tmp_path / "ck" / "model_index.json").is_file()
     code, _, err = run_cli(capsys, "init", tmp_path / "ck", "--preset", "tiny")
     assert code == 2 and "already exists" in err
+    # every file reads as open() would make it here: safetensors' own 0600 would hide the weights from a server's user
+    reference = tmp_path / "reference.txt"
+    reference.write_text("")
+    modes = {path.relative_to(tmp_path): stat.S_IMODE(path.stat().st_mode)
+             for path in (tmp_path / "ck").rglob("*") if path.is_file()}
+    assert any(str(path).endswith(".safetensors") for path in modes)
+    assert set(modes.values()) == {stat.S_IMODE(reference.stat().st_mode)}, modes
 
 
 def local_folders(tmp_path):

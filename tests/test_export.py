@@ -263,6 +263,8 @@ def test_manifest_describes_the_files_truly(fp32_export, export_ckpt, tiny_dims)
     umask = os.umask(0)
     os.umask(umask)
     assert fp32_export.root.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700: servers can read it
+    # nor safetensors' 0600 for the host's embedding table: every file as open() makes one
+    assert {path.stat().st_mode & 0o777 for path in fp32_export.root.rglob("*") if path.is_file()} == {0o666 & ~umask}
 
 
 def onnx_signature(values) -> list[tuple[str, str, list]]:

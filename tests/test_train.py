@@ -332,7 +332,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_ckpt, image_folder, tmp_pa
     (image_folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     options = dict(max_steps=4, checkpoint_every=2, keep_checkpoints=0, ema=True, ema_decay=0.9, caption_prob=0.5,
                    random_crop=True, warmup_steps=1)
-    train(config(tiny_ckpt, image_folder, tmp_path / "a", **options))
+    result_a = train(config(tiny_ckpt, image_folder, tmp_path / "a", **options))
 
     crashing = config(tiny_ckpt, image_folder, tmp_path / "b", **options)
     original_step, calls = Trainer._optimizer_step, []
@@ -367,8 +367,18 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_ckpt, image_folder, tmp_pa
     ema_4 = load_file(tmp_path / "a" / ckpt.CHECKPOINTS / ckpt.checkpoint_name(4) / "ema.safetensors")
     assert all(torch.equal(final_a[k], v) for k, v in ema_4.items())  # with --ema the pipeline gets the EMA weights
 
+    assert result.final_loss == result_a.final_loss == losses["a"][-1]
+
     with pytest.raises(ViLexUsageError, match="already finished at step 4"):
         resume(tmp_path / "b")
+    # killed after its last checkpoint, before the pipeline and report: the resume runs no step and still
+    # reports the run's last logged loss
+    shutil.rmtree(tmp_path / "b" / "pipeline")
+    (tmp_path / "b" / "report.json").unlink()
+    result = resume(tmp_path / "b")
+    assert result.steps == 4 and result.final_loss == result_a.final_loss
+    assert torch.equal(load_file(tmp_path / "b" / "pipeline" / "vilex" / "diffusion_pytorch_model.safetensors")
+                       [next(iter(final_a))], final_a[next(iter(final_a))])
     with pytest.raises(ViLexUsageError, match="--pooler-lr cannot change when resuming"):
         resume(tmp_path / "b", pooler_lr=1.0)
 

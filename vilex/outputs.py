@@ -39,6 +39,7 @@ def atomic_folder(out: str | os.PathLike, must_be_new: bool = False):
     staging.chmod(0o777 & ~umask)
     try:
         yield staging
+        open_to_all_readers(staging)
         if must_be_new:
             os.rename(staging, out)
         else:
@@ -53,6 +54,18 @@ def atomic_folder(out: str | os.PathLike, must_be_new: bool = False):
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def open_to_all_readers(folder: Path) -> None:
+    """Give every file under `folder` the mode open() would (0666, or 0777 for an executable, less the umask):
+    safetensors (0.8) creates its files 0600, which would hide a checkpoint's weights from a Triton server or a
+    colleague running as another user while its config files stay readable."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            executable = path.stat().st_mode & 0o111
+            path.chmod((0o777 if executable else 0o666) & ~umask)
 
 
 def swap_folder_into_place(staging: Path, out: Path) -> None:

@@ -52,7 +52,7 @@ def save_run_checkpoint(trainer) -> Path:
             ckpt.save_tensors(staging / "ema.safetensors", ema_tensors)
         scaler = accelerator.scaler
         ckpt.save_json(staging / ckpt.STATE_FILE, {  # last: a folder with state.json is complete
-            "step": trainer.step, "num_processes": trainer.world_size, "optimizer": optimizer_meta,
+            "step": trainer.step, "logged_loss": trainer.logged_loss, "num_processes": trainer.world_size, "optimizer": optimizer_meta,
             "lr_scheduler": trainer.lr_scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "ema": ema_meta, "trainable_names": trainer.trainable_names, "config": trainer.config.to_json(),
             "training_images": None if trainer.shards is not None else len(trainer.dataset),
@@ -111,6 +111,7 @@ def restore_run_checkpoint(trainer, folder: Path) -> None:
     ckpt.restore_rng(files["rng"], trainer.generator)
     rank_state = files["rank"]
     trainer.step = state["step"]
+    trainer.logged_loss = state.get("logged_loss", float("nan"))  # absent from checkpoints before 2026-12-05
     trainer.batches_consumed = rank_state["batches_consumed"]
     trainer.samples_seen = rank_state["samples_seen"]
     trainer.stream_positions = {int(reader): (epoch, count)

@@ -65,6 +65,7 @@ class Trainer:
         self.images_trained = 0  # readable samples of this process since setup (for images/s)
         self.unreadable: dict[str, str] = {}
         self.last_loss = float("nan")
+        self.logged_loss = float("nan")  # the last logged loss, averaged over processes; kept in checkpoints
 
     # ---- 1. set up ---------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
@@ -291,7 +292,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not (self.is_main and cfg.progress), dynamic_ncols=True)
         interval = {"loss": 0.0, "images": 0, "seconds": 0.0, "steps": 0}
-        started, images_at_start, final_loss = time.perf_counter(), self.images_trained, self.last_loss
+        started, images_at_start = time.perf_counter(), self.images_trained
         while self.step < cfg.max_steps:
             figures = self.train_step()
             for key in ("loss", "images", "seconds"):
@@ -302,7 +303,7 @@ class Trainer:
                 loss = self.accelerator.reduce(torch.tensor(interval["loss"] / interval["steps"],
                                                             device=self.accelerator.device), "mean")
                 figures.update(loss=float(loss), images_per_s=interval["images"] / interval["seconds"])
-                final_loss = figures["loss"]  # averaged over processes (last_loss is this process's)
+                self.logged_loss = figures["loss"]  # averaged over processes (last_loss is this process's)
                 figures.pop("images"), figures.pop("seconds")
                 if self.is_main:
                     self.metrics.write(figures)
@@ -325,7 +326,7 @@ class Trainer:
             unreadable.update(part)
         too_long = sum(gather_object([self.objective_module.captions_too_long])) if self.world_size > 1 \
             else self.objective_module.captions_too_long
-        result = TrainResult(run_dir=self.run_dir, pipeline=pipeline_dir, steps=self.step, final_loss=final_loss,
+        result = TrainResult(run_dir=self.run_dir, pipeline=pipeline_dir, steps=self.step, final_loss=self.logged_loss,
                              images_per_s=(self.images_trained - images_at_start) * self.world_size / max(seconds, 1e-9),
                              unreadable=dict(sorted(unreadable.items())), captions_too_long=too_long)
         if self.is_main:
