@@ -279,3 +279,18 @@ def test_common_words_stay_single_tokens_when_later_words_add_merges():
     tokenizer = build_clip_tokenizer(words=list(COMMON_WORDS) + ["grand", "ground", "background"])
     for word in list(COMMON_WORDS) + ["grand", "ground", "background"]:
         assert len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1, word
+
+
+def test_linear_probe_reads_a_linearly_coded_class_and_not_noise():
+    """`linear_probe`'s shape read, on features built here: a class written into the features linearly is read
+    back on held-out rows; features that carry nothing give about the most common class's accuracy."""
+    from vilex.toyworld.linear_probe import CHECK, FIT, ridge_accuracy
+
+    rng = np.random.default_rng(0)
+    classes = rng.integers(5, size=FIT + CHECK)
+    noise = rng.normal(size=(FIT + CHECK, 16))
+    coded = noise + 5 * np.eye(5, 16)[classes]
+    accuracy, baseline = ridge_accuracy(coded, classes, 5)
+    assert accuracy > 0.95 and abs(baseline - 0.2) < 0.05, (accuracy, baseline)
+    accuracy, _ = ridge_accuracy(noise, classes, 5)
+    assert accuracy < 0.3, accuracy
