@@ -52,7 +52,8 @@ def save_run_checkpoint(trainer) -> Path:
             ckpt.save_tensors(staging / "ema.safetensors", ema_tensors)
         scaler = accelerator.scaler
         ckpt.save_json(staging / ckpt.STATE_FILE, {  # last: a folder with state.json is complete
-            "step": trainer.step, "logged_loss": trainer.logged_loss, "num_processes": trainer.world_size, "optimizer": optimizer_meta,
+            "step": trainer.step, "logged_loss": trainer.logged_loss, "num_processes": trainer.world_size,
+            "optimizer": optimizer_meta,
             "lr_scheduler": trainer.lr_scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "ema": ema_meta, "trainable_names": trainer.trainable_names, "config": trainer.config.to_json(),
             "training_images": None if trainer.shards is not None else len(trainer.dataset),
