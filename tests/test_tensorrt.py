@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from vilex.errors import ViLexUsageError
-from vilex.engines.contract import ExportOptions
+from vilex.engines.contract import ExportOptions, ModelDims
 from vilex.engines.folder import EngineFolder
 from vilex.export.onnx_export import export_checkpoint
 from vilex.export.tensorrt_build import (
@@ -265,7 +265,7 @@ TINY_DIMS = dict(image_size=(32, 32), num_queries=75, hidden_size=32, text_lengt
 
 
 def unet_contract():
-    from vilex.engines.contract import ModelDims, build_contracts
+    from vilex.engines.contract import build_contracts
 
     return build_contracts(ModelDims(**TINY_DIMS), ExportOptions(max_batch=2))["unet"]
 
@@ -458,8 +458,11 @@ def test_device_id_is_current_for_every_tensorrt_call(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     (tmp_path / "tensorrt").mkdir()
     (tmp_path / "tensorrt" / engine_file_name("unet", "fp16", "10.3.0", "90")).write_bytes(b"stand-in")
-    folder = EngineFolder(tmp_path, {"graphs": {"unet": {"contract": contract.to_dict()}}})
+    folder = EngineFolder(tmp_path, {"graphs": {"unet": {"contract": contract.to_dict()}}, "dims": TINY_DIMS})
     backend = TensorRTBackend(folder, cuda_graph=True, device_id=1)
+    # the sizes generate() checks height and width against: the export's own bounds, as onnxruntime's
+    options = ExportOptions(max_batch=2).resolved(ModelDims(**TINY_DIMS))  # what the export's manifest records
+    assert backend.side_range("height") == backend.side_range("width") == (options.min_size, options.max_size)
     # No CUDA here: the tensors stay on the CPU (their device is not what TensorRT sees); the fakes record the
     # device that is current at each TensorRT call.
     backend.device = backend.engines["unet"].device = torch.device("cpu")

@@ -87,10 +87,7 @@ class OnnxRuntimeBackend(StageBackend):
         self.sessions: dict = {}
 
     def side_range(self, side: str) -> tuple[int, int]:
-        """The export's heights or widths in pixels: its UNet contract's latent axis times the VAE factor."""
-        axis = self.contracts["unet"].axes[f"latent_{side}"]
-        factor = self.engines.dims.vae_scale_factor
-        return axis.min * factor, axis.max * factor
+        return self.engines.side_range(side)
 
     # ---- sessions --------------------------------------------------------------------------------------
     def _provider_options(self, provider: str, graph: str) -> dict:

@@ -204,6 +204,11 @@ class TensorRTBackend(StageBackend):
             self.engines[graph] = Engine(trt, path, self.folder.contract(graph), self.device, cuda_graph)
         self.activated: set[str] = set()
 
+    def side_range(self, side: str) -> tuple[int, int]:
+        """The export's heights or widths (its engines are built within its contracts' bounds), so a size outside
+        them is refused, naming the flag and the bounds, before any stage runs."""
+        return self.folder.side_range(side)
+
     def engine(self, stage: str) -> Engine:
         engine = self.engines[stage]
         if stage not in self.activated:  # load on first use: a tokenize-only run never loads the UNet

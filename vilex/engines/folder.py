@@ -245,6 +245,13 @@ class EngineFolder:
     def contracts(self) -> dict[str, GraphContract]:
         return {graph: self.contract(graph) for graph in self.graph_names}
 
+    def side_range(self, side: str) -> tuple[int, int]:
+        """The output heights (side "height") or widths ("width") in pixels the export takes, whichever runtime
+        runs it: the UNet contract's latent axis times the VAE factor."""
+        axis = self.contract("unet").axes[f"latent_{side}"]
+        factor = self.dims.vae_scale_factor
+        return axis.min * factor, axis.max * factor
+
     def graph_precision(self, graph: str) -> str:
         return self.manifest["graphs"][graph]["precision"]
 
