@@ -175,6 +175,14 @@ def describe_object(obj: SceneObject, **words: str) -> str:
 SWAPPABLE = {"shape": SHAPES, "color": COLOR_NAMES, "size": SIZES, "cell": CELLS, "background_color": COLOR_NAMES}
 
 
+def caption_words(scene: Scene) -> dict[str, str]:
+    """The caption's words that `caption_of` can swap, by SWAPPABLE key: the main object's and the background's
+    color."""
+    main = scene.main
+    return {"shape": main.shape, "color": main.color, "size": main.size, "cell": main.cell,
+            "background_color": scene.background_color}
+
+
 def caption_of(scene: Scene, **swap: str) -> str:
     """The scene's caption; `swap` replaces words of the main object ("shape", "color", "size", "cell") or the
     background's color ("background_color"), e.g. caption_of(scene, shape="cross"): the hard negatives of

@@ -44,7 +44,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .scenes import SPLITS, SWAPPABLE, caption_of, make_scenes, render_all
+from .scenes import SPLITS, SWAPPABLE, caption_of, caption_words, make_scenes, render_all
 
 HELDOUT_SCENES = 512  # "heldout" split scenes the caption retrieval accuracy is measured on
 
@@ -82,8 +82,7 @@ def swapped_captions(scenes) -> tuple[list[list[str]], dict[str, slice]]:
         start += len(values) - 1
     swapped = []
     for scene in scenes:
-        current = {"shape": scene.main.shape, "color": scene.main.color, "size": scene.main.size,
-                   "cell": scene.main.cell, "background_color": scene.background_color}
+        current = caption_words(scene)
         swapped.append([caption_of(scene, **{word: value}) for word, values in SWAPPABLE.items()
                         for value in values if value != current[word]])
     return swapped, slices
@@ -98,13 +97,19 @@ def _image_features(vision_model, head, pixel_values: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def swap_accuracy(vision_model, head, text_head, pixels: torch.Tensor, states: torch.Tensor,
-                  swapped_states: torch.Tensor, slices: dict[str, slice]) -> dict[str, float]:
-    """Per swappable word: the fraction of images whose own caption (states (N, L, D)) outscores every one of
-    its captions with that word swapped (swapped_states (N, S, L, D))."""
+def heldout_image_features(vision_model, head, pixels: torch.Tensor) -> torch.Tensor:
+    """(N, D) normalized image features of held-out pixels, with the vision model in eval mode."""
     vision_model.eval()
     image = torch.cat([_image_features(vision_model, head, pixels[i:i + 256]) for i in range(0, len(pixels), 256)])
     vision_model.train()
+    return image
+
+
+@torch.no_grad()
+def swap_accuracy(image: torch.Tensor, text_head, states: torch.Tensor, swapped_states: torch.Tensor,
+                  slices: dict[str, slice]) -> dict[str, float]:
+    """Per swappable word: the fraction of images (features (N, D)) whose own caption (states (N, L, D))
+    outscores every one of its captions with that word swapped (swapped_states (N, S, L, D))."""
     own = (image * _text_features(text_head, states)).sum(-1)  # (N,)
     swapped = (image[:, None] * _text_features(text_head, swapped_states.flatten(0, 1)).view(
         *swapped_states.shape[:2], -1)).sum(-1)  # (N, S)
@@ -113,13 +118,9 @@ def swap_accuracy(vision_model, head, text_head, pixels: torch.Tensor, states: t
 
 
 @torch.no_grad()
-def retrieval_accuracy(vision_model, head, text_head, pixels: torch.Tensor, captions: list[str],
-                       states: torch.Tensor) -> float:
-    """Image -> caption top-1 among the held-out captions (a tie with an identical caption counts); states:
-    each caption's hidden states (N, L, D)."""
-    vision_model.eval()
-    image = torch.cat([_image_features(vision_model, head, pixels[i:i + 256]) for i in range(0, len(pixels), 256)])
-    vision_model.train()
+def retrieval_accuracy(image: torch.Tensor, text_head, captions: list[str], states: torch.Tensor) -> float:
+    """Image (features (N, D)) -> caption top-1 among the held-out captions (a tie with an identical caption
+    counts); states: each caption's hidden states (N, L, D)."""
     best = (image @ _text_features(text_head, states).T).argmax(dim=1)
     return sum(captions[j] == captions[i] for i, j in enumerate(best.tolist())) / len(captions)
 
@@ -164,10 +165,10 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
     heldout_states, heldout_swapped = states[heldout_row], states[heldout_swap_row]
 
     def measure() -> dict:
-        return {"caption_retrieval_top1": round(retrieval_accuracy(vision_model, head, text_head, heldout_pixels,
-                                                                   heldout_captions, heldout_states), 3),
-                "beats_swapped_word": swap_accuracy(vision_model, head, text_head, heldout_pixels, heldout_states,
-                                                    heldout_swapped, slices)}
+        image = heldout_image_features(vision_model, head, heldout_pixels)
+        return {"caption_retrieval_top1": round(retrieval_accuracy(image, text_head, heldout_captions,
+                                                                   heldout_states), 3),
+                "beats_swapped_word": swap_accuracy(image, text_head, heldout_states, heldout_swapped, slices)}
 
     before = measure()
     labels = 2 * torch.eye(batch_size, device=device) - 1

@@ -64,7 +64,6 @@ class Trainer:
         self.samples_seen = 0  # readable samples of this process
         self.images_trained = 0  # readable samples of this process since setup (for images/s)
         self.unreadable: dict[str, str] = {}
-        self.last_loss = float("nan")
         self.logged_loss = float("nan")  # the last logged loss, averaged over processes; kept in checkpoints
 
     # ---- 1. set up ---------------------------------------------------------------------------------
@@ -219,8 +218,8 @@ class Trainer:
         self.step += 1
         self.images_trained += images
         seconds = time.perf_counter() - start
-        self.last_loss = float(loss_sum) / cfg.gradient_accumulation_steps
-        figures = {"step": self.step, "loss": self.last_loss, "grad_norm": grad_norm, "images": images * self.world_size,
+        figures = {"step": self.step, "loss": float(loss_sum) / cfg.gradient_accumulation_steps,  # this process's
+                   "grad_norm": grad_norm, "images": images * self.world_size,
                    "seconds": seconds, "images_per_s": images * self.world_size / seconds,
                    "mean_vilex_tokens": tokens / max(images, 1), "text_fraction": with_text / max(images, 1),
                    "epoch": self.epoch}
@@ -303,7 +302,7 @@ class Trainer:
                 loss = self.accelerator.reduce(torch.tensor(interval["loss"] / interval["steps"],
                                                             device=self.accelerator.device), "mean")
                 figures.update(loss=float(loss), images_per_s=interval["images"] / interval["seconds"])
-                self.logged_loss = figures["loss"]  # averaged over processes (last_loss is this process's)
+                self.logged_loss = figures["loss"]  # the interval's mean, averaged over processes
                 figures.pop("images"), figures.pop("seconds")
                 if self.is_main:
                     self.metrics.write(figures)
