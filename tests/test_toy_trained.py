@@ -109,10 +109,12 @@ def test_short_vilex_training_on_the_shipped_base_improves_reconstructions(tmp_p
     assert report["steps"] == 120
 
 
-def test_vision_pretraining_learns_captions_with_the_text_encoder_frozen():
-    """`new-vilex --pretrain-vision`'s stage (SigLIP's sigmoid loss against the base's frozen text encoder),
-    CI-sized: the vision model's held-out caption retrieval rises above its untrained value and above chance
-    among 64 held-out captions, its weights move, the text encoder's do not."""
+@pytest.mark.parametrize("options", [{}, {"all_swaps": True, "captioning": 1.0}], ids=["sigmoid", "all-swaps+captioning"])
+def test_vision_pretraining_learns_captions_with_the_text_encoder_frozen(options):
+    """`new-vilex --pretrain-vision`'s stage (SigLIP's sigmoid loss against the base's frozen text encoder; with
+    every swapped caption as a negative and CapPa's captioning loss too), CI-sized: the vision model's held-out
+    caption retrieval rises above its untrained value and above chance among 64 held-out captions, its weights
+    move, the text encoder's do not."""
     from vilex.toyworld.train_base import _assemble
     from vilex.toyworld.vision_pretrain import pretrain_vision
 
@@ -121,7 +123,8 @@ def test_vision_pretraining_learns_captions_with_the_text_encoder_frozen():
     text_before = {k: v.clone() for k, v in pipeline.text_encoder.state_dict().items()}
     vision_before = {k: v.clone() for k, v in pipeline.vilex.vision_model.state_dict().items()}
     report = pretrain_vision(pipeline.vilex, pipeline.image_processor, pipeline.tokenizer, pipeline.text_encoder,
-                             steps=60, num_scenes=512, batch_size=32, lr=2e-3, heldout_scenes=64, log_every=20)
+                             steps=60, num_scenes=512, batch_size=32, lr=2e-3, heldout_scenes=64, log_every=20,
+                             **options)
     print(report)
     before, after = report["heldout"]["before"], report["heldout"]["after"]
     assert after["caption_retrieval_top1"] > max(before["caption_retrieval_top1"], 1 / 64), report["heldout"]

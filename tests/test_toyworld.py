@@ -139,6 +139,25 @@ def test_swapped_captions_change_exactly_one_word_to_every_other_value(scenes):
             assert sorted(seen) == sorted(set(allowed[word]) - {own[word]}), (word, seen)
 
 
+def test_captioning_targets_are_each_captions_tokens_after_bos(scenes):
+    """The vision pretraining's captioning targets: per caption its words, then EOS, as the tokenizer reads them;
+    BOS and padding are ignored (-100)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from vilex.toyworld.vision_pretrain import _caption_states
+
+    tokenizer = toy_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2)).eval()
+    captions = [s.caption for s in scenes[:30]]
+    states, rows, targets = _caption_states(tokenizer, text_encoder, captions)
+    assert states.shape[:2] == targets.shape
+    for caption, row in zip(captions, rows.tolist()):
+        kept = [i for i in targets[row].tolist() if i != -100]
+        assert targets[row, 0] == -100 and kept[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(kept, skip_special_tokens=True).split() == caption.split(), caption
+
+
 def test_caption_of_refuses_a_word_it_cannot_swap(scenes):
     from vilex.toyworld.scenes import caption_of
 

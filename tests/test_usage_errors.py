@@ -82,10 +82,15 @@ def test_arguments_are_checked_before_anything_loads(nothing_loads, tiny_ckpt, i
                      "--num-queries", 0) == "--num-queries must be in 1..75, got 0"
     assert one_error(capsys, "init", tmp_path / "ck", "--preset", "tiny", "--num-queries", 20) == \
         "--num-queries is for --base/--vision; a --preset has its own token count"
+    # new-vilex's pretraining options need the pretraining they shape.
+    assert one_error(capsys, "toyworld", "new-vilex", tiny_ckpt, tmp_path / "nv", "--pretrain-captioning", 1) == \
+        "--pretrain-all-swaps and --pretrain-captioning need --pretrain-vision STEPS > 0"
+    assert one_error(capsys, "toyworld", "new-vilex", tiny_ckpt, tmp_path / "nv", "--pretrain-vision", 5,
+                     "--pretrain-captioning", -1) == "--pretrain-captioning must be in 0..100, got -1.0"
     (tmp_path / "taken").mkdir()
     assert one_error(capsys, "init", tmp_path / "taken", "--preset", "tiny") == \
         f"OUT '{tmp_path / 'taken'}' already exists; choose a new folder"
-    assert not out.exists() and not (tmp_path / "ck").exists()
+    assert not out.exists() and not (tmp_path / "ck").exists() and not (tmp_path / "nv").exists()
 
 
 # ---- 20: tokenize --out -------------------------------------------------------------------------------------------------

@@ -56,6 +56,12 @@ def add_parser(subparsers) -> None:
                    help="first pretrain the vision model for STEPS steps with SigLIP's sigmoid loss against the base's "
                         "frozen text encoder, as ViLex starts from a pretrained SigLIP (default 0: from scratch; the "
                         "shipped checkpoint used 1000)")
+    p.add_argument("--pretrain-all-swaps", action="store_true",
+                   help="every caption with one word swapped is a hard negative of its image at every step (default: "
+                        "one swapped caption per word, drawn at random)")
+    p.add_argument("--pretrain-captioning", type=float, default=0.0, metavar="WEIGHT",
+                   help="add CapPa's parallel captioning loss (predict each caption token from the patch features) "
+                        "with this weight (default 0: the sigmoid loss alone)")
     p.add_argument("--device", default="cpu", help="where --pretrain-vision trains: cpu or cuda (default cpu)")
     p.set_defaults(func=cmd_new_vilex)
 
@@ -98,10 +104,14 @@ def cmd_new_vilex(args) -> None:
     if args.pooler not in POOLERS:
         raise ViLexUsageError(f"--pooler must be one of {', '.join(POOLERS)}, got {args.pooler!r}")
     check_range("--pretrain-vision", args.pretrain_vision, 0, 10**6)
+    check_range("--pretrain-captioning", args.pretrain_captioning, 0.0, 100.0)
+    if not args.pretrain_vision and (args.pretrain_all_swaps or args.pretrain_captioning):
+        raise ViLexUsageError("--pretrain-all-swaps and --pretrain-captioning need --pretrain-vision STEPS > 0")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise ViLexUsageError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     out = new_vilex_checkpoint(args.base, args.out, pooler_self_attention=args.pooler == "perceiver", seed=args.seed,
-                               pretrain_vision_steps=args.pretrain_vision, device=args.device)
+                               pretrain_vision_steps=args.pretrain_vision, device=args.device,
+                               all_swaps=args.pretrain_all_swaps, captioning=args.pretrain_captioning)
     vision = f"vision model pretrained {args.pretrain_vision} steps" if args.pretrain_vision else "untrained"
     print(f"wrote ViLex checkpoint {out} ({args.pooler} pooler, {vision}) on the base {args.base}")
 

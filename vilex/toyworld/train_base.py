@@ -337,10 +337,11 @@ def _assemble(tokenizer, text_encoder, unet, vae, pipeline_scheduler, pooler_sel
 
 
 def new_vilex_checkpoint(base: str, out: str, pooler_self_attention: bool = False, seed: int = 0,
-                         pretrain_vision_steps: int = 0, device: str = "cpu") -> Path:
+                         pretrain_vision_steps: int = 0, device: str = "cpu", all_swaps: bool = False,
+                         captioning: float = 0.0) -> Path:
     """A ViLex checkpoint on a trained base's frozen components, with a new ViLex encoder whose pooler is
     untrained and whose vision model is, with `pretrain_vision_steps`, pretrained SigLIP-style against the
-    base's text encoder (`vision_pretrain`)."""
+    base's text encoder (`vision_pretrain`; all_swaps and captioning as there)."""
     source = ViLexPipeline.from_pretrained(base)
     pipeline = _assemble(source.tokenizer, source.text_encoder, source.unet, source.vae, source.scheduler,
                          pooler_self_attention=pooler_self_attention, seed=seed)
@@ -348,7 +349,8 @@ def new_vilex_checkpoint(base: str, out: str, pooler_self_attention: bool = Fals
         from .vision_pretrain import pretrain_vision
 
         report = pretrain_vision(pipeline.vilex, pipeline.image_processor, pipeline.tokenizer, pipeline.text_encoder,
-                                 steps=pretrain_vision_steps, seed=seed, device=device)
+                                 steps=pretrain_vision_steps, seed=seed, device=device, all_swaps=all_swaps,
+                                 captioning=captioning)
         print(json.dumps({"vision_pretrain": report}), flush=True)
     with atomic_folder(Path(out), must_be_new=True) as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)

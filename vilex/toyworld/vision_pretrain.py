@@ -28,8 +28,19 @@ common 19%; measured 2026-12-05). So each image also gets, per step, one caption
 color, size, cell, background color) with that word replaced (`scenes.caption_of(scene, **swap)`) as a negative;
 the report gives, per word, how often the true caption outscores every caption with that word swapped. Measured
 (1,500 steps, 512 held-out scenes, 2026-12-05): shape 0.19 -> 0.59, the other words 0.91-1.00. The shipped
-encoder's reconstructions still drew the wrong shape in 68% of scenes (the model card): the features tell shapes
-apart, but ViLex training does not carry it to the base.
+encoder's reconstructions still drew the wrong shape in 68% of scenes (the model card).
+
+Why two more options (2026-12-05, evening; the model card has the figures). Per-image token optimization through the
+frozen text encoder and UNet (textual inversion from that encoder's tokens) drew the right shape in 75% of scenes
+where the encoder's own tokens drew 25%, so the base can be steered to a shape by tokens and the encoder is what
+loses it; and an attentive probe on that vision model's patch features read shape in 43% of scenes, where the same
+probe on the raw 8x8 pixel patches read 78%. The features had dropped what the pixels hold. So:
+- `all_swaps`: every caption with one word swapped (4 shapes, 7 colors, ...) is a negative of its image at every
+  step, not one per word drawn at random;
+- `captioning`: CapPa's parallel captioning loss (Tschannen et al. 2023, "Image Captioners Are Scalable Vision
+  Learners Too"; with the contrastive loss, CoCa's pairing, Yu et al. 2022): a small decoder (`CaptionDecoder`,
+  discarded afterwards) predicts each caption token from the patch features, so every word of the caption,
+  the shape word among them, is a target of its own rather than one term of a similarity.
 
 Captions are coarse (shape, color word, size word, 3x3 cell, background), so the features learn those;
 what captions leave out (exact place, size and shade) is left to the diffusion loss of `vilex train`.
@@ -60,9 +71,10 @@ def _pixels(processor, scenes) -> torch.Tensor:
 
 @torch.no_grad()
 def _caption_states(tokenizer, text_encoder, captions: list[str], batch_size: int = 512
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The frozen text encoder's last hidden states of each distinct caption over the longest caption's tokens
-    (BOS, words, EOS): (U, L, D), and each caption's row in them: (N,)."""
+    (BOS, words, EOS): (U, L, D), each caption's row in them: (N,), and each distinct caption's token ids as
+    captioning targets (U, L), -100 at BOS and padding."""
     unique = sorted(set(captions))
     encoded = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt")
@@ -70,7 +82,9 @@ def _caption_states(tokenizer, text_encoder, captions: list[str], batch_size: in
     states = torch.cat([text_encoder(input_ids=encoded.input_ids[start:start + batch_size]).last_hidden_state[:, :length]
                         for start in range(0, len(unique), batch_size)])
     index = {caption: i for i, caption in enumerate(unique)}
-    return states, torch.tensor([index[c] for c in captions])
+    targets = encoded.input_ids[:, :length].masked_fill(encoded.attention_mask[:, :length] == 0, -100)
+    targets[:, 0] = -100  # BOS
+    return states, torch.tensor([index[c] for c in captions]), targets
 
 
 def swapped_captions(scenes) -> tuple[list[list[str]], dict[str, slice]]:
@@ -88,12 +102,34 @@ def swapped_captions(scenes) -> tuple[list[list[str]], dict[str, slice]]:
     return swapped, slices
 
 
+class CaptionDecoder(torch.nn.Module):
+    """CapPa's parallel caption decoder (Tschannen et al. 2023, "Image Captioners Are Scalable Vision Learners
+    Too"): one learned query per caption position, transformer decoder layers (self-attention among the queries,
+    cross-attention to the patch features), then the vocabulary's logits. Discarded after pretraining."""
+
+    def __init__(self, width: int, length: int, vocab_size: int, layers: int = 2, heads: int = 4):
+        super().__init__()
+        self.queries = torch.nn.Parameter(torch.randn(length, width) * 0.02)
+        layer = torch.nn.TransformerDecoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True,
+                                                 norm_first=True)
+        self.decoder = torch.nn.TransformerDecoder(layer, layers)
+        self.norm = torch.nn.LayerNorm(width)
+        self.logits = torch.nn.Linear(width, vocab_size)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, N, width) patch features -> (B, length, vocab) logits."""
+        return self.logits(self.norm(self.decoder(self.queries.expand(len(patches), -1, -1), patches)))
+
+
 def _text_features(head, states: torch.Tensor) -> torch.Tensor:
     return F.normalize(head(states.flatten(1)), dim=-1)
 
 
-def _image_features(vision_model, head, pixel_values: torch.Tensor) -> torch.Tensor:
-    return F.normalize(head(vision_model(pixel_values=pixel_values).last_hidden_state.mean(dim=1)), dim=-1)
+def _image_features(vision_model, head, pixel_values: torch.Tensor, patches: bool = False):
+    """(B, D) normalized image features; with patches, also the (B, N, width) patch features they pool."""
+    hidden = vision_model(pixel_values=pixel_values).last_hidden_state
+    features = F.normalize(head(hidden.mean(dim=1)), dim=-1)
+    return (features, hidden) if patches else features
 
 
 @torch.no_grad()
@@ -127,10 +163,16 @@ def retrieval_accuracy(image: torch.Tensor, text_head, captions: list[str], stat
 
 def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int, num_scenes: int = 20_000,
                     batch_size: int = 256, lr: float = 1e-3, seed: int = 0, log_every: int = 100,
-                    heldout_scenes: int = HELDOUT_SCENES, device: str = "cpu") -> dict:
+                    heldout_scenes: int = HELDOUT_SCENES, device: str = "cpu", all_swaps: bool = False,
+                    captioning: float = 0.0) -> dict:
     """Train `vilex.vision_model` in place with the sigmoid loss against features of the frozen text encoder's
-    hidden states of each caption (through a trainable head), on `device` (every random draw from a CPU generator; the model is back on the CPU after);
-    returns a report (loss; held-out caption retrieval and swapped-word accuracy, before and after; wall time)."""
+    hidden states of each caption (through a trainable head), on `device` (every random draw from a CPU generator;
+    the model is back on the CPU after); returns a report (loss; held-out caption retrieval and swapped-word
+    accuracy, before and after; wall time).
+
+    all_swaps: every swapped caption of an image is its negative at every step (else one per word, drawn).
+    captioning: the weight of CapPa's captioning loss (`CaptionDecoder`) added to the sigmoid loss; 0 leaves it out.
+    """
     started = time.time()
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -140,7 +182,7 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
     text_encoder.eval()
     swapped, slices = swapped_captions(scenes + heldout)
     per_scene = 1 + len(swapped[0])  # own caption, then its swaps
-    states, caption_row = _caption_states(tokenizer, text_encoder, [c for scene, swaps in zip(scenes + heldout, swapped)
+    states, caption_row, caption_ids = _caption_states(tokenizer, text_encoder, [c for scene, swaps in zip(scenes + heldout, swapped)
                                                                     for c in [scene.caption] + swaps])
     states = states.to(device)
     caption_row = caption_row.view(-1, per_scene)
@@ -154,10 +196,12 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
     width, text_width = vision_model.config.hidden_size, states.shape[-1]
     head = torch.nn.Linear(width, text_width).to(device)
     text_head = torch.nn.Linear(states.shape[1] * text_width, text_width).to(device)
+    caption_ids = caption_ids.to(device)
+    caption_decoder = CaptionDecoder(width, caption_ids.shape[1], len(tokenizer)).to(device)
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0), device=device))
     logit_bias = torch.nn.Parameter(torch.tensor(-10.0, device=device))
     parameters = (list(vision_model.parameters()) + list(head.parameters()) + list(text_head.parameters())
-                  + [logit_scale, logit_bias])
+                  + [logit_scale, logit_bias] + (list(caption_decoder.parameters()) if captioning else []))
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -175,16 +219,23 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
     losses = []
     for step in range(1, steps + 1):
         batch = torch.randint(len(scenes), (batch_size,), generator=generator)
-        image = _image_features(vision_model, head, pixels[batch].to(device))
+        image, hidden = _image_features(vision_model, head, pixels[batch].to(device), patches=True)
         text = _text_features(text_head, states[caption_row[batch].to(device)])
         logits = image @ text.T * logit_scale.exp() + logit_bias
         # one hard negative per swappable word and image: its caption with that word replaced
-        pick = torch.stack([part.start + torch.randint(part.stop - part.start, (batch_size,), generator=generator)
-                            for part in slices.values()], dim=1)  # (B, words)
-        hard = _text_features(text_head, states[swap_row[batch][torch.arange(batch_size)[:, None], pick].to(device)]
-                              .flatten(0, 1)).view(batch_size, len(slices), -1)
+        if all_swaps:
+            rows = swap_row[batch]  # (B, swaps)
+        else:
+            pick = torch.stack([part.start + torch.randint(part.stop - part.start, (batch_size,), generator=generator)
+                                for part in slices.values()], dim=1)  # (B, words)
+            rows = swap_row[batch][torch.arange(batch_size)[:, None], pick]
+        hard = _text_features(text_head, states[rows.to(device)].flatten(0, 1)).view(batch_size, rows.shape[1], -1)
         hard_logits = (image[:, None] * hard).sum(-1) * logit_scale.exp() + logit_bias
         loss = (-F.logsigmoid(labels * logits).sum() - F.logsigmoid(-hard_logits).sum()) / batch_size
+        if captioning:
+            logits_words = caption_decoder(hidden)
+            loss = loss + captioning * F.cross_entropy(logits_words.flatten(0, 1),
+                                                       caption_ids[caption_row[batch].to(device)].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -198,6 +249,7 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
     after = measure()
     vision_model.cpu()
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "num_scenes": num_scenes, "seed": seed,
+            "all_swaps": all_swaps, "captioning": captioning,
             "final_loss": round(sum(losses[-log_every:]) / len(losses[-log_every:]), 4),
             "heldout": {"scenes": heldout_scenes, "before": before, "after": after},
             "wall_time_s": round(time.time() - started, 1)}
