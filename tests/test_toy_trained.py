@@ -109,7 +109,8 @@ def test_short_vilex_training_on_the_shipped_base_improves_reconstructions(tmp_p
     assert report["steps"] == 120
 
 
-@pytest.mark.parametrize("options", [{}, {"all_swaps": True, "captioning": 1.0}], ids=["sigmoid", "all-swaps+captioning"])
+@pytest.mark.parametrize("options", [{}, {"all_swaps": True, "captioning": 1.0}],
+                         ids=["sigmoid", "all-swaps+captioning"])
 def test_vision_pretraining_learns_captions_with_the_text_encoder_frozen(options):
     """`new-vilex --pretrain-vision`'s stage (SigLIP's sigmoid loss against the base's frozen text encoder; with
     every swapped caption as a negative and CapPa's captioning loss too), CI-sized: the vision model's held-out

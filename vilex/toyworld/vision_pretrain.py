@@ -182,8 +182,8 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
     text_encoder.eval()
     swapped, slices = swapped_captions(scenes + heldout)
     per_scene = 1 + len(swapped[0])  # own caption, then its swaps
-    states, caption_row, caption_ids = _caption_states(tokenizer, text_encoder, [c for scene, swaps in zip(scenes + heldout, swapped)
-                                                                    for c in [scene.caption] + swaps])
+    captions = [c for scene, swaps in zip(scenes + heldout, swapped) for c in [scene.caption] + swaps]
+    states, caption_row, caption_ids = _caption_states(tokenizer, text_encoder, captions)
     states = states.to(device)
     caption_row = caption_row.view(-1, per_scene)
     swap_row, heldout_swap_row = caption_row[:len(scenes), 1:], caption_row[len(scenes):, 1:]
@@ -197,7 +197,7 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
     head = torch.nn.Linear(width, text_width).to(device)
     text_head = torch.nn.Linear(states.shape[1] * text_width, text_width).to(device)
     caption_ids = caption_ids.to(device)
-    caption_decoder = CaptionDecoder(width, caption_ids.shape[1], len(tokenizer)).to(device)
+    caption_decoder = CaptionDecoder(width, caption_ids.shape[1], len(tokenizer)).to(device) if captioning else None
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0), device=device))
     logit_bias = torch.nn.Parameter(torch.tensor(-10.0, device=device))
     parameters = (list(vision_model.parameters()) + list(head.parameters()) + list(text_head.parameters())
@@ -222,7 +222,8 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
         image, hidden = _image_features(vision_model, head, pixels[batch].to(device), patches=True)
         text = _text_features(text_head, states[caption_row[batch].to(device)])
         logits = image @ text.T * logit_scale.exp() + logit_bias
-        # one hard negative per swappable word and image: its caption with that word replaced
+        # hard negatives: per image, its caption with one word replaced; every such caption (all_swaps), or one
+        # per swappable word, drawn
         if all_swaps:
             rows = swap_row[batch]  # (B, swaps)
         else:
@@ -233,8 +234,8 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
         hard_logits = (image[:, None] * hard).sum(-1) * logit_scale.exp() + logit_bias
         loss = (-F.logsigmoid(labels * logits).sum() - F.logsigmoid(-hard_logits).sum()) / batch_size
         if captioning:
-            logits_words = caption_decoder(hidden)
-            loss = loss + captioning * F.cross_entropy(logits_words.flatten(0, 1),
+            word_logits = caption_decoder(hidden)
+            loss = loss + captioning * F.cross_entropy(word_logits.flatten(0, 1),
                                                        caption_ids[caption_row[batch].to(device)].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
