@@ -125,18 +125,17 @@ def _text_features(head, states: torch.Tensor) -> torch.Tensor:
     return F.normalize(head(states.flatten(1)), dim=-1)
 
 
-def _image_features(vision_model, head, pixel_values: torch.Tensor, patches: bool = False):
-    """(B, D) normalized image features; with patches, also the (B, N, width) patch features they pool."""
-    hidden = vision_model(pixel_values=pixel_values).last_hidden_state
-    features = F.normalize(head(hidden.mean(dim=1)), dim=-1)
-    return (features, hidden) if patches else features
+def _image_features(head, patches: torch.Tensor) -> torch.Tensor:
+    """(B, N, width) patch features -> (B, D) normalized image features (mean-pooled, through the head)."""
+    return F.normalize(head(patches.mean(dim=1)), dim=-1)
 
 
 @torch.no_grad()
 def heldout_image_features(vision_model, head, pixels: torch.Tensor) -> torch.Tensor:
     """(N, D) normalized image features of held-out pixels, with the vision model in eval mode."""
     vision_model.eval()
-    image = torch.cat([_image_features(vision_model, head, pixels[i:i + 256]) for i in range(0, len(pixels), 256)])
+    image = torch.cat([_image_features(head, vision_model(pixel_values=pixels[i:i + 256]).last_hidden_state)
+                       for i in range(0, len(pixels), 256)])
     vision_model.train()
     return image
 
@@ -219,7 +218,8 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
     losses = []
     for step in range(1, steps + 1):
         batch = torch.randint(len(scenes), (batch_size,), generator=generator)
-        image, hidden = _image_features(vision_model, head, pixels[batch].to(device), patches=True)
+        hidden = vision_model(pixel_values=pixels[batch].to(device)).last_hidden_state  # (B, N, width)
+        image = _image_features(head, hidden)
         text = _text_features(text_head, states[caption_row[batch].to(device)])
         logits = image @ text.T * logit_scale.exp() + logit_bias
         # hard negatives: per image, its caption with one word replaced; every such caption (all_swaps), or one
