@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -291,7 +292,11 @@ def test_an_image_folder_equals_vilex_tokenize_and_a_rerun_skips_what_is_done(lo
     unreadable = read_unreadable(out)
     assert list(unreadable) == ["sub/broken.png"] and "bytes are not a readable image" in unreadable["sub/broken.png"]
     assert "(1 unreadable)" in stdout and "sub/broken.png" in stdout
-    assert "actor 0 (" in stdout and "actor 1 (" in stdout and "images/s overall" in stdout
+    assert "tokenizing with 2 actors" in stdout and "images/s overall" in stdout
+    # Each actor that registered has a line, and they account for every image. Not "both actors worked": on a
+    # busy host the first actor can take every batch before the second has loaded the model (seen in CI).
+    per_actor = [int(n) for n in re.findall(r"^  actor \d+ \(.+\): (\d+) images in", stdout, re.MULTILINE)]
+    assert 1 <= len(per_actor) <= 2 and sum(per_actor) == 8
     success = json.loads((out / SUCCESS).read_text())
     assert sorted(success["shards"]) == sorted(p.name for p in out.glob("*.parquet"))
     assert success["tokenized"] == 7 and success["unreadable"] == 1 and not (out / ".staging").exists()
