@@ -43,10 +43,11 @@ class BaseConfig:
     curve_every: int = 1000  # learning curve: caption-only samples read by the probe every N UNet steps; 0: off
     curve_n: int = 64  # held-out captions per learning-curve point
     curve_probe: str = ""  # the probe the learning curve reads samples with; "": the shipped probe
+    vae_check_scenes: int = 256  # held-out ("test") scenes the VAE's logged round-trip PSNR is measured on
     zero_terminal_snr: bool = True
     device: str = "cpu"  # cpu | cuda | cuda:N; not part of a run's identity: a run may continue on another device
 
-    IDENTITY_EXCLUDES = ("device",)
+    IDENTITY_EXCLUDES = ("device", "vae_check_scenes")  # neither changes what is trained
 
     def identity(self) -> dict:
         """The options that make a run what it is (a rerun must give the same)."""
@@ -66,6 +67,7 @@ class BaseConfig:
         check_range("--min-snr-gamma", self.min_snr_gamma, 0.0)
         check_range("--curve-every", self.curve_every, 0)
         check_range("--curve-n", self.curve_n, 1, 1000)
+        check_range("--vae-check-scenes", self.vae_check_scenes, 1, 10_000)
         for name, (entries, what) in FOLDER_OPTIONS.items():
             folder = getattr(self, name)
             if folder and not all((Path(folder) / entry).exists() for entry in entries):

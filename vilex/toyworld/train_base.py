@@ -48,7 +48,6 @@ from . import components, curve
 from .config import BaseConfig
 from .scenes import SPLITS, fingerprint, make_scenes, render_all
 
-VAE_CHECK_SCENES = 256  # held-out ("test" split) scenes the VAE's round-trip PSNR is logged on
 
 VAE_KL_WEIGHT = 1e-6
 CAPTION_DROPOUT = 0.1
@@ -188,8 +187,7 @@ def train_vae(config: BaseConfig, pixels: torch.Tensor):
         stage.update(loss)
         if stage.step % config.checkpoint_every == 0 or stage.done:
             vae.eval()
-            print(json.dumps({"stage": "vae", "step": stage.step, "heldout_psnr_db": round(vae_psnr(vae), 2)}),
-                  flush=True)
+            log_vae_psnr(vae, config, stage="vae", step=stage.step)
             vae.train()
     vae.eval()
     # 1 / std of the latents (posterior means of 1,024 scenes), so the UNet sees unit-variance latents.
@@ -201,7 +199,7 @@ def train_vae(config: BaseConfig, pixels: torch.Tensor):
 
 
 @torch.no_grad()
-def vae_psnr(vae, n: int = VAE_CHECK_SCENES) -> float:
+def vae_psnr(vae, n: int) -> float:
     """Mean round-trip PSNR (dB, 8-bit pixels, posterior mean) on the first n "test" scenes."""
     pixels = render_pixels(make_scenes(n, SPLITS["test"]))
     values = []
@@ -213,6 +211,10 @@ def vae_psnr(vae, n: int = VAE_CHECK_SCENES) -> float:
     return float(torch.cat(values).mean())
 
 
+def log_vae_psnr(vae, config: BaseConfig, **fields) -> None:
+    print(json.dumps({**fields, "heldout_psnr_db": round(vae_psnr(vae, config.vae_check_scenes), 2)}), flush=True)
+
+
 def train_decoder(config: BaseConfig, vae, pixels: torch.Tensor):
     """Fine-tune the decoder (and post_quant_conv) on the frozen encoder's latents of whole scenes."""
     modules = {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}
@@ -221,7 +223,7 @@ def train_decoder(config: BaseConfig, vae, pixels: torch.Tensor):
     N = pixels.shape[0]
     vae.eval()
     if stage.step == 0:
-        print(json.dumps({"stage": "vae_decoder", "step": 0, "heldout_psnr_db": round(vae_psnr(vae), 2)}), flush=True)
+        log_vae_psnr(vae, config, stage="vae_decoder", step=0)
     while not stage.done:
         g = stage.generator
         batch = to_unit(pixels[torch.randint(0, N, (config.vae_batch_size,), generator=g)]).to(vae.device)
@@ -231,8 +233,7 @@ def train_decoder(config: BaseConfig, vae, pixels: torch.Tensor):
         reconstruction = vae.decode(z).sample
         stage.update(F.mse_loss(reconstruction, batch) + F.l1_loss(reconstruction, batch))
         if stage.step % config.checkpoint_every == 0 or stage.done:
-            print(json.dumps({"stage": "vae_decoder", "step": stage.step, "heldout_psnr_db": round(vae_psnr(vae), 2)}),
-                  flush=True)
+            log_vae_psnr(vae, config, stage="vae_decoder", step=stage.step)
     return vae
 
 
@@ -374,8 +375,7 @@ def train_base(config: BaseConfig) -> Path:
     torch.manual_seed(config.seed)
     if config.init_from:
         vae = AutoencoderKL.from_pretrained(Path(config.init_from) / "vae").to(config.device).eval()
-        print(json.dumps({"stage": "vae", "from": config.init_from, "heldout_psnr_db": round(vae_psnr(vae), 2)}),
-              flush=True)
+        log_vae_psnr(vae, config, stage="vae", **{"from": config.init_from})
     else:
         vae = train_vae(config, pixels)
     tokenizer, text_encoder, unet, pipeline_scheduler = train_text_to_image(
@@ -388,8 +388,8 @@ def train_base(config: BaseConfig) -> Path:
     with atomic_folder(final, must_be_new=False) as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)
     report = {"data_fingerprint": fingerprint(scenes), "wall_time_s": round(time.time() - started, 1),
-              "vae_scaling_factor": vae.config.scaling_factor, "vae_heldout_psnr_db": round(vae_psnr(vae), 2),
-              "device": config.device,
+              "vae_scaling_factor": vae.config.scaling_factor,
+              "vae_heldout_psnr_db": round(vae_psnr(vae, config.vae_check_scenes), 2), "device": config.device,
               "config": asdict(config)}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(f"wrote the toy base as a ViLex checkpoint {final} in {report['wall_time_s']:.0f} s", flush=True)
