@@ -68,7 +68,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=2, help="denoising steps of soak requests (default 2)")
     p.add_argument("--overload-steps", type=int, default=None,
                    help="denoising steps of overload requests, long enough to fill the queue (default min(20, max_steps))")
-    p.add_argument("--quick", action="store_true", help="leave out the hostile cases that cost seconds of server time")
+    p.add_argument("--quick", action="store_true", help="leave out the hostile cases that cost seconds of server "
+                   "time, and send the batched ones over the first protocol only")
     p.add_argument("--server-pid", type=int, default=None, help="tritonserver's pid (default: found by URL's port)")
     p.add_argument("--repository", default=None, help="the model repository, to read config.pbtxt (default: the server's)")
     p.add_argument("--admin-key", default=os.environ.get("VILEX_TRITON_ADMIN_KEY"),

@@ -124,7 +124,7 @@ def test_vision_pretraining_learns_captions_with_the_text_encoder_frozen(options
     text_before = {k: v.clone() for k, v in pipeline.text_encoder.state_dict().items()}
     vision_before = {k: v.clone() for k, v in pipeline.vilex.vision_model.state_dict().items()}
     report = pretrain_vision(pipeline.vilex, pipeline.image_processor, pipeline.tokenizer, pipeline.text_encoder,
-                             steps=60, num_scenes=512, batch_size=32, lr=2e-3, heldout_scenes=64, log_every=20,
+                             steps=30, num_scenes=512, batch_size=32, lr=2e-3, heldout_scenes=64, log_every=10,
                              **options)
     print(report)
     before, after = report["heldout"]["before"], report["heldout"]["after"]
