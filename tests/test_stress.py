@@ -24,7 +24,7 @@ import PIL.Image
 import pytest
 
 from vilex.benchmarks import hostile_images as images
-from vilex.benchmarks.hostile import FRONTEND, REJECT, SERVE, Served, all_cases
+from vilex.benchmarks.hostile import BATCHED_CASES, FRONTEND, REJECT, SERVE, Served, all_cases
 from vilex.errors import ImageInputError, ViLexUsageError
 from vilex.images import decode_image, load_image
 
@@ -305,7 +305,9 @@ def test_stress_run_against_a_real_server(served, tmp_path):
     assert "animated or multi-page GIF" in by_name[("animated GIF (3 frames)", "http")]["message"]
     assert by_name[("HTTP: broken JSON", "http")]["status"] in ("400", "500")  # Triton 2.51's frontend: 500
     # Sent with valid requests of the same inputs while the model was busy, so they ran as one batch: the bad one
-    # gets its error, the others are served; but the known AVIF defect fails all of them (500).
+    # gets its error, the others are served; but the known AVIF defect fails all of them (500). --quick sends them
+    # over the first protocol only.
+    assert sorted((b["case"], b["protocol"]) for b in hostile["batched"]) == sorted((c, "http") for c in BATCHED_CASES)
     for batched in hostile["batched"]:
         assert "4" in batched["executions_by_batch_size"], batched  # JSON keys: batch sizes as strings
         if batched["case"] in KNOWN_DEFECTS:
