@@ -200,7 +200,7 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0), device=device))
     logit_bias = torch.nn.Parameter(torch.tensor(-10.0, device=device))
     parameters = (list(vision_model.parameters()) + list(head.parameters()) + list(text_head.parameters())
-                  + [logit_scale, logit_bias] + (list(caption_decoder.parameters()) if captioning else []))
+                  + [logit_scale, logit_bias] + ([] if caption_decoder is None else list(caption_decoder.parameters())))
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -220,7 +220,8 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
         batch = torch.randint(len(scenes), (batch_size,), generator=generator)
         hidden = vision_model(pixel_values=pixels[batch].to(device)).last_hidden_state  # (B, N, width)
         image = _image_features(head, hidden)
-        text = _text_features(text_head, states[caption_row[batch].to(device)])
+        own = caption_row[batch].to(device)  # each image's own caption: its row in states and caption_ids
+        text = _text_features(text_head, states[own])
         logits = image @ text.T * logit_scale.exp() + logit_bias
         # hard negatives: per image, its caption with one word replaced; every such caption (all_swaps), or one
         # per swappable word, drawn
@@ -233,10 +234,9 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
         hard = _text_features(text_head, states[rows.to(device)].flatten(0, 1)).view(batch_size, rows.shape[1], -1)
         hard_logits = (image[:, None] * hard).sum(-1) * logit_scale.exp() + logit_bias
         loss = (-F.logsigmoid(labels * logits).sum() - F.logsigmoid(-hard_logits).sum()) / batch_size
-        if captioning:
-            word_logits = caption_decoder(hidden)
-            loss = loss + captioning * F.cross_entropy(word_logits.flatten(0, 1),
-                                                       caption_ids[caption_row[batch].to(device)].flatten())
+        if caption_decoder is not None:
+            word_logits = caption_decoder(hidden)  # (B, L, vocab)
+            loss = loss + captioning * F.cross_entropy(word_logits.flatten(0, 1), caption_ids[own].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
