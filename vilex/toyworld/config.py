@@ -45,13 +45,22 @@ class BaseConfig:
     curve_probe: str = ""  # the probe the learning curve reads samples with; "": the shipped probe
     vae_check_scenes: int = 256  # held-out ("test") scenes the VAE's logged round-trip PSNR is measured on
     zero_terminal_snr: bool = True
+    # Captions of varied detail and place (a base that reads words wherever they stand, as ViLex + text puts them
+    # after the tokens): the share of captions that keep a random subset of their parts (`scenes.partial_caption`,
+    # each part kept with probability 1/2), and the share placed after a random number (1 .. as many as fit) of
+    # padding positions instead of right after BOS.
+    partial_captions: float = 0.0
+    shifted_captions: float = 0.0
     device: str = "cpu"  # cpu | cuda | cuda:N; not part of a run's identity: a run may continue on another device
 
     IDENTITY_EXCLUDES = ("device", "vae_check_scenes")  # neither changes what is trained
+    ADDED_LATER = ("partial_captions", "shifted_captions")  # at their default, runs made before them are the same
 
     def identity(self) -> dict:
         """The options that make a run what it is (a rerun must give the same)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.IDENTITY_EXCLUDES}
+        defaults = BaseConfig(out="")
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in self.IDENTITY_EXCLUDES and not (k in self.ADDED_LATER and v == getattr(defaults, k))}
 
     def validate(self) -> "BaseConfig":
         for name in ("num_scenes", "vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size", "checkpoint_every",
@@ -68,6 +77,8 @@ class BaseConfig:
         check_range("--curve-every", self.curve_every, 0)
         check_range("--curve-n", self.curve_n, 1, 1000)
         check_range("--vae-check-scenes", self.vae_check_scenes, 1, 10_000)
+        check_range("--partial-captions", self.partial_captions, 0.0, 1.0)
+        check_range("--shifted-captions", self.shifted_captions, 0.0, 1.0)
         for name, (entries, what) in FOLDER_OPTIONS.items():
             folder = getattr(self, name)
             if folder and not all((Path(folder) / entry).exists() for entry in entries):

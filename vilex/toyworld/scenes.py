@@ -166,6 +166,11 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def _background_phrase(scene: Scene, color: str) -> str:
+    kind = {"flat": "plain", "gradient": "gradient", "striped": "striped"}[scene.background]
+    return f"on {_article(color)} {color} {kind} background"
+
+
 def describe_object(obj: SceneObject, **words: str) -> str:
     words = {"size": obj.size, "color": obj.color, "shape": obj.shape, "cell": obj.cell} | words
     return f"a {words['size']} {words['color']} {words['shape']} {_position_phrase(words['cell'])}"
@@ -193,8 +198,29 @@ def caption_of(scene: Scene, **swap: str) -> str:
                              + "; ".join(f"{k} in {', '.join(v)}" for k, v in SWAPPABLE.items()))
     background_color = swap.pop("background_color", scene.background_color)
     objects = " and ".join(describe_object(o, **(swap if i == 0 else {})) for i, o in enumerate(scene.objects))
-    background = {"flat": "plain", "gradient": "gradient", "striped": "striped"}[scene.background]
-    return f"{objects} on {_article(background_color)} {background_color} {background} background"
+    return f"{objects} {_background_phrase(scene, background_color)}"
+
+
+# The parts of a caption `partial_caption` can keep: the main object's words and the background phrase.
+CAPTION_PARTS = ("size", "color", "shape", "cell", "background")
+
+
+def partial_caption(scene: Scene, keep) -> str:
+    """The main object's caption with only the parts in `keep` (of CAPTION_PARTS), in the caption's word order,
+    e.g. {"color"} -> "green", {"shape", "background"} -> "a square on a blue plain background": captions of
+    varied detail, as real caption data has. The other objects are left out."""
+    keep = set(keep)
+    if not keep or not keep <= set(CAPTION_PARTS):
+        raise ValueError(f"partial_caption: keep must be a non-empty subset of {CAPTION_PARTS}, got {sorted(keep)}")
+    main = scene.main
+    words = [getattr(main, part) for part in ("size", "color", "shape") if part in keep]
+    if "shape" in keep:
+        words.insert(0, "a")
+    if "cell" in keep:
+        words.append(_position_phrase(main.cell))
+    if "background" in keep:
+        words.append(_background_phrase(scene, scene.background_color))
+    return " ".join(words)
 
 
 def caption_vocabulary() -> list[str]:

@@ -14,7 +14,9 @@
    (see `scheduler`; `--no-zero-terminal-snr` gives SD 1.x's epsilon schedule) with min-SNR weighting (see
    `training.objective.min_snr_weights`), the caption replaced by the empty prompt 10% of the time (classifier-free guidance),
    with an EMA of both; every `curve_every` steps the EMA weights sample held-out captions and the probe
-   reads them (`curve`: the learning curve)
+   reads them (`curve`: the learning curve). With `partial_captions` / `shifted_captions`, captions of varied
+   detail (a random subset of their parts) and place (after padding positions): a base that reads a word
+   wherever it stands, as ViLex + text puts words after the tokens (`vary_caption`, `shifted_prompts`)
 4. decoder stage: the VAE's decoder alone, fine-tuned on whole scenes with the encoder frozen (as Stable
    Diffusion's ft-MSE VAE was): the latent space the UNet learned stays the same, reconstructions sharpen
 5. OUT/pipeline: a ViLex checkpoint (the trained base + an untrained ViLex encoder) for `vilex train`
@@ -46,7 +48,7 @@ from ..training.objective import min_snr_weights, training_noise_scheduler
 from ..training.optim import lr_factor
 from . import components, curve
 from .config import BaseConfig
-from .scenes import SPLITS, fingerprint, make_scenes, render_all
+from .scenes import CAPTION_PARTS, SPLITS, fingerprint, make_scenes, partial_caption, render_all
 
 
 VAE_KL_WEIGHT = 1e-6
@@ -249,7 +251,32 @@ def encode_all(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(means), torch.cat(stds)
 
 
-def train_text_to_image(config: BaseConfig, vae, captions: list[str], pixels: torch.Tensor):
+def vary_caption(scene, config: BaseConfig, generator: torch.Generator) -> str:
+    """The scene's caption, or with probability `partial_captions` a random non-empty subset of its parts."""
+    if not config.partial_captions or torch.rand((), generator=generator) >= config.partial_captions:
+        return scene.caption  # (no random draw at 0: runs made before this option continue with the same numbers)
+    while True:
+        kept = torch.rand(len(CAPTION_PARTS), generator=generator) < 0.5
+        if kept.any():
+            return partial_caption(scene, [p for p, k in zip(CAPTION_PARTS, kept.tolist()) if k])
+
+
+def shifted_prompts(prompt_builder, prompts: list[str], share: float, generator: torch.Generator) -> torch.Tensor:
+    """Word embeddings of the prompts, a `share` of them placed after 1 .. (as many as fit) padding positions:
+    [BOS] [PAD x s] words [EOS] [PAD ...], built as ViLex + text is, with the padding embedding as the tokens."""
+    if not share:
+        return prompt_builder(None, prompts)
+    table = prompt_builder.token_embedding.weight
+    room = [prompt_builder.max_text_tokens(0) - len(prompt_builder.text_ids(p)) if p else 0 for p in prompts]
+    shift = [int(torch.randint(1, r + 1, (), generator=generator)) if r and torch.rand((), generator=generator) < share
+             else 0 for r in room]
+    tok = prompt_builder.tokenizer
+    pad = table[tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id]
+    prefix = pad.expand(len(prompts), max(max(shift), 1), -1)
+    return prompt_builder(prefix, prompts, lengths=torch.tensor(shift))
+
+
+def train_text_to_image(config: BaseConfig, vae, scenes: list, pixels: torch.Tensor):
     tokenizer = components.toy_tokenizer()
     torch.manual_seed(config.seed + 1)  # the initial weights
     device = torch.device(config.device)
@@ -279,11 +306,11 @@ def train_text_to_image(config: BaseConfig, vae, captions: list[str], pixels: to
         index = torch.randint(0, N, (config.unet_batch_size,), generator=g)
         latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=g)) * scaling
         keep = torch.rand(len(index), generator=g) >= CAPTION_DROPOUT
-        prompts = [captions[i] if k else "" for i, k in zip(index.tolist(), keep.tolist())]
+        prompts = [vary_caption(scenes[i], config, g) if k else "" for i, k in zip(index.tolist(), keep.tolist())]
         noise = torch.randn(latents.shape, generator=g)
         timesteps = torch.randint(0, T, (len(index),), generator=g)
         latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-        prompt_embeds = encoder(prompt_builder(None, prompts))  # (B, 77, D)
+        prompt_embeds = encoder(shifted_prompts(prompt_builder, prompts, config.shifted_captions, g))  # (B, 77, D)
         prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, prompt_embeds).sample
         if noise_scheduler.config.prediction_type == "v_prediction":
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -378,8 +405,7 @@ def train_base(config: BaseConfig) -> Path:
         log_vae_psnr(vae, config, stage="vae", **{"from": config.init_from})
     else:
         vae = train_vae(config, pixels)
-    tokenizer, text_encoder, unet, pipeline_scheduler = train_text_to_image(
-        config, vae, [s.caption for s in scenes], pixels)
+    tokenizer, text_encoder, unet, pipeline_scheduler = train_text_to_image(config, vae, scenes, pixels)
     if config.decoder_steps:
         vae = train_decoder(config, vae, pixels)
     vae, text_encoder, unet = vae.cpu(), text_encoder.cpu(), unet.cpu()  # the checkpoint is saved from the CPU
