@@ -12,7 +12,7 @@ from vilex.toyworld.components import toy_tokenizer
 from vilex.toyworld.probe import AttributeProbe, _degrade, targets_of
 from vilex.toyworld.scenes import (
     BACKGROUNDS, CELLS, COLOR_NAMES, IMAGE_SIZE, SHAPES, SIZES, SPLITS, SceneObject, caption_vocabulary, make_scene,
-    make_scenes, object_mask,
+    make_scenes, object_mask, partial_caption,
 )
 
 # The 3 x 3 grid of position words, written out here rather than read from the module.
@@ -117,6 +117,32 @@ def test_caption_names_each_object_and_the_background(scenes):
             assert said["shape"] == obj.shape and said["color"] == obj.color, caption
             assert said["size"] == ("large" if obj.radius >= 14.0 else "small"), caption
             assert said["cell"] == cell_from_geometry(obj.x, obj.y), caption
+
+
+def test_partial_captions_keep_the_asked_parts_in_the_captions_order(scenes):
+    """Every part kept: the whole caption; fewer: a subsequence of its words that holds the kept parts' words
+    (read with this file's caption parser) and no dropped shape or size word; asking for nothing is refused."""
+    import itertools
+
+    parts = ("size", "color", "shape", "cell", "background")
+    for scene in scenes[:40]:
+        assert partial_caption(scene, parts) == scene.caption
+        (own,), background_color, background = parse_caption(scene.caption)
+        expected = {"size": own["size"], "color": own["color"], "shape": own["shape"], "cell": own["cell"],
+                    "background": f"{background_color} {dict(map(reversed, BACKGROUND_WORDS.items()))[background]}"}
+        for keep in itertools.chain.from_iterable(itertools.combinations(parts, n) for n in (1, 2, 3)):
+            words = partial_caption(scene, keep).split()
+            full = iter(scene.caption.split())
+            assert all(w in full for w in words), (keep, words)  # a subsequence, in order
+            for part in keep:
+                assert f" {expected[part]} " in f" {' '.join(words)} ", (part, words)
+            for part in {"shape", "size"} - set(keep):
+                assert expected[part] not in words, (part, words)
+        assert partial_caption(scene, ["color"]) == own["color"]
+    with pytest.raises(ValueError, match="non-empty subset"):
+        partial_caption(scenes[0], [])
+    with pytest.raises(ValueError, match="non-empty subset"):
+        partial_caption(scenes[0], ["shade"])
 
 
 def test_swapped_captions_change_exactly_one_word_to_every_other_value(scenes):

@@ -88,3 +88,38 @@ def test_atomic_folder_replaces_an_existing_folder_with_subfolders(tmp_path):
     assert sorted(p.name for p in (out / "unet").iterdir()) == ["new.bin"]
     assert (out / "model_index.json").read_text() == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]  # no staging or retired folder left
+
+
+def test_shifted_prompts_put_the_words_after_padding_and_leave_the_rest_as_the_prompt_builder_does():
+    """`--shifted-captions`: a shifted caption's word embeddings follow BOS and 1 .. (as many as fit) padding
+    embeddings, then EOS and padding to 77; with share 0 (and for the empty prompt) the rows are the prompt
+    builder's own. Checked against the embedding table rows of the tokenizer's ids."""
+    from vilex.bridge import PromptBuilder
+    from vilex.toyworld import components
+    from vilex.toyworld.config import BaseConfig
+    from vilex.toyworld.train_base import shifted_prompts
+
+    tokenizer = components.toy_tokenizer()
+    table = components.toy_text_encoder(tokenizer).get_input_embeddings()
+    builder = PromptBuilder(tokenizer, table)
+    prompts = ["a small red square in the center on a blue plain background", "", "red"] * 8
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(shifted_prompts(builder, prompts, 0.0, generator), builder(None, prompts))
+    rows = shifted_prompts(builder, prompts, 1.0, generator)
+    W, pad = table.weight, table.weight[tokenizer.pad_token_id]
+    shifts = set()
+    for row, prompt in zip(rows, prompts):
+        ids = tokenizer(prompt)["input_ids"]  # [BOS] words [EOS]
+        if not prompt:
+            assert torch.equal(row, builder(None, [""])[0])
+            continue
+        start = next(i for i in range(1, 77) if not torch.equal(row[i], pad))  # the first word
+        shifts.add(start - 1)
+        assert 1 <= start - 1 <= 75 - (len(ids) - 2)
+        assert torch.equal(row[0], W[ids[0]]) and torch.equal(row[start:start + len(ids) - 1], W[ids[1:]])
+        assert all(torch.equal(r, pad) for r in row[start + len(ids) - 1:])
+    assert len(shifts) > 4  # the shift varies
+
+    # Added later: at 0 neither option is part of a run's identity, so runs made before them still resume.
+    assert "partial_captions" not in BaseConfig(out="x").identity()
+    assert BaseConfig(out="x", shifted_captions=0.5).identity()["shifted_captions"] == 0.5
