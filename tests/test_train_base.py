@@ -120,6 +120,35 @@ def test_shifted_prompts_put_the_words_after_padding_and_leave_the_rest_as_the_p
         assert all(torch.equal(r, pad) for r in row[start + len(ids) - 1:])
     assert len(shifts) > 4  # the shift varies
 
+    # A share below 1 shifts some captions and leaves the others where the prompt builder puts them.
+    rows = shifted_prompts(builder, prompts[:1] * 64, 0.5, generator)
+    unshifted = sum(torch.equal(row, builder(None, prompts[:1])[0]) for row in rows)
+    assert 10 < unshifted < 54, unshifted
+
     # Added later: at 0 neither option is part of a run's identity, so runs made before them still resume.
-    assert "partial_captions" not in BaseConfig(out="x").identity()
+    assert not {"partial_captions", "shifted_captions"} & BaseConfig(out="x").identity().keys()
     assert BaseConfig(out="x", shifted_captions=0.5).identity()["shifted_captions"] == 0.5
+
+
+def test_vary_caption_draws_nothing_at_0_and_partial_captions_at_its_share():
+    """`--partial-captions`: at 0 the caption itself and no random draw (a resumed older run keeps its numbers); at
+    1 every caption a partial one (a subsequence of the caption's words), of many different subsets; at 0.5 both."""
+    from vilex.toyworld.config import BaseConfig
+    from vilex.toyworld.scenes import SPLITS, make_scenes
+    from vilex.toyworld.train_base import vary_caption
+
+    scene = make_scenes(1, SPLITS["heldout"])[0]
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    assert vary_caption(scene, BaseConfig(out="x"), generator) == scene.caption
+    assert torch.equal(generator.get_state(), state)
+    drawn = [vary_caption(scene, BaseConfig(out="x", partial_captions=1.0), generator) for _ in range(200)]
+    def content(text):  # the words apart from articles ("a orange" is "an orange" in a partial caption)
+        return [w for w in text.split() if w not in ("a", "an")]
+
+    for caption in drawn:
+        full = iter(content(scene.caption))
+        assert caption and all(w in full for w in content(caption)), caption
+    assert len(set(drawn)) > 15 and drawn.count(scene.caption) < 20
+    half = [vary_caption(scene, BaseConfig(out="x", partial_captions=0.5), generator) for _ in range(200)]
+    assert 70 < half.count(scene.caption) < 140

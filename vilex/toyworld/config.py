@@ -46,9 +46,10 @@ class BaseConfig:
     vae_check_scenes: int = 256  # held-out ("test") scenes the VAE's logged round-trip PSNR is measured on
     zero_terminal_snr: bool = True
     # Captions of varied detail and place (a base that reads words wherever they stand, as ViLex + text puts them
-    # after the tokens): the share of captions that keep a random subset of their parts (`scenes.partial_caption`,
-    # each part kept with probability 1/2), and the share placed after a random number (1 .. as many as fit) of
-    # padding positions instead of right after BOS.
+    # after the tokens): the share of captions that keep a random non-empty subset of their parts
+    # (`scenes.partial_caption`, each part kept with probability 1/2, an empty draw drawn again), and the share
+    # placed after a random number (1 .. as many as fit) of padding positions instead of right after BOS. Both
+    # apply to the captions left after the 10% caption dropout.
     partial_captions: float = 0.0
     shifted_captions: float = 0.0
     device: str = "cpu"  # cpu | cuda | cuda:N; not part of a run's identity: a run may continue on another device

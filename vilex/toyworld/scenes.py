@@ -215,7 +215,7 @@ def partial_caption(scene: Scene, keep) -> str:
     main = scene.main
     words = [getattr(main, part) for part in ("size", "color", "shape") if part in keep]
     if "shape" in keep:
-        words.insert(0, "a")
+        words.insert(0, _article(words[0]))
     if "cell" in keep:
         words.append(_position_phrase(main.cell))
     if "background" in keep:
