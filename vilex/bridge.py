@@ -59,6 +59,12 @@ class PromptBuilder:
         self.token_embedding = token_embedding
         self.max_length = int(tokenizer.model_max_length)
 
+    @property
+    def pad_id(self) -> int:
+        """The token after EOS up to the encoder's length: the tokenizer's padding token, or EOS without one."""
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
     def text_ids(self, prompt: str) -> list[int]:
         """Token ids of `prompt` without BOS/EOS."""
         ids = self.tokenizer(prompt, add_special_tokens=False, truncation=False)["input_ids"]
@@ -103,8 +109,7 @@ class PromptBuilder:
             raise ViLexUsageError(f"got {len(prompts)} prompts for a batch of {B} token sequences")
         table = self.token_embedding.weight
         tok = self.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        bos, eos, pad = (table[i] for i in (tok.bos_token_id, tok.eos_token_id, pad_id))  # each (D,)
+        bos, eos, pad = (table[i] for i in (tok.bos_token_id, tok.eos_token_id, self.pad_id))  # each (D,)
         rows = []
         for b in range(B):
             k = 0

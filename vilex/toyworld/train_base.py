@@ -266,12 +266,10 @@ def shifted_prompts(prompt_builder, prompts: list[str], share: float, generator:
     [BOS] [PAD x s] words [EOS] [PAD ...], built as ViLex + text is, with the padding embedding as the tokens."""
     if not share:
         return prompt_builder(None, prompts)
-    table = prompt_builder.token_embedding.weight
-    room = [prompt_builder.max_text_tokens(0) - len(prompt_builder.text_ids(p)) if p else 0 for p in prompts]
+    room = [prompt_builder.max_vilex_tokens(p) if p else 0 for p in prompts]  # padding positions that fit
     shift = [int(torch.randint(1, r + 1, (), generator=generator)) if r and torch.rand((), generator=generator) < share
              else 0 for r in room]
-    tok = prompt_builder.tokenizer
-    pad = table[tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id]
+    pad = prompt_builder.token_embedding.weight[prompt_builder.pad_id]
     prefix = pad.expand(len(prompts), max(max(shift), 1), -1)
     return prompt_builder(prefix, prompts, lengths=torch.tensor(shift))
 
