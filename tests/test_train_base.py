@@ -50,7 +50,8 @@ def test_train_base_runs_every_stage_logs_the_curve_and_resumes(tmp_path, capsys
 def test_init_from_keeps_the_vae_and_starts_from_the_text_encoder_and_unet(tmp_path, capsys):
     """`--init-from` a trained base (the shipped one): no VAE stage, its VAE encoder kept exactly; the text encoder
     and UNet start from its weights (one AdamW step moves each weight by about the learning rate, 5e-4; a fresh
-    initialization differs by far more); a folder that is not a base is refused, naming the flag."""
+    initialization differs by far more); with --unet-steps 0 they stay exactly as they were and only the decoder
+    trains; a folder that is not a base is refused, naming the flag, and --unet-steps 0 without a warm start too."""
     from vilex.toyworld.shipped import checkpoint_path
 
     source = ViLexPipeline.from_pretrained(checkpoint_path())
@@ -67,8 +68,22 @@ def test_init_from_keeps_the_vae_and_starts_from_the_text_encoder_and_unet(tmp_p
         moved = max(float((after[k] - v).abs().max()) for k, v in before.items())
         assert moved < 2e-3, (name, moved)
 
+    # --unet-steps 0: the text encoder and UNet exactly as they were; only the decoder trains.
+    run[run.index("--unet-steps") + 1] = "0"
+    assert main(["toyworld", "train-base", str(tmp_path / "decoder-only"), *run]) == 0
+    tuned = ViLexPipeline.from_pretrained(tmp_path / "decoder-only" / "pipeline")
+    for name in ("unet", "text_encoder"):
+        before, after = getattr(source, name).state_dict(), getattr(tuned, name).state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in before.items()), name
+    vae_before, vae_after = source.vae.state_dict(), tuned.vae.state_dict()
+    assert all(torch.equal(v, vae_after[k]) for k, v in encoder.items())
+    assert not all(torch.equal(vae_after[k], v) for k, v in vae_before.items() if k.startswith("decoder."))
+
     assert main(["toyworld", "train-base", str(tmp_path / "other"), "--init-from", str(tmp_path)]) == 2
     assert "--init-from must be a trained base's pipeline folder" in capsys.readouterr().err
+    assert main(["toyworld", "train-base", str(tmp_path / "other"), *TINY_RUN[:4], "--unet-steps", "0"]) == 2
+    assert "--unet-steps 0 keeps a warm start's text encoder and UNet as they are: it needs --init-from" in \
+        capsys.readouterr().err
 
 
 def test_atomic_folder_replaces_an_existing_folder_with_subfolders(tmp_path):

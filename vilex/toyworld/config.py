@@ -64,15 +64,19 @@ class BaseConfig:
                 if k not in self.IDENTITY_EXCLUDES and not (k in self.ADDED_LATER and v == getattr(defaults, k))}
 
     def validate(self) -> "BaseConfig":
-        for name in ("num_scenes", "vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size", "checkpoint_every",
-                     "log_every"):
+        for name in ("num_scenes", "vae_steps", "vae_batch_size", "unet_batch_size", "checkpoint_every", "log_every"):
             check_range(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        # 0 UNet steps keeps a warm start's text encoder and UNet as they are (a decoder-only fine-tune).
+        if self.unet_steps == 0 and not self.init_from:
+            raise ViLexUsageError("--unet-steps 0 keeps a warm start's text encoder and UNet as they are: it needs "
+                                  "--init-from (a trained base's pipeline folder)")
+        check_range("--unet-steps", self.unet_steps, 0)
         check_range("--vae-crop", self.vae_crop, 8, 64)
         if self.vae_crop % 4:
             raise ViLexUsageError(f"--vae-crop must be a multiple of 4 (the VAE's factor), got {self.vae_crop}")
         check_range("--decoder-steps", self.decoder_steps, 0)
         check_range("--warmup-steps", self.warmup_steps, 0,
-                    min(self.vae_steps, self.unet_steps, *([self.decoder_steps] if self.decoder_steps else [])))
+                    min(self.vae_steps, *[steps for steps in (self.unet_steps, self.decoder_steps) if steps]))
         check_range("--ema-decay", self.ema_decay, 0.0, 1.0)
         check_range("--min-snr-gamma", self.min_snr_gamma, 0.0)
         check_range("--curve-every", self.curve_every, 0)

@@ -3,6 +3,7 @@
     vilex toyworld train-base OUT [--vae-steps 2000] [--unet-steps 8000] [--seed 0]
     vilex toyworld train-base OUT --init-from OLD/pipeline [--unet-steps 4000]   a warm start: the old base's VAE
                                   kept (no stage 2), its text encoder and UNet the starting weights of stage 3
+                                  (--unet-steps 0: kept as they are, e.g. to fine-tune only the decoder)
 
 1. scenes: `num_scenes` training scenes rendered once (split "train"), held in memory as uint8
 2. VAE stage: AutoencoderKL on whole scenes (`vae_crop` 64; smaller crops are cheaper but leave a frame
@@ -403,7 +404,12 @@ def train_base(config: BaseConfig) -> Path:
         log_vae_psnr(vae, config, stage="vae", **{"from": config.init_from})
     else:
         vae = train_vae(config, pixels)
-    tokenizer, text_encoder, unet, pipeline_scheduler = train_text_to_image(config, vae, scenes, pixels)
+    if config.unet_steps:
+        tokenizer, text_encoder, unet, pipeline_scheduler = train_text_to_image(config, vae, scenes, pixels)
+    else:  # --init-from with --unet-steps 0: that base's text encoder and UNet as they are
+        source = ViLexPipeline.from_pretrained(config.init_from)
+        tokenizer, text_encoder, unet, pipeline_scheduler = (source.tokenizer, source.text_encoder, source.unet,
+                                                             source.scheduler)
     if config.decoder_steps:
         vae = train_decoder(config, vae, pixels)
     vae, text_encoder, unet = vae.cpu(), text_encoder.cpu(), unet.cpu()  # the checkpoint is saved from the CPU
