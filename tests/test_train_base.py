@@ -5,6 +5,7 @@ rerun is a resume that refuses other options."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -69,7 +70,8 @@ def test_init_from_keeps_the_vae_and_starts_from_the_text_encoder_and_unet(tmp_p
         assert moved < 2e-3, (name, moved)
 
     # --unet-steps 0: the text encoder and UNet exactly as they were; only the decoder trains.
-    run[run.index("--unet-steps") + 1] = "0"
+    run = ["--init-from", str(checkpoint_path()), *TINY_RUN[:4], "--unet-steps", "0", "--decoder-steps", "1",
+           *TINY_RUN[8:10], "--warmup-steps", "0", *CHECK]
     assert main(["toyworld", "train-base", str(tmp_path / "decoder-only"), *run]) == 0
     tuned = ViLexPipeline.from_pretrained(tmp_path / "decoder-only" / "pipeline")
     for name in ("unet", "text_encoder"):
@@ -84,6 +86,18 @@ def test_init_from_keeps_the_vae_and_starts_from_the_text_encoder_and_unet(tmp_p
     assert main(["toyworld", "train-base", str(tmp_path / "other"), *TINY_RUN[:4], "--unet-steps", "0"]) == 2
     assert "--unet-steps 0 keeps a warm start's text encoder and UNet as they are: it needs --init-from" in \
         capsys.readouterr().err
+    # With --unet-steps 0: nothing to train, options of the skipped stage, a warm start without what is kept.
+    for extra, message in ((["--decoder-steps", "0"], "--unet-steps 0 with --decoder-steps 0 trains nothing"),
+                           (["--unet-batch-size", "4", "--no-zero-terminal-snr"],
+                            "--unet-batch-size, --no-zero-terminal-snr only act on the text-to-image stage")):
+        assert main(["toyworld", "train-base", str(tmp_path / "other"), *run, *extra]) == 2
+        assert message in capsys.readouterr().err
+    partial = tmp_path / "partial"
+    for name in ("unet", "text_encoder", "vae"):
+        shutil.copytree(checkpoint_path() / name, partial / name)
+    run[1] = str(partial)
+    assert main(["toyworld", "train-base", str(tmp_path / "other"), *run]) == 2
+    assert "has no model_index.json, tokenizer, scheduler" in capsys.readouterr().err
 
 
 def test_atomic_folder_replaces_an_existing_folder_with_subfolders(tmp_path):

@@ -63,13 +63,35 @@ class BaseConfig:
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in self.IDENTITY_EXCLUDES and not (k in self.ADDED_LATER and v == getattr(defaults, k))}
 
+    # The options only the text-to-image stage reads: --unet-steps 0 refuses them rather than ignore them.
+    UNET_STAGE_OPTIONS = {"unet_batch_size": "--unet-batch-size", "unet_lr": "--unet-lr", "ema_decay": "--ema-decay",
+                          "min_snr_gamma": "--min-snr-gamma", "curve_probe": "--curve-probe",
+                          "zero_terminal_snr": "--no-zero-terminal-snr", "partial_captions": "--partial-captions",
+                          "shifted_captions": "--shifted-captions"}
+
+    def _check_no_unet_stage(self) -> None:
+        if not self.init_from:
+            raise ViLexUsageError("--unet-steps 0 keeps a warm start's text encoder and UNet as they are: it needs "
+                                  "--init-from (a trained base's pipeline folder)")
+        if self.decoder_steps == 0:
+            raise ViLexUsageError("--unet-steps 0 with --decoder-steps 0 trains nothing: give either a number of steps")
+        defaults = BaseConfig(out="")
+        given = [flag for name, flag in self.UNET_STAGE_OPTIONS.items() if getattr(self, name) != getattr(defaults, name)]
+        if given:
+            raise ViLexUsageError(f"{', '.join(given)} only act on the text-to-image stage, which --unet-steps 0 "
+                                  f"skips (the warm start's text encoder, UNet and scheduler are kept as they are)")
+        missing = [entry for entry in ("model_index.json", "tokenizer", "scheduler")
+                   if not (Path(self.init_from) / entry).exists()]
+        if missing:
+            raise ViLexUsageError(f"--unet-steps 0 keeps --init-from's text encoder, UNet, tokenizer and scheduler, "
+                                  f"but {self.init_from!r} has no {', '.join(missing)}")
+
     def validate(self) -> "BaseConfig":
         for name in ("num_scenes", "vae_steps", "vae_batch_size", "unet_batch_size", "checkpoint_every", "log_every"):
             check_range(f"--{name.replace('_', '-')}", getattr(self, name), 1)
         # 0 UNet steps keeps a warm start's text encoder and UNet as they are (a decoder-only fine-tune).
-        if self.unet_steps == 0 and not self.init_from:
-            raise ViLexUsageError("--unet-steps 0 keeps a warm start's text encoder and UNet as they are: it needs "
-                                  "--init-from (a trained base's pipeline folder)")
+        if self.unet_steps == 0:
+            self._check_no_unet_stage()
         check_range("--unet-steps", self.unet_steps, 0)
         check_range("--vae-crop", self.vae_crop, 8, 64)
         if self.vae_crop % 4:
