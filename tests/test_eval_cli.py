@@ -70,6 +70,35 @@ def test_eval_on_a_folder_skips_unreadable_files_and_says_when_it_leaves_the_cap
     assert result["config"]["sweep_n"] == 2  # min(32, the 2 readable images), not 32 against --n 8
 
 
+def test_the_sweep_covers_each_guidance_and_matches_the_main_table_at_its_own(tiny_ckpt, tmp_path, capsys):
+    """`--sweep-guidance` adds guidance to the sweep: a row per guidance (and steps, tokens), in the JSON and the
+    markdown. At the main table's own guidance, steps and the checkpoint's scheduler (DDIM) a sweep row is the
+    main row's images again, so its PSNR is the main row's, made by another path; another guidance moves it.
+    A value that is not a number, or out of range, is refused naming the flag."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels = np.random.default_rng(2).integers(0, 255, (64, 64, 3)).astype(np.uint8)
+    Image.fromarray(pixels).save(folder / "a.png")
+    assert main(["eval", str(tiny_ckpt), "--images", str(folder), "--n", "1", "--tokens", "4", "--steps", "2",
+                 "--guidance", "3", "--no-baselines", "--sweep-steps", "2", "--sweep-schedulers", "ddim",
+                 "--sweep-guidance", "1,3", "--out", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    main_row = next(r for r in result["rows"] if not r.get("sweep"))
+    sweep = {r["guidance"]: r for r in result["rows"] if r.get("sweep")}
+    assert sorted(sweep) == [1.0, 3.0] and all(r["steps"] == 2 and r["tokens"] == 4 for r in sweep.values())
+    assert sweep[3.0]["psnr"]["mean"] == main_row["psnr"]["mean"]
+    assert sweep[1.0]["psnr"]["mean"] != main_row["psnr"]["mean"]
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "| backend | scheduler | guidance | steps | tokens |" in table
+    assert "| torch | ddim | 1 | 2 | 4 |" in table and "| torch | ddim | 3 | 2 | 4 |" in table
+
+    for value, message in (("3,x", "--sweep-guidance takes comma-separated numbers, got '3,x'"),
+                           ("3,101", "--sweep-guidance must be in 0..100, got 101")):
+        assert main(["eval", str(tiny_ckpt), "--sweep-guidance", value, "--out", str(tmp_path / "e")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
 def test_eval_compares_each_later_backend_with_the_first(tiny_ckpt, tiny_engines, tmp_path):
     """With several backends, each later backend's rows carry the PSNR between its reconstructions and the first
     backend's, checked against `vilex reconstruct`'s PNGs of both backends, measured with numpy."""

@@ -17,6 +17,13 @@ def _ints(flag: str, text: str) -> list[int]:
         raise ViLexUsageError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
+def _floats(flag: str, text: str) -> list[float]:
+    try:
+        return [float(v) for v in _list(text)]
+    except ValueError:
+        raise ViLexUsageError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="measure image -> tokens -> image on held-out inputs (PSNR, SSIM, probe agreement)",
@@ -39,6 +46,8 @@ def add_parser(subparsers) -> None:
                    help=f"text-free guidance weight of the edit row (default {DEFAULT_GUIDANCE})")
     p.add_argument("--sweep-steps", default="10,25,50", help="steps of the trade-off sweep (default 10,25,50)")
     p.add_argument("--sweep-schedulers", default="ddim,dpm++", help="schedulers of the sweep (default ddim,dpm++)")
+    p.add_argument("--sweep-guidance", default=None,
+                   help="classifier-free guidance scales of the sweep, comma-separated (default: --guidance)")
     p.add_argument("--sweep-n", type=int, default=None,
                    help="images in the sweep, 0 = no sweep (default: 32, or --n when that is smaller)")
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
@@ -62,6 +71,8 @@ def cmd_eval(args) -> None:
                         n=args.n, images=args.images, probe=args.probe, steps=args.steps, guidance=args.guidance,
                         edit_guidance=args.edit_guidance, sweep_steps=_ints("--sweep-steps", args.sweep_steps),
                         sweep_schedulers=_list(args.sweep_schedulers), sweep_n=args.sweep_n,
+                        sweep_guidance=None if args.sweep_guidance is None else _floats("--sweep-guidance",
+                                                                                         args.sweep_guidance),
                         batch_size=args.batch_size, seed=args.seed, protocol=args.protocol,
                         baselines=args.baselines)
     run_eval(config)

@@ -23,6 +23,7 @@ the rows differ only in their conditioning: differences between rows are paired,
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,7 @@ class EvalConfig:
     edit_guidance: float = settings.DEFAULT_GUIDANCE  # text-free guidance weight of the edit row
     sweep_steps: list[int] = field(default_factory=lambda: [10, 25, 50])
     sweep_schedulers: list[str] = field(default_factory=lambda: ["ddim", "dpm++"])
+    sweep_guidance: list[float] | None = None  # classifier-free guidance scales of the sweep; None: [guidance]
     sweep_n: int | None = None  # 0 turns the sweep off; None: min(DEFAULT_SWEEP_N, n)
     baselines: bool = True  # False: the ViLex rows only (deployment comparisons, pooler comparisons)
     batch_size: int = 50
@@ -280,6 +282,9 @@ class Evaluation:
         settings.check_text_guidance(config.edit_guidance, "--edit-guidance")
         for steps in config.sweep_steps:
             settings.check_steps(steps, "--sweep-steps")
+        if config.sweep_guidance is None:  # as before the option: the main table's guidance
+            config.sweep_guidance = [config.guidance]
+        config.sweep_guidance = [settings.check_guidance(g, "--sweep-guidance") for g in config.sweep_guidance]
         check_range("--batch-size", config.batch_size, 1, 4096)
         for name in config.sweep_schedulers:
             if name not in SCHEDULERS:
@@ -389,17 +394,16 @@ class Evaluation:
         try:
             for scheduler in c.sweep_schedulers:
                 runner.set_scheduler(scheduler)
-                for steps in c.sweep_steps:
-                    for k in self.token_counts:
-                        tokens = self._tokens[:, :k]
-                        images = _batched(lambda i: runner.generate(tokens[i], None, steps, c.guidance, c.seed),
-                                          c.sweep_n, c.batch_size)
-                        latency = _latency_ms(lambda: runner.generate(tokens[:1], None, steps, c.guidance, c.seed))
-                        row = {"backend": backend, "condition": f"vilex-{k}", "tokens": k, "steps": steps,
-                               "scheduler": scheduler, "guidance": c.guidance, "latency_ms_batch1": latency,
-                               "sweep": True, **self.measure(images, index)}
-                        self.rows.append(row)
-                        log(format_row(row))
+                for guidance, steps, k in itertools.product(c.sweep_guidance, c.sweep_steps, self.token_counts):
+                    tokens = self._tokens[:, :k]
+                    images = _batched(lambda i: runner.generate(tokens[i], None, steps, guidance, c.seed),
+                                      c.sweep_n, c.batch_size)
+                    latency = _latency_ms(lambda: runner.generate(tokens[:1], None, steps, guidance, c.seed))
+                    row = {"backend": backend, "condition": f"vilex-{k}", "tokens": k, "steps": steps,
+                           "scheduler": scheduler, "guidance": guidance, "latency_ms_batch1": latency,
+                           "sweep": True, **self.measure(images, index)}
+                    self.rows.append(row)
+                    log(format_row(row) + (f"  guidance {guidance:g}" if len(c.sweep_guidance) > 1 else ""))
         finally:
             runner.set_scheduler(None)
 
@@ -488,11 +492,12 @@ def markdown(result: dict) -> str:
     sweep = [r for r in result["rows"] if r.get("sweep")]
     if sweep:
         text += ["", f"## Trade-off ({c['sweep_n']} images; latency: one image, batch 1)", "",
-                 "| backend | scheduler | steps | tokens | PSNR dB | position error px | latency ms |",
-                 "| --- | --- | --- | --- | --- | --- | --- |"]
+                 "| backend | scheduler | guidance | steps | tokens | PSNR dB | position error px | latency ms |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sweep:
-            text.append(f"| {r['backend']} | {r['scheduler']} | {r['steps']} | {r['tokens']} | {_figure(r['psnr'])} | "
-                        f"{_figure(r.get('position_error_px'), 1)} | {r['latency_ms_batch1']:.0f} |")
+            text.append(f"| {r['backend']} | {r['scheduler']} | {r['guidance']:g} | {r['steps']} | {r['tokens']} | "
+                        f"{_figure(r['psnr'])} | {_figure(r.get('position_error_px'), 1)} | "
+                        f"{r['latency_ms_batch1']:.0f} |")
     return "\n".join(text) + "\n"
 
 
@@ -508,10 +513,12 @@ def tradeoff_plot(result: dict, path: Path) -> bool:
     except ImportError:
         return False
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for key in dict.fromkeys((r["backend"], r["scheduler"], r["tokens"]) for r in sweep):
+    several = len({r["guidance"] for r in sweep}) > 1
+    for key in dict.fromkeys((r["backend"], r["scheduler"], r["tokens"], r["guidance"]) for r in sweep):
         points = sorted((r["latency_ms_batch1"], r["psnr"]["mean"], r["steps"]) for r in sweep
-                        if (r["backend"], r["scheduler"], r["tokens"]) == key)
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{key[0]} {key[1]} {key[2]} tok")
+                        if (r["backend"], r["scheduler"], r["tokens"], r["guidance"]) == key)
+        label = f"{key[0]} {key[1]} {key[2]} tok" + (f" g {key[3]:g}" if several else "")
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         for latency, value, steps in points:
             axis.annotate(str(steps), (latency, value), fontsize=7)
     axis.set_xlabel("latency per image, batch 1 (ms)")
