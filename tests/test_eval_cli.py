@@ -93,7 +93,8 @@ def test_the_sweep_covers_each_guidance_and_matches_the_main_table_at_its_own(ti
     assert "| torch | ddim | 1 | 2 | 4 |" in table and "| torch | ddim | 3 | 2 | 4 |" in table
 
     for value, message in (("3,x", "--sweep-guidance takes comma-separated numbers, got '3,x'"),
-                           ("3,101", "--sweep-guidance must be in 0..100, got 101")):
+                           ("3,101", "--sweep-guidance must be in 0..100, got 101"),
+                           ("", "--sweep-guidance takes at least one guidance scale, got none")):
         assert main(["eval", str(tiny_ckpt), "--sweep-guidance", value, "--out", str(tmp_path / "e")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "e").exists()

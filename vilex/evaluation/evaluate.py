@@ -284,6 +284,8 @@ class Evaluation:
             settings.check_steps(steps, "--sweep-steps")
         if config.sweep_guidance is None:  # as before the option: the main table's guidance
             config.sweep_guidance = [config.guidance]
+        if not config.sweep_guidance:
+            raise ViLexUsageError("--sweep-guidance takes at least one guidance scale, got none")
         config.sweep_guidance = [settings.check_guidance(g, "--sweep-guidance") for g in config.sweep_guidance]
         check_range("--batch-size", config.batch_size, 1, 4096)
         for name in config.sweep_schedulers:
