@@ -10,18 +10,13 @@ def _list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def _ints(flag: str, text: str) -> list[int]:
+def _numbers(flag: str, text: str, kind: type = int) -> list:
+    """Comma-separated integers (kind int) or numbers (kind float), or an error naming the flag."""
     try:
-        return [int(v) for v in _list(text)]
+        return [kind(v) for v in _list(text)]
     except ValueError:
-        raise ViLexUsageError(f"{flag} takes comma-separated integers, got {text!r}") from None
-
-
-def _floats(flag: str, text: str) -> list[float]:
-    try:
-        return [float(v) for v in _list(text)]
-    except ValueError:
-        raise ViLexUsageError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+        what = "integers" if kind is int else "numbers"
+        raise ViLexUsageError(f"{flag} takes comma-separated {what}, got {text!r}") from None
 
 
 def add_parser(subparsers) -> None:
@@ -69,10 +64,10 @@ def cmd_eval(args) -> None:
         ckpt = str(checkpoint_path())
     config = EvalConfig(checkpoint=ckpt, out=args.out, backends=_list(args.backend), tokens=_list(args.tokens),
                         n=args.n, images=args.images, probe=args.probe, steps=args.steps, guidance=args.guidance,
-                        edit_guidance=args.edit_guidance, sweep_steps=_ints("--sweep-steps", args.sweep_steps),
+                        edit_guidance=args.edit_guidance, sweep_steps=_numbers("--sweep-steps", args.sweep_steps),
                         sweep_schedulers=_list(args.sweep_schedulers), sweep_n=args.sweep_n,
-                        sweep_guidance=None if args.sweep_guidance is None else _floats("--sweep-guidance",
-                                                                                         args.sweep_guidance),
+                        sweep_guidance=None if args.sweep_guidance is None else _numbers("--sweep-guidance",
+                                                                                          args.sweep_guidance, float),
                         batch_size=args.batch_size, seed=args.seed, protocol=args.protocol,
                         baselines=args.baselines)
     run_eval(config)

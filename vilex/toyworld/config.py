@@ -59,9 +59,11 @@ class BaseConfig:
 
     def identity(self) -> dict:
         """The options that make a run what it is (a rerun must give the same)."""
-        defaults = BaseConfig(out="")
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in self.IDENTITY_EXCLUDES and not (k in self.ADDED_LATER and v == getattr(defaults, k))}
+                if k not in self.IDENTITY_EXCLUDES and not (k in self.ADDED_LATER and self._is_default(k))}
+
+    def _is_default(self, name: str) -> bool:
+        return getattr(self, name) == {f.name: f.default for f in dataclasses.fields(self)}[name]
 
     # The options only the text-to-image stage reads: --unet-steps 0 refuses them rather than ignore them.
     UNET_STAGE_OPTIONS = {"unet_batch_size": "--unet-batch-size", "unet_lr": "--unet-lr", "ema_decay": "--ema-decay",
@@ -75,8 +77,7 @@ class BaseConfig:
                                   "--init-from (a trained base's pipeline folder)")
         if self.decoder_steps == 0:
             raise ViLexUsageError("--unet-steps 0 with --decoder-steps 0 trains nothing: give either a number of steps")
-        defaults = BaseConfig(out="")
-        given = [flag for name, flag in self.UNET_STAGE_OPTIONS.items() if getattr(self, name) != getattr(defaults, name)]
+        given = [flag for name, flag in self.UNET_STAGE_OPTIONS.items() if not self._is_default(name)]
         if given:
             raise ViLexUsageError(f"{', '.join(given)} only act on the text-to-image stage, which --unet-steps 0 "
                                   f"skips (the warm start's text encoder, UNet and scheduler are kept as they are)")
