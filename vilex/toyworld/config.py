@@ -52,10 +52,13 @@ class BaseConfig:
     # apply to the captions left after the 10% caption dropout.
     partial_captions: float = 0.0
     shifted_captions: float = 0.0
+    # The share of (whole) captions followed by the main object's exact place and size in digits
+    # (`scenes.detailed_caption`): gives the base words for what the coarse caption leaves open.
+    detailed_captions: float = 0.0
     device: str = "cpu"  # cpu | cuda | cuda:N; not part of a run's identity: a run may continue on another device
 
     IDENTITY_EXCLUDES = ("device", "vae_check_scenes")  # neither changes what is trained
-    ADDED_LATER = ("partial_captions", "shifted_captions")  # at their default, runs made before them are the same
+    ADDED_LATER = ("partial_captions", "shifted_captions", "detailed_captions")  # at their default, runs made before them are the same
 
     def identity(self) -> dict:
         """The options that make a run what it is (a rerun must give the same)."""
@@ -69,7 +72,7 @@ class BaseConfig:
     UNET_STAGE_OPTIONS = {"unet_batch_size": "--unet-batch-size", "unet_lr": "--unet-lr", "ema_decay": "--ema-decay",
                           "min_snr_gamma": "--min-snr-gamma", "curve_probe": "--curve-probe",
                           "zero_terminal_snr": "--no-zero-terminal-snr", "partial_captions": "--partial-captions",
-                          "shifted_captions": "--shifted-captions"}
+                          "shifted_captions": "--shifted-captions", "detailed_captions": "--detailed-captions"}
 
     def _check_no_unet_stage(self) -> None:
         if not self.init_from:
@@ -107,6 +110,7 @@ class BaseConfig:
         check_range("--vae-check-scenes", self.vae_check_scenes, 1, 10_000)
         check_range("--partial-captions", self.partial_captions, 0.0, 1.0)
         check_range("--shifted-captions", self.shifted_captions, 0.0, 1.0)
+        check_range("--detailed-captions", self.detailed_captions, 0.0, 1.0)
         for name, (entries, what) in FOLDER_OPTIONS.items():
             folder = getattr(self, name)
             if folder and not all((Path(folder) / entry).exists() for entry in entries):

@@ -22,6 +22,7 @@ from .probe import ATTRIBUTES, accuracy, targets_of
 from .scenes import SPLITS, make_scenes
 
 CURVE_FILE = "learning_curve.jsonl"
+DETAILED = "detailed_"  # the prefix of a point's figures from detailed captions (train-base --detailed-captions)
 PLOT_FILE = "learning_curve.png"
 
 
@@ -39,15 +40,17 @@ def read_points(folder: Path) -> list[dict]:
 
 
 @torch.no_grad()
-def measure(pipeline, probe, n: int, seed: int = 0, batch_size: int = 32) -> dict:
+def measure(pipeline, probe, n: int, seed: int = 0, batch_size: int = 32, prompt_of=None) -> dict:
     """Caption-only samples of the first n held-out scenes -> the probe's accuracy against their ground
-    truth, per attribute, and the main object's centre error in pixels."""
+    truth, per attribute, and the main object's centre error in pixels. `prompt_of(scene)` gives the prompt
+    (default: the scene's caption)."""
+    prompt_of = prompt_of or (lambda scene: scene.caption)
     scenes = make_scenes(n, SPLITS["heldout"])
     images = []
     for start in range(0, n, batch_size):
         chunk = scenes[start:start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        images.append(pipeline.generate(None, prompt=[s.caption for s in chunk], generator=generators,
+        images.append(pipeline.generate(None, prompt=[prompt_of(s) for s in chunk], generator=generators,
                                         output_type="np", progress=False).images)
     pixels = torch.from_numpy(np.concatenate(images)).permute(0, 3, 1, 2).float()  # (n, 3, H, W) in [0, 1]
     return accuracy(probe, pixels, targets_of(scenes))
@@ -76,7 +79,12 @@ def plot(folder: Path) -> None:
              title="caption-only samples, held-out captions")
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
-    right.plot(steps, [p["center_error_px"] for p in points], marker="o", color="black")
+    right.plot(steps, [p["center_error_px"] for p in points], marker="o", color="black", label="caption")
+    if any(DETAILED + "center_error_px" in p for p in points):
+        detailed = [p for p in points if DETAILED + "center_error_px" in p]
+        right.plot([p["step"] for p in detailed], [p[DETAILED + "center_error_px"] for p in detailed], marker="s",
+                   color="tab:red", label="detailed caption")
+        right.legend(fontsize=8)
     right.set(xlabel="UNet step", ylabel="main object's centre error (px)", ylim=(0, None), title="position")
     right.grid(alpha=0.3)
     fig.suptitle(f"toy base learning curve ({settings.DEFAULT_STEPS} steps, guidance {settings.DEFAULT_GUIDANCE})")

@@ -17,7 +17,9 @@
    with an EMA of both; every `curve_every` steps the EMA weights sample held-out captions and the probe
    reads them (`curve`: the learning curve). With `partial_captions` / `shifted_captions`, captions of varied
    detail (a random subset of their parts) and place (after padding positions): a base that reads a word
-   wherever it stands, as ViLex + text puts words after the tokens (`vary_caption`, `shifted_prompts`)
+   wherever it stands, as ViLex + text puts words after the tokens (`vary_caption`, `shifted_prompts`). With
+   `detailed_captions`, some captions end in the object's exact place and size as digits (`detailed_caption`):
+   words for what the coarse caption leaves open, which the learning curve then measures too
 4. decoder stage: the VAE's decoder alone, fine-tuned on whole scenes with the encoder frozen (as Stable
    Diffusion's ft-MSE VAE was): the latent space the UNet learned stays the same, reconstructions sharpen
 5. OUT/pipeline: a ViLex checkpoint (the trained base + an untrained ViLex encoder) for `vilex train`
@@ -49,7 +51,7 @@ from ..training.objective import min_snr_weights, training_noise_scheduler
 from ..training.optim import lr_factor
 from . import components, curve
 from .config import BaseConfig
-from .scenes import CAPTION_PARTS, SPLITS, fingerprint, make_scenes, partial_caption, render_all
+from .scenes import CAPTION_PARTS, SPLITS, detailed_caption, fingerprint, make_scenes, partial_caption, render_all
 
 
 VAE_KL_WEIGHT = 1e-6
@@ -253,9 +255,13 @@ def encode_all(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def vary_caption(scene, config: BaseConfig, generator: torch.Generator) -> str:
-    """The scene's caption, or with probability `partial_captions` a random non-empty subset of its parts."""
+    """The scene's caption, or with probability `partial_captions` a random non-empty subset of its parts; a
+    whole caption is followed by its detail words (`detailed_caption`) with probability `detailed_captions`."""
+    # (No random draw for an option at 0: runs made before these options continue with the same numbers.)
     if not config.partial_captions or torch.rand((), generator=generator) >= config.partial_captions:
-        return scene.caption  # (no random draw at 0: runs made before this option continue with the same numbers)
+        if config.detailed_captions and torch.rand((), generator=generator) < config.detailed_captions:
+            return detailed_caption(scene)
+        return scene.caption
     while True:
         kept = torch.rand(len(CAPTION_PARTS), generator=generator) < 0.5
         if kept.any():
@@ -344,6 +350,9 @@ def learning_curve_point(config: BaseConfig, stage: Stage, pipeline: ViLexPipeli
     try:
         probe = load_probe(config.curve_probe or probe_path())
         point = curve.measure(pipeline, probe, config.curve_n, seed=config.seed)
+        if config.detailed_captions:  # what the detail words add: the same scenes and noise from detailed captions
+            detailed = curve.measure(pipeline, probe, config.curve_n, seed=config.seed, prompt_of=detailed_caption)
+            point |= {f"{curve.DETAILED}{name}": value for name, value in detailed.items()}
     finally:
         if stage.ema is not None:
             stage.ema.restore(stage.parameters)
