@@ -12,7 +12,7 @@ from vilex.toyworld.components import toy_tokenizer
 from vilex.toyworld.probe import AttributeProbe, _degrade, targets_of
 from vilex.toyworld.scenes import (
     BACKGROUNDS, CELLS, COLOR_NAMES, IMAGE_SIZE, SHAPES, SIZES, SPLITS, SceneObject, caption_vocabulary, make_scene,
-    make_scenes, object_mask, partial_caption,
+    make_scenes, object_mask, partial_caption, detailed_caption,
 )
 
 # The 3 x 3 grid of position words, written out here rather than read from the module.
@@ -144,6 +144,26 @@ def test_partial_captions_keep_the_asked_parts_in_the_captions_order(scenes):
         partial_caption(scenes[0], [])
     with pytest.raises(ValueError, match="non-empty subset"):
         partial_caption(scenes[0], ["shade"])
+
+
+def test_detailed_caption_is_the_caption_then_the_centre_to_a_tenth_and_the_radius_to_a_pixel(scenes):
+    """`train-base --detailed-captions`: the coarse caption, then "x X y Y r R", read back here: the centre lies in
+    the X-th and Y-th tenth of the image, the radius in [11 + R, 12 + R) px (the world's 11-17 px); each detail
+    word is one token of the toy tokenizer."""
+    tokenizer = toy_tokenizer()
+    seen = set()
+    for scene in scenes:
+        caption = detailed_caption(scene)
+        assert caption.startswith(scene.caption + " ")
+        x_word, x, y_word, y, r_word, r = caption[len(scene.caption) + 1:].split()
+        assert (x_word, y_word, r_word) == ("x", "y", "r")
+        main = scene.main
+        assert int(x) * 6.4 <= main.x < (int(x) + 1) * 6.4 and int(y) * 6.4 <= main.y < (int(y) + 1) * 6.4
+        assert 11 + int(r) <= main.radius < 12 + int(r)
+        seen |= {("x", x), ("y", y), ("r", r)}
+        ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(caption.split()), caption
+    assert {v for k, v in seen if k == "r"} == set("012345") and len({v for k, v in seen if k == "x"}) >= 6
 
 
 def test_swapped_captions_change_exactly_one_word_to_every_other_value(scenes):
