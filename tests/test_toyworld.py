@@ -146,16 +146,16 @@ def test_partial_captions_keep_the_asked_parts_in_the_captions_order(scenes):
         partial_caption(scenes[0], ["shade"])
 
 
-def test_detailed_caption_is_the_caption_then_the_centre_to_a_tenth_and_the_radius_to_a_pixel(scenes):
-    """`train-base --detailed-captions`: the coarse caption, then "x X y Y r R", read back here: the centre lies in
+def test_detailed_caption_is_the_centre_to_a_tenth_and_the_radius_to_a_pixel_then_the_caption(scenes):
+    """`train-base --detailed-captions`: "x X y Y r R", then the coarse caption, read back here: the centre lies in
     the X-th and Y-th tenth of the image, the radius in [11 + R, 12 + R) px (the world's 11-17 px); each detail
     word is one token of the toy tokenizer."""
     tokenizer = toy_tokenizer()
     seen = set()
     for scene in scenes:
         caption = detailed_caption(scene)
-        assert caption.startswith(scene.caption + " ")
-        x_word, x, y_word, y, r_word, r = caption[len(scene.caption) + 1:].split()
+        assert caption.endswith(" " + scene.caption)
+        x_word, x, y_word, y, r_word, r = caption[:-len(scene.caption) - 1].split()
         assert (x_word, y_word, r_word) == ("x", "y", "r")
         main = scene.main
         assert int(x) * 6.4 <= main.x < (int(x) + 1) * 6.4 and int(y) * 6.4 <= main.y < (int(y) + 1) * 6.4

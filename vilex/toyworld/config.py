@@ -52,7 +52,7 @@ class BaseConfig:
     # apply to the captions left after the 10% caption dropout.
     partial_captions: float = 0.0
     shifted_captions: float = 0.0
-    # The share of (whole) captions followed by the main object's exact place and size in digits
+    # The share of (whole) captions preceded by the main object's exact place and size in digits
     # (`scenes.detailed_caption`): gives the base words for what the coarse caption leaves open.
     detailed_captions: float = 0.0
     device: str = "cpu"  # cpu | cuda | cuda:N; not part of a run's identity: a run may continue on another device

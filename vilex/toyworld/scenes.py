@@ -239,10 +239,15 @@ def detail_phrase(obj: SceneObject) -> str:
 
 
 def detailed_caption(scene: Scene) -> str:
-    """The caption with the main object's exact place and size after it (`detail_phrase`): a base trained on some
-    of these has words for what the coarse caption leaves open, as a web-scale base has seen captions of every
-    level of detail. The caption `vilex eval` compares ViLex against stays the coarse one."""
-    return f"{scene.caption} {detail_phrase(scene.main)}"
+    """The main object's exact place and size (`detail_phrase`), then the caption: a base trained on some of these
+    has words for what the coarse caption leaves open, as a web-scale base has seen captions of every level of
+    detail. The caption `vilex eval` compares ViLex against stays the coarse one.
+
+    The detail words come first so that, through the causal text encoder, every caption word's hidden state
+    carries them. Put after the caption, a warm-started base never read them: over 3,000 UNet steps (half the
+    captions detailed) its samples from detailed captions stayed the same as from the caption (centre error
+    7.36 px both), as if its cross-attention, settled on the caption words, gave the new positions no weight."""
+    return f"{detail_phrase(scene.main)} {scene.caption}"
 
 
 def caption_vocabulary() -> list[str]:

@@ -18,7 +18,7 @@
    reads them (`curve`: the learning curve). With `partial_captions` / `shifted_captions`, captions of varied
    detail (a random subset of their parts) and place (after padding positions): a base that reads a word
    wherever it stands, as ViLex + text puts words after the tokens (`vary_caption`, `shifted_prompts`). With
-   `detailed_captions`, some captions end in the object's exact place and size as digits (`detailed_caption`):
+   `detailed_captions`, some captions start with the object's exact place and size as digits (`detailed_caption`):
    words for what the coarse caption leaves open, which the learning curve then measures too
 4. decoder stage: the VAE's decoder alone, fine-tuned on whole scenes with the encoder frozen (as Stable
    Diffusion's ft-MSE VAE was): the latent space the UNet learned stays the same, reconstructions sharpen
@@ -256,7 +256,7 @@ def encode_all(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def vary_caption(scene, config: BaseConfig, generator: torch.Generator) -> str:
     """The scene's caption, or with probability `partial_captions` a random non-empty subset of its parts; a
-    whole caption is followed by its detail words (`detailed_caption`) with probability `detailed_captions`."""
+    whole caption is preceded by its detail words (`detailed_caption`) with probability `detailed_captions`."""
     # (No random draw for an option at 0: runs made before these options continue with the same numbers.)
     if not config.partial_captions or torch.rand((), generator=generator) >= config.partial_captions:
         if config.detailed_captions and torch.rand((), generator=generator) < config.detailed_captions:
