@@ -24,10 +24,13 @@ CHECK = ["--vae-check-scenes", "16"]  # the VAE's logged PSNR on 16 held-out sce
 @pytest.mark.timeout(600)
 def test_train_base_runs_every_stage_logs_the_curve_and_resumes(tmp_path, capsys):
     out = tmp_path / "base"
-    assert main(["toyworld", "train-base", str(out), *TINY_RUN, *CHECK]) == 0
+    detailed = ["--detailed-captions", "0.5"]  # the curve then measures detailed captions too
+    assert main(["toyworld", "train-base", str(out), *TINY_RUN, *CHECK, *detailed]) == 0
     log = capsys.readouterr().out
     assert '"stage": "vae", "step": 3, "heldout_psnr_db"' in log and '"stage": "vae_decoder", "step": 3' in log
-    assert [p["step"] for p in curve.read_points(out)] == [0, 2] and (out / curve.PLOT_FILE).is_file()
+    points = curve.read_points(out)
+    assert [p["step"] for p in points] == [0, 2] and (out / curve.PLOT_FILE).is_file()
+    assert all(p[curve.DETAILED + "center_error_px"] >= 0 and curve.DETAILED + "shape" in p for p in points)
     report = json.loads((out / "report.json").read_text())
     assert report["vae_heldout_psnr_db"] > 0 and report["device"] == "cpu"
 
@@ -41,9 +44,9 @@ def test_train_base_runs_every_stage_logs_the_curve_and_resumes(tmp_path, capsys
     assert not all(torch.equal(shipped[k], vae_stage["vae." + k]) for k in decoder)
 
     # A rerun resumes finished stages (nothing retrained) and refuses other options.
-    assert main(["toyworld", "train-base", str(out), *TINY_RUN, *CHECK]) == 0
+    assert main(["toyworld", "train-base", str(out), *TINY_RUN, *CHECK, *detailed]) == 0
     assert "vae_decoder: resumed at step 3" in capsys.readouterr().out
-    assert main(["toyworld", "train-base", str(out), *TINY_RUN[:-2], "--curve-n", "3"]) == 2
+    assert main(["toyworld", "train-base", str(out), *TINY_RUN[:-2], "--curve-n", "3", *detailed]) == 2
     assert "holds a run with other options" in capsys.readouterr().err
 
 
