@@ -58,7 +58,8 @@ class BaseConfig:
     device: str = "cpu"  # cpu | cuda | cuda:N; not part of a run's identity: a run may continue on another device
 
     IDENTITY_EXCLUDES = ("device", "vae_check_scenes")  # neither changes what is trained
-    ADDED_LATER = ("partial_captions", "shifted_captions", "detailed_captions")  # at their default, runs made before them are the same
+    # At their default, runs made before these options are the same.
+    ADDED_LATER = ("partial_captions", "shifted_captions", "detailed_captions")
 
     def identity(self) -> dict:
         """The options that make a run what it is (a rerun must give the same)."""

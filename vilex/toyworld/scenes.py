@@ -23,7 +23,9 @@ and 93-94% of those of 11-15 px, and the UNet, denoising a real scene's latent f
 shape (chance over 8,000 steps).
 
 Exact position, size and shade are left out of the caption; they are what an image carries and a caption
-does not, and what ViLex tokens can carry.
+does not, and what ViLex tokens can carry. `detailed_caption` puts the exact place and size before it, in
+digits, for training a base that can be told them (`train-base --detailed-captions`); the caption ViLex is
+compared against stays the coarse one.
 """
 
 from __future__ import annotations
