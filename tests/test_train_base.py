@@ -185,7 +185,7 @@ def test_vary_caption_draws_nothing_at_0_and_partial_captions_at_its_share():
     half = [vary_caption(scene, BaseConfig(out="x", partial_captions=0.5), generator) for _ in range(200)]
     assert 70 < half.count(scene.caption) < 140
 
-    # --detailed-captions: a share of the whole captions end in the object's place and size; partial ones never.
+    # --detailed-captions: a share of the whole captions start with the object's place and size; partial ones never.
     def is_detailed(caption):
         return caption.startswith("x ") and caption.endswith(" " + scene.caption)
 

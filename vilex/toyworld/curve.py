@@ -19,7 +19,7 @@ import torch
 
 from .. import settings
 from .probe import ATTRIBUTES, accuracy, targets_of
-from .scenes import SPLITS, make_scenes
+from .scenes import SPLITS, caption_of, make_scenes
 
 CURVE_FILE = "learning_curve.jsonl"
 DETAILED = "detailed_"  # the prefix of a point's figures from detailed captions (train-base --detailed-captions)
@@ -40,11 +40,10 @@ def read_points(folder: Path) -> list[dict]:
 
 
 @torch.no_grad()
-def measure(pipeline, probe, n: int, seed: int = 0, batch_size: int = 32, prompt_of=None) -> dict:
+def measure(pipeline, probe, n: int, seed: int = 0, batch_size: int = 32, prompt_of=caption_of) -> dict:
     """Caption-only samples of the first n held-out scenes -> the probe's accuracy against their ground
     truth, per attribute, and the main object's centre error in pixels. `prompt_of(scene)` gives the prompt
     (default: the scene's caption)."""
-    prompt_of = prompt_of or (lambda scene: scene.caption)
     scenes = make_scenes(n, SPLITS["heldout"])
     images = []
     for start in range(0, n, batch_size):
@@ -80,8 +79,8 @@ def plot(folder: Path) -> None:
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
     right.plot(steps, [p["center_error_px"] for p in points], marker="o", color="black", label="caption")
-    if any(DETAILED + "center_error_px" in p for p in points):
-        detailed = [p for p in points if DETAILED + "center_error_px" in p]
+    detailed = [p for p in points if DETAILED + "center_error_px" in p]
+    if detailed:
         right.plot([p["step"] for p in detailed], [p[DETAILED + "center_error_px"] for p in detailed], marker="s",
                    color="tab:red", label="detailed caption")
         right.legend(fontsize=8)

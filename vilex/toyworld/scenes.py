@@ -118,10 +118,13 @@ class Scene:
         return asdict(self)
 
 
+def _bin(v: float, bins: int) -> int:
+    """Which of `bins` equal stripes of the image a coordinate in pixels falls in."""
+    return min(int(v * bins // IMAGE_SIZE), bins - 1)
+
+
 def cell_index(x: float, y: float) -> int:
-    column = min(int(x * 3 // IMAGE_SIZE), 2)
-    row = min(int(y * 3 // IMAGE_SIZE), 2)
-    return row * 3 + column
+    return _bin(y, 3) * 3 + _bin(x, 3)
 
 
 def _jittered(rng: np.random.Generator, color: str) -> tuple[int, int, int]:
@@ -233,11 +236,8 @@ DETAIL_BINS = 10
 def detail_phrase(obj: SceneObject) -> str:
     """What a coarse caption leaves out, as digits: "x 3 y 7 r 4" is a centre in the 4th tenth of the width and
     the 8th of the height, radius 15-16 px (MAIN_RADIUS[0] + 4)."""
-    def tenth(v: float) -> int:
-        return min(int(v * DETAIL_BINS // IMAGE_SIZE), DETAIL_BINS - 1)
-
     radius = min(int(obj.radius - MAIN_RADIUS[0]), int(MAIN_RADIUS[1] - MAIN_RADIUS[0]) - 1)
-    return f"x {tenth(obj.x)} y {tenth(obj.y)} r {radius}"
+    return f"x {_bin(obj.x, DETAIL_BINS)} y {_bin(obj.y, DETAIL_BINS)} r {radius}"
 
 
 def detailed_caption(scene: Scene) -> str:
