@@ -166,6 +166,24 @@ def test_detailed_caption_is_the_centre_to_a_tenth_and_the_radius_to_a_pixel_the
     assert {v for k, v in seen if k == "r"} == set("012345") and len({v for k, v in seen if k == "x"}) >= 6
 
 
+def test_detailed_caption_with_two_digits_names_the_centre_to_a_hundredth(scenes):
+    """`--detail-digits 2`: "x A B y C D r R": the centre lies in the AB-th and CD-th hundredth of the image (0.64 px
+    bins), the first digit the same tenth as with one digit; every digit one token."""
+    tokenizer = toy_tokenizer()
+    for scene in scenes:
+        caption = detailed_caption(scene, digits=2)
+        assert caption.endswith(" " + scene.caption)
+        x_word, x1, x2, y_word, y1, y2, r_word, r = caption[:-len(scene.caption) - 1].split()
+        assert (x_word, y_word, r_word) == ("x", "y", "r")
+        x, y, main = int(x1 + x2), int(y1 + y2), scene.main
+        assert x * 0.64 <= main.x < (x + 1) * 0.64 and y * 0.64 <= main.y < (y + 1) * 0.64
+        assert detailed_caption(scene).split()[1] == x1 and detailed_caption(scene).split()[3] == y1
+        assert 11 + int(r) <= main.radius < 12 + int(r)
+        assert len(tokenizer(caption, add_special_tokens=False)["input_ids"]) == len(caption.split())
+    with pytest.raises(ValueError, match="digits must be one of"):
+        detailed_caption(scenes[0], digits=3)
+
+
 def test_swapped_captions_change_exactly_one_word_to_every_other_value(scenes):
     """The vision pretraining's hard negatives, read back with this file's own caption parser."""
     from vilex.toyworld.vision_pretrain import swapped_captions

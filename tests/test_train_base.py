@@ -95,6 +95,12 @@ def test_init_from_keeps_the_vae_and_starts_from_the_text_encoder_and_unet(tmp_p
                             "--unet-batch-size, --no-zero-terminal-snr only act on the text-to-image stage")):
         assert main(["toyworld", "train-base", str(tmp_path / "other"), *run, *extra]) == 2
         assert message in capsys.readouterr().err
+    assert main(["toyworld", "train-base", str(tmp_path / "other"), *TINY_RUN, "--detail-digits", "2"]) == 2
+    assert "--detail-digits sets the digits of the detailed captions: it needs --detailed-captions" in \
+        capsys.readouterr().err
+    assert main(["toyworld", "train-base", str(tmp_path / "other"), *TINY_RUN, "--detailed-captions", "1",
+                 "--detail-digits", "3"]) == 2
+    assert "--detail-digits must be 1 or 2, got 3" in capsys.readouterr().err
     partial = tmp_path / "partial"
     for name in ("unet", "text_encoder", "vae"):
         shutil.copytree(checkpoint_path() / name, partial / name)
@@ -196,3 +202,6 @@ def test_vary_caption_draws_nothing_at_0_and_partial_captions_at_its_share():
             for _ in range(200)]
     assert all(is_detailed(c) or not c.startswith("x ") for c in both)
     assert 70 < sum(map(is_detailed, both)) < 130
+    # --detail-digits 2: the detailed captions carry two digits per coordinate ("x 3 4 y 7 1 r 4 ...").
+    two = [vary_caption(scene, BaseConfig(out="x", detailed_captions=1.0, detail_digits=2), generator) for _ in range(5)]
+    assert all(is_detailed(c) and len(c.split()) == len(scene.caption.split()) + 8 for c in two)

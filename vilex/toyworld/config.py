@@ -55,11 +55,12 @@ class BaseConfig:
     # The share of (whole) captions preceded by the main object's exact place and size in digits
     # (`scenes.detailed_caption`): gives the base words for what the coarse caption leaves open.
     detailed_captions: float = 0.0
+    detail_digits: int = 1  # the detail words' digits per coordinate: 1 (tenths of the image) or 2 (hundredths)
     device: str = "cpu"  # cpu | cuda | cuda:N; not part of a run's identity: a run may continue on another device
 
     IDENTITY_EXCLUDES = ("device", "vae_check_scenes")  # neither changes what is trained
     # At their default, runs made before these options are the same.
-    ADDED_LATER = ("partial_captions", "shifted_captions", "detailed_captions")
+    ADDED_LATER = ("partial_captions", "shifted_captions", "detailed_captions", "detail_digits")
 
     def identity(self) -> dict:
         """The options that make a run what it is (a rerun must give the same)."""
@@ -73,7 +74,8 @@ class BaseConfig:
     UNET_STAGE_OPTIONS = {"unet_batch_size": "--unet-batch-size", "unet_lr": "--unet-lr", "ema_decay": "--ema-decay",
                           "min_snr_gamma": "--min-snr-gamma", "curve_probe": "--curve-probe",
                           "zero_terminal_snr": "--no-zero-terminal-snr", "partial_captions": "--partial-captions",
-                          "shifted_captions": "--shifted-captions", "detailed_captions": "--detailed-captions"}
+                          "shifted_captions": "--shifted-captions", "detailed_captions": "--detailed-captions",
+                          "detail_digits": "--detail-digits"}
 
     def _check_no_unet_stage(self) -> None:
         if not self.init_from:
@@ -112,6 +114,10 @@ class BaseConfig:
         check_range("--partial-captions", self.partial_captions, 0.0, 1.0)
         check_range("--shifted-captions", self.shifted_captions, 0.0, 1.0)
         check_range("--detailed-captions", self.detailed_captions, 0.0, 1.0)
+        if self.detail_digits not in (1, 2):
+            raise ViLexUsageError(f"--detail-digits must be 1 or 2, got {self.detail_digits}")
+        if not self._is_default("detail_digits") and not self.detailed_captions:
+            raise ViLexUsageError("--detail-digits sets the digits of the detailed captions: it needs --detailed-captions")
         for name, (entries, what) in FOLDER_OPTIONS.items():
             folder = getattr(self, name)
             if folder and not all((Path(folder) / entry).exists() for entry in entries):

@@ -228,19 +228,24 @@ def partial_caption(scene: Scene, keep) -> str:
     return " ".join(words)
 
 
-# The detail words of `detailed_caption`: the centre on a DETAIL_BINS x DETAIL_BINS grid and the radius in
-# 1 px steps from MAIN_RADIUS[0], each a single digit (every digit is one token of any CLIP BPE tokenizer).
-DETAIL_BINS = 10
+# The detail words of `detailed_caption`: the centre in tenths (DETAIL_DIGITS = 1) or hundredths (2) of the image,
+# and the radius in 1 px steps from MAIN_RADIUS[0], each digit a word of its own (every digit is one token of any
+# CLIP BPE tokenizer). The first digit of a coordinate is its tenth either way.
+DETAIL_DIGITS = (1, 2)
 
 
-def detail_phrase(obj: SceneObject) -> str:
+def detail_phrase(obj: SceneObject, digits: int = 1) -> str:
     """What a coarse caption leaves out, as digits: "x 3 y 7 r 4" is a centre in the 4th tenth of the width and
-    the 8th of the height, radius 15-16 px (MAIN_RADIUS[0] + 4)."""
+    the 8th of the height, radius 15-16 px (MAIN_RADIUS[0] + 4); with digits=2, "x 3 4 y 7 1 r 4" places the centre
+    in the 35th hundredth of the width (21.76-22.40 px) and the 72nd of the height."""
+    if digits not in DETAIL_DIGITS:
+        raise ValueError(f"detail_phrase: digits must be one of {DETAIL_DIGITS}, got {digits!r}")
     radius = min(int(obj.radius - MAIN_RADIUS[0]), int(MAIN_RADIUS[1] - MAIN_RADIUS[0]) - 1)
-    return f"x {_bin(obj.x, DETAIL_BINS)} y {_bin(obj.y, DETAIL_BINS)} r {radius}"
+    x, y = (" ".join(f"{_bin(v, 10 ** digits):0{digits}d}") for v in (obj.x, obj.y))
+    return f"x {x} y {y} r {radius}"
 
 
-def detailed_caption(scene: Scene) -> str:
+def detailed_caption(scene: Scene, digits: int = 1) -> str:
     """The main object's exact place and size (`detail_phrase`), then the caption: a base trained on some of these
     has words for what the coarse caption leaves open, as a web-scale base has seen captions of every level of
     detail. The caption `vilex eval` compares ViLex against stays the coarse one.
@@ -249,7 +254,7 @@ def detailed_caption(scene: Scene) -> str:
     carries them. Put after the caption, a warm-started base never read them: over 3,000 UNet steps (half the
     captions detailed) its samples from detailed captions stayed the same as from the caption (centre error
     7.36 px both), as if its cross-attention, settled on the caption words, gave the new positions no weight."""
-    return f"{detail_phrase(scene.main)} {scene.caption}"
+    return f"{detail_phrase(scene.main, digits)} {scene.caption}"
 
 
 def caption_vocabulary() -> list[str]:

@@ -256,11 +256,12 @@ def encode_all(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def vary_caption(scene, config: BaseConfig, generator: torch.Generator) -> str:
     """The scene's caption, or with probability `partial_captions` a random non-empty subset of its parts; a
-    whole caption is preceded by its detail words (`detailed_caption`) with probability `detailed_captions`."""
+    whole caption is preceded by its detail words (`detailed_caption`, `detail_digits` per coordinate) with
+    probability `detailed_captions`."""
     # (No random draw for an option at 0: runs made before these options continue with the same numbers.)
     if not config.partial_captions or torch.rand((), generator=generator) >= config.partial_captions:
         if config.detailed_captions and torch.rand((), generator=generator) < config.detailed_captions:
-            return detailed_caption(scene)
+            return detailed_caption(scene, config.detail_digits)
         return scene.caption
     while True:
         kept = torch.rand(len(CAPTION_PARTS), generator=generator) < 0.5
@@ -351,7 +352,8 @@ def learning_curve_point(config: BaseConfig, stage: Stage, pipeline: ViLexPipeli
         probe = load_probe(config.curve_probe or probe_path())
         point = curve.measure(pipeline, probe, config.curve_n, seed=config.seed)
         if config.detailed_captions:  # what the detail words add: the same scenes and noise from detailed captions
-            detailed = curve.measure(pipeline, probe, config.curve_n, seed=config.seed, prompt_of=detailed_caption)
+            detailed = curve.measure(pipeline, probe, config.curve_n, seed=config.seed, 
+                                    prompt_of=lambda scene: detailed_caption(scene, config.detail_digits))
             point |= {f"{curve.DETAILED}{name}": value for name, value in detailed.items()}
     finally:
         if stage.ema is not None:
