@@ -19,7 +19,6 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import BaseOutput
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 
 from .backends import StageBackend, TorchBackend
@@ -151,7 +150,6 @@ class ViLexPipeline(DiffusionPipeline):
         guidance_scale: float = settings.DEFAULT_GUIDANCE,
         negative_prompt: str | Sequence[str | None] | None = None,
         text_guidance_scale: float | None = None,
-        guidance_rescale: float = settings.DEFAULT_GUIDANCE_RESCALE,
         order: str = settings.DEFAULT_ORDER,
         height: int | None = None,
         width: int | None = None,
@@ -278,8 +276,6 @@ class ViLexPipeline(DiffusionPipeline):
                 noise_pred = eps_v + text_guidance_scale * (eps_vc - eps_v)
             else:
                 noise_pred = chunks[0]
-            if use_cfg and guidance_rescale > 0:
-                noise_pred = rescale_noise_cfg(noise_pred, chunks[-1], guidance_rescale=guidance_rescale)
             latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
             if callback_on_step_end is not None:
                 latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)

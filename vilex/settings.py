@@ -24,7 +24,6 @@ DEFAULT_SERVED_MAX_STEPS = 200
 MAX_VILEX_TOKENS = 75
 DEFAULT_GUIDANCE = 7.5  # classifier-free guidance against the empty prompt; <= 1 turns it off
 GUIDANCE_RANGE = (0.0, 100.0)
-DEFAULT_GUIDANCE_RESCALE = 0.0
 TEXT_GUIDANCE_RANGE = (0.0, 100.0)  # the text-free guidance weight w
 ORDERS = ("vilex_first", "text_first")
 DEFAULT_ORDER = "vilex_first"
