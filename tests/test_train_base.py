@@ -30,7 +30,8 @@ def test_train_base_runs_every_stage_logs_the_curve_and_resumes(tmp_path, capsys
     assert '"stage": "vae", "step": 3, "heldout_psnr_db"' in log and '"stage": "vae_decoder", "step": 3' in log
     points = curve.read_points(out)
     assert [p["step"] for p in points] == [0, 2] and (out / curve.PLOT_FILE).is_file()
-    assert all(p[curve.DETAILED + "center_error_px"] >= 0 and curve.DETAILED + "shape" in p for p in points)
+    assert all(p[curve.DETAILED + "center_error_px"] >= 0 and curve.DETAILED + "shape" in p and p[curve.DIGITS] == 1
+               for p in points)
     report = json.loads((out / "report.json").read_text())
     assert report["vae_heldout_psnr_db"] > 0 and report["device"] == "cpu"
 

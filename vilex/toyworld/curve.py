@@ -23,11 +23,14 @@ from .scenes import SPLITS, caption_of, make_scenes
 
 CURVE_FILE = "learning_curve.jsonl"
 DETAILED = "detailed_"  # the prefix of a point's figures from detailed captions (train-base --detailed-captions)
+DIGITS = "detail_digits"  # with them: the detail words' digits per coordinate (absent in older points: 1)
 PLOT_FILE = "learning_curve.png"
 
 
 def read_points(folder: Path) -> list[dict]:
-    """The logged points in step order, one per step (a point logged twice by a resumed run counts once)."""
+    """The logged points in step order, one per step and kind of detailed caption (a point logged twice by a
+    resumed run counts once, the last one; a curve continued by a run with finer detail words keeps both points of
+    the step where one run ends and the next begins)."""
     path = Path(folder) / CURVE_FILE
     if not path.is_file():
         return []
@@ -35,8 +38,8 @@ def read_points(folder: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         if line.strip():
             point = json.loads(line)
-            points[point["step"]] = point
-    return [points[step] for step in sorted(points)]
+            points[point["step"], point.get(DIGITS, 1)] = point
+    return [points[key] for key in sorted(points)]
 
 
 @torch.no_grad()
@@ -80,9 +83,12 @@ def plot(folder: Path) -> None:
     left.grid(alpha=0.3)
     right.plot(steps, [p["center_error_px"] for p in points], marker="o", color="black", label="caption")
     detailed = [p for p in points if DETAILED + "center_error_px" in p]
+    for digits, (color, unit) in {1: ("tab:red", "tenths"), 2: ("tab:purple", "hundredths")}.items():
+        line = [p for p in detailed if p.get(DIGITS, 1) == digits]
+        if line:
+            right.plot([p["step"] for p in line], [p[DETAILED + "center_error_px"] for p in line], marker="s",
+                       color=color, label=f"detailed caption ({unit})")
     if detailed:
-        right.plot([p["step"] for p in detailed], [p[DETAILED + "center_error_px"] for p in detailed], marker="s",
-                   color="tab:red", label="detailed caption")
         right.legend(fontsize=8)
     right.set(xlabel="UNet step", ylabel="main object's centre error (px)", ylim=(0, None), title="position")
     right.grid(alpha=0.3)

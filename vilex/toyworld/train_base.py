@@ -355,6 +355,7 @@ def learning_curve_point(config: BaseConfig, stage: Stage, pipeline: ViLexPipeli
             detailed = curve.measure(pipeline, probe, config.curve_n, seed=config.seed, 
                                     prompt_of=lambda scene: detailed_caption(scene, config.detail_digits))
             point |= {f"{curve.DETAILED}{name}": value for name, value in detailed.items()}
+            point[curve.DIGITS] = config.detail_digits
     finally:
         if stage.ema is not None:
             stage.ema.restore(stage.parameters)
