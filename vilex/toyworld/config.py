@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ViLexUsageError, check_range
+from .scenes import DETAIL_DIGITS
 
 
 # The folder options, what each must hold and how the error names it.
@@ -114,8 +115,9 @@ class BaseConfig:
         check_range("--partial-captions", self.partial_captions, 0.0, 1.0)
         check_range("--shifted-captions", self.shifted_captions, 0.0, 1.0)
         check_range("--detailed-captions", self.detailed_captions, 0.0, 1.0)
-        if self.detail_digits not in (1, 2):
-            raise ViLexUsageError(f"--detail-digits must be 1 or 2, got {self.detail_digits}")
+        if self.detail_digits not in DETAIL_DIGITS:
+            raise ViLexUsageError(f"--detail-digits must be {' or '.join(map(str, DETAIL_DIGITS))}, "
+                                  f"got {self.detail_digits}")
         if not self._is_default("detail_digits") and not self.detailed_captions:
             raise ViLexUsageError("--detail-digits sets the digits of the detailed captions: it needs --detailed-captions")
         for name, (entries, what) in FOLDER_OPTIONS.items():

@@ -30,6 +30,7 @@ Each stage saves a checkpoint every `checkpoint_every` steps (weights, EMA, opti
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict
@@ -352,8 +353,8 @@ def learning_curve_point(config: BaseConfig, stage: Stage, pipeline: ViLexPipeli
         probe = load_probe(config.curve_probe or probe_path())
         point = curve.measure(pipeline, probe, config.curve_n, seed=config.seed)
         if config.detailed_captions:  # what the detail words add: the same scenes and noise from detailed captions
-            detailed = curve.measure(pipeline, probe, config.curve_n, seed=config.seed, 
-                                    prompt_of=lambda scene: detailed_caption(scene, config.detail_digits))
+            detailed = curve.measure(pipeline, probe, config.curve_n, seed=config.seed,
+                                     prompt_of=functools.partial(detailed_caption, digits=config.detail_digits))
             point |= {f"{curve.DETAILED}{name}": value for name, value in detailed.items()}
             point[curve.DIGITS] = config.detail_digits
     finally:
