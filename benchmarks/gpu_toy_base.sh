@@ -11,10 +11,13 @@
 # is optional (without it the learning curve is logged but not plotted). The run is the recipe of
 # vilex/toyworld/weights/MODEL_CARD.md with `--device cuda`, from scratch on the current world: the same options and
 # seeds, every random draw from the same CPU generators. The shipped base was trained on CPU in stages instead (the
-# previous world's base, then `--init-from` it on this world, 4,000 + 3,000 UNet steps; the model card), so this run
-# trains the same design, not the same weights; its learning curve says how far the default 8,000 UNet steps take
-# shape. Rerun the same command to continue a run that was cut off. PYTHON (default python3, else python) is the
-# interpreter to use.
+# previous world's base, then `--init-from` it on this world, 4,000 + 3,000 + 3,000 UNet steps, the last 3,000 with
+# half of the captions detailed; the decoder 4,000 steps on its own; the model card), so this run trains the same
+# design in one go, not the same weights: 8,000 UNet steps with --detailed-captions 0.5 throughout, the decoder
+# 4,000 steps, the vision pretraining of the shipped encoder (1,500 steps, every swap a negative, captioning at
+# weight 4), then 2,000 ViLex steps (the shipped encoder had 6,000). Its learning curve says how far 8,000 UNet steps
+# take shape and place. Rerun the same command to continue a run that was cut off. PYTHON (default python3, else
+# python) is the interpreter to use.
 #
 # --dry-run runs every step on CPU with a few steps of each stage (the options below, then overrides appended:
 # the last value of an option wins), to try the set-up on a machine without a GPU; every time limit is then
@@ -33,17 +36,20 @@ gpu_env_check "$DRY_RUN" torch diffusers transformers safetensors PIL accelerate
   vilex.training.trainer || exit 2
 
 # The GPU run, or its CPU dry run: the same commands with these overrides appended.
-BASE_DRY=() DATA_N=20000 VILEX_DRY=() BASE_LIMIT=420 VILEX_LIMIT=240 PRETRAIN=(--pretrain-vision 1000 --device cuda)
+BASE_DRY=() DATA_N=20000 VILEX_DRY=() BASE_LIMIT=420 VILEX_LIMIT=240
+PRETRAIN=(--pretrain-vision 1500 --pretrain-all-swaps --pretrain-captioning 4 --device cuda)
 if [ "$DRY_RUN" = 1 ]; then
   BASE_DRY=(--device cpu --num-scenes 64 --vae-steps 2 --unet-steps 2 --decoder-steps 2 --curve-every 0 --warmup-steps 0
             --vae-batch-size 4 --unet-batch-size 4 --checkpoint-every 1 --log-every 1)
-  DATA_N=64 PRETRAIN=(--pretrain-vision 2 --device cpu)
+  DATA_N=64 PRETRAIN=(--pretrain-vision 2 --pretrain-all-swaps --pretrain-captioning 4 --device cpu)
   VILEX_DRY=(--cpu --max-steps 2 --warmup-steps 0 --batch-size 4 --num-workers 1 --checkpoint-every 1 --log-every 1)
   BASE_LIMIT=${DRY_RUN_LIMIT:-300} VILEX_LIMIT=${DRY_RUN_LIMIT:-300}
 fi
 
-# 1. The base (the model card's `vilex toyworld train-base` with its default options), on the GPU.
-timeout "$BASE_LIMIT" vilex toyworld train-base "$OUT/toy-base" --device cuda ${BASE_DRY[@]+"${BASE_DRY[@]}"} \
+# 1. The base (the model card's `vilex toyworld train-base`: default options, half of the captions detailed, the
+#    decoder's 4,000 steps), on the GPU.
+timeout "$BASE_LIMIT" vilex toyworld train-base "$OUT/toy-base" --device cuda --detailed-captions 0.5 --decoder-steps 4000 \
+  ${BASE_DRY[@]+"${BASE_DRY[@]}"} \
   || { echo "!! train-base did not finish in $BASE_LIMIT s"; exit 1; }
 echo "== base done in $(( $(date +%s) - start )) s"
 # 2. ViLex on the trained base (the model card's `vilex train` options), on the GPU.

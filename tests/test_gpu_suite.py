@@ -122,6 +122,8 @@ def test_gpu_toy_base_dry_run_trains_a_few_steps_on_cpu(stub_wheels, tmp_path):
     base, data, new_vilex, train = commands
     assert base[:2] == ["toyworld", "train-base"] and option(base, "--device") == "cpu"
     assert option(base, "--unet-steps") == "2" and option(base, "--curve-every") == "0"
+    assert option(base, "--detailed-captions") == "0.5"  # the shipped base's recipe, not train-base's defaults
     assert data[:2] == ["toyworld", "make-data"] and option(data, "--n") == "64"
     assert new_vilex[:2] == ["toyworld", "new-vilex"]
+    assert "--pretrain-all-swaps" in new_vilex and option(new_vilex, "--pretrain-captioning") == "4"
     assert train[0] == "train" and "--cpu" in train and option(train, "--max-steps") == "2"
