@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Train the toy world's base (the shipped recipe: VAE, text encoder + UNet, VAE decoder) on one NVIDIA GPU,
-# then a ViLex encoder on it, within about 10 minutes of device time.
+# then a ViLex encoder on it, within about 10 minutes of device time (planned, not measured: never run on a GPU;
+# the base and ViLex stages have time limits, and a rerun continues where a stage stopped).
 #
 #   benchmarks/gpu_toy_base.sh [--dry-run] OUT_DIR [WHEELS_DIR]
 #
@@ -11,7 +12,7 @@
 # is optional (without it the learning curve is logged but not plotted). The run is the recipe of
 # vilex/toyworld/weights/MODEL_CARD.md with `--device cuda`, from scratch on the current world: the same options and
 # seeds, every random draw from the same CPU generators. The shipped base was trained on CPU in stages instead (the
-# previous world's base, then `--init-from` it on this world, 4,000 + 3,000 + 3,000 UNet steps, the last 3,000 with
+# previous world's base, then `--init-from` it on this world, 4,000 + 3,000 + 3,000 + 3,000 UNet steps, the last 3,000 with
 # half of the captions detailed; the decoder 4,000 steps on its own; the model card), so this run trains the same
 # design in one go, not the same weights: 8,000 UNet steps with --detailed-captions 0.5 throughout, the decoder
 # 4,000 steps, the vision pretraining of the shipped encoder (1,500 steps, every swap a negative, captioning at
