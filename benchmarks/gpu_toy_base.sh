@@ -37,12 +37,11 @@ gpu_env_check "$DRY_RUN" torch diffusers transformers safetensors PIL accelerate
   vilex.training.trainer || exit 2
 
 # The GPU run, or its CPU dry run: the same commands with these overrides appended.
-BASE_DRY=() DATA_N=20000 VILEX_DRY=() BASE_LIMIT=420 VILEX_LIMIT=240
-PRETRAIN=(--pretrain-vision 1500 --pretrain-all-swaps --pretrain-captioning 4 --device cuda)
+BASE_DRY=() DATA_N=20000 PRETRAIN_DRY=() VILEX_DRY=() BASE_LIMIT=420 VILEX_LIMIT=240
 if [ "$DRY_RUN" = 1 ]; then
   BASE_DRY=(--device cpu --num-scenes 64 --vae-steps 2 --unet-steps 2 --decoder-steps 2 --curve-every 0 --warmup-steps 0
             --vae-batch-size 4 --unet-batch-size 4 --checkpoint-every 1 --log-every 1)
-  DATA_N=64 PRETRAIN=(--pretrain-vision 2 --pretrain-all-swaps --pretrain-captioning 4 --device cpu)
+  DATA_N=64 PRETRAIN_DRY=(--pretrain-vision 2 --device cpu)
   VILEX_DRY=(--cpu --max-steps 2 --warmup-steps 0 --batch-size 4 --num-workers 1 --checkpoint-every 1 --log-every 1)
   BASE_LIMIT=${DRY_RUN_LIMIT:-300} VILEX_LIMIT=${DRY_RUN_LIMIT:-300}
 fi
@@ -55,7 +54,9 @@ timeout "$BASE_LIMIT" vilex toyworld train-base "$OUT/toy-base" --device cuda --
 echo "== base done in $(( $(date +%s) - start )) s"
 # 2. ViLex on the trained base (the model card's `vilex train` options), on the GPU.
 test -d "$OUT/toy-data" || vilex toyworld make-data "$OUT/toy-data" --n "$DATA_N" || { echo "!! make-data failed"; exit 1; }
-test -d "$OUT/toy-vilex0" || vilex toyworld new-vilex "${PRETRAIN[@]}" "$OUT/toy-base/pipeline" "$OUT/toy-vilex0" \
+# The shipped encoder's vision pretraining (the model card's `new-vilex` options).
+test -d "$OUT/toy-vilex0" || vilex toyworld new-vilex --pretrain-vision 1500 --pretrain-all-swaps --pretrain-captioning 4 \
+  --device cuda ${PRETRAIN_DRY[@]+"${PRETRAIN_DRY[@]}"} "$OUT/toy-base/pipeline" "$OUT/toy-vilex0" \
   || { echo "!! new-vilex failed"; exit 1; }
 VILEX_TRAIN=(--data "$OUT/toy-data" --train-vision --vision-lr 1e-4 --pooler-lr 3e-4 --max-steps 2000 --warmup-steps 60
              --batch-size 32 --caption-prob 0.25 --snr-gamma 5 --num-workers 4 --holdout 0 --checkpoint-every 200 --no-progress
