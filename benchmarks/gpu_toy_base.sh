@@ -16,7 +16,7 @@
 # half of the captions detailed; the decoder 4,000 steps on its own; the model card), so this run trains the same
 # design in one go, not the same weights: 8,000 UNet steps with --detailed-captions 0.5 throughout, the decoder
 # 4,000 steps, the vision pretraining of the shipped encoder (1,500 steps, every swap a negative, captioning at
-# weight 4), then 2,000 ViLex steps (the shipped encoder had 10,000, in five runs as its base changed). Its learning
+# weight 4), then 2,000 ViLex steps (the shipped encoder had 10,000, in four runs on two bases). Its learning
 # curve says how far 8,000 UNet steps take shape and place. Rerun the same command to continue a run that was cut
 # off. PYTHON (default python3, else python) is the interpreter to use.
 #
