@@ -4,6 +4,7 @@ the attribute probe, each checked against geometry, the caption grammar or atten
 import math
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -11,8 +12,8 @@ from vilex.model import PoolerLayer, ViLexModel
 from vilex.toyworld.components import toy_tokenizer
 from vilex.toyworld.probe import AttributeProbe, _degrade, targets_of
 from vilex.toyworld.scenes import (
-    BACKGROUNDS, CELLS, COLOR_NAMES, IMAGE_SIZE, SHAPES, SIZES, SPLITS, SceneObject, caption_vocabulary, make_scene,
-    make_scenes, object_mask, partial_caption, detailed_caption,
+    BACKGROUNDS, CELLS, COLOR_NAMES, COLORS, IMAGE_SIZE, SHAPES, SIZES, SPLITS, SceneObject, caption_vocabulary, make_scene,
+    make_scenes, object_mask, partial_caption, detailed_caption, recolor_edit, recolored,
 )
 
 # The 3 x 3 grid of position words, written out here rather than read from the module.
@@ -75,6 +76,45 @@ def test_splits_use_their_documented_seeds_and_never_overlap():
     for i, first in enumerate(names):
         for second in names[i + 1:]:
             assert not seeds[first] & seeds[second], (first, second)
+
+
+def test_a_recolor_edit_changes_only_the_main_objects_color_and_its_word_turns_it_back(scenes):
+    for scene in scenes[:40]:
+        source, word = recolor_edit(scene)
+        assert word == scene.main.color == parse_caption(scene.caption)[0][0]["color"]
+        assert source.main.color not in (scene.main.color, scene.background_color)
+        assert recolor_edit(scene) == (source, word)  # seeded by the scene
+        # The caption differs in the color word only; the shade keeps its offset from the named color.
+        assert source.caption == scene.caption.replace(f" {word} ", f" {source.main.color} ", 1)
+        shade, new_shade = np.array(scene.main.rgb), np.array(source.main.rgb)
+        unclipped = (new_shade > 0) & (new_shade < 255)
+        assert np.array_equal((shade - COLORS[word])[unclipped], (new_shade - COLORS[source.main.color])[unclipped])
+        assert recolored(source, word).objects[1:] == scene.objects[1:] and source.background_rgb == scene.background_rgb
+        # In pixels: identical wherever the object does not reach; where it covers a pixel wholly, its new shade.
+        coverage = object_mask(scene.main)
+        before, after = np.asarray(scene.render(), np.int16), np.asarray(source.render(), np.int16)
+        assert np.array_equal(before[coverage == 0], after[coverage == 0])
+        assert (np.abs(after[coverage == 1] - np.array(source.main.rgb)) <= 1).all()
+    assert len({recolor_edit(s)[0].main.color for s in scenes}) == len(COLOR_NAMES)
+    with pytest.raises(ValueError, match="color must be one of red, green"):
+        recolored(scenes[0], "teal")
+
+
+def test_make_data_with_edits_writes_each_scene_with_its_recolor_edit_beside_it(tmp_path):
+    from vilex.cli import main
+    from vilex.training.data import find_images
+
+    assert main(["toyworld", "make-data", str(tmp_path / "d"), "--n", "3", "--edits"]) == 0
+    records = find_images(tmp_path / "d")
+    assert [r.path.name for r in records] == ["000000.png", "000001.png", "000002.png"]
+    for record, scene in zip(records, make_scenes(3, SPLITS["train"])):
+        assert record.edit_path.name == record.path.stem + ".edit.png"
+        word = record.edit_text_path.read_text().strip()
+        assert word == parse_caption(record.caption_path.read_text())[0][0]["color"]
+        target, before = (np.asarray(PIL.Image.open(p), np.int16) for p in (record.path, record.edit_path))
+        assert np.array_equal(target, np.asarray(scene.render()))
+        changed = (target != before).any(-1)
+        assert changed.any() and not changed[object_mask(scene.main) == 0].any()  # only the main object
 
 
 def test_main_object_is_largest_and_drawn_on_top(scenes):

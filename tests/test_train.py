@@ -108,6 +108,54 @@ def test_dataset_crops_once_for_both_encoders(tiny_pipeline, image_folder, tmp_p
     assert collate([dataset[(0, broken)]])["pixel_values"] is None
 
 
+def add_edit(image_path, words: str = "blue") -> None:
+    """Beside IMAGE: NAME.edit.png (the image with its colors inverted) and NAME.edit.txt (the words)."""
+    image = load_image(image_path)
+    Image.fromarray(255 - np.asarray(image)).save(image_path.with_name(image_path.stem + ".edit.png"))
+    image_path.with_name(image_path.stem + ".edit.txt").write_text(words + "\n")
+
+
+def test_an_edit_sits_beside_its_image_and_is_cropped_and_flipped_as_it_is(tiny_pipeline, image_folder):
+    target = image_folder / "sub" / "shapes.png"
+    add_edit(target)
+    records = find_images(image_folder)
+    assert len(records) == 4 and not any(".edit" in r.path.name for r in records)  # an edit's image is not trained
+    dataset = ImageFolderDataset(records, tiny_pipeline.image_processor, resolution=64, seed=3, random_crop=True,
+                                 random_flip=True)
+    good = next(i for i, r in enumerate(records) if r.path == target)
+    other = next(i for i, r in enumerate(records) if r.path != target)
+    squares = set()
+    for epoch in range(6):  # crops and flips drawn per epoch: the edit's image always gets its target's
+        sample = dataset[(epoch, good)]
+        assert sample["edit_text"] == "blue" and sample["caption"] == "colored shapes on a plain background"
+        square = ((sample["vae_pixels"].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+        inverted = tiny_pipeline.preprocess([Image.fromarray(255 - square)])[0]
+        assert torch.allclose(inverted, sample["edit_pixel_values"], atol=0.02)  # 255 - x commutes with the resizes
+        squares.add(square.tobytes())
+    assert len(squares) > 1  # the crops and flips did differ
+    batch = collate([sample, dataset[(0, other)]])
+    assert batch["edit_texts"] == ["blue", None]
+    assert torch.equal(batch["edit_pixel_values"][0], sample["edit_pixel_values"])
+    assert torch.equal(batch["edit_pixel_values"][1], batch["pixel_values"][1])  # no edit: its own image
+    assert collate([dataset[(0, other)]])["edit_pixel_values"] is None
+
+    # An edit's image of another size is a skipped record that names it.
+    Image.new("RGB", (10, 12)).save(target.with_name("shapes.edit.png"))
+    skipped = dataset[(0, good)]
+    assert "shapes.edit.png is 10x12, the image" in skipped["reason"] and skipped["skipped"] == str(target)
+    # Half an edit, or empty words, is a usage error that names the file.
+    add_edit(target, words="  ")
+    with pytest.raises(ViLexUsageError, match=r"shapes\.edit\.txt is empty; an edit needs its words"):
+        ImageFolderDataset(find_images(image_folder), tiny_pipeline.image_processor, resolution=64)[(0, good)]
+    target.with_name("shapes.edit.txt").unlink()
+    with pytest.raises(ViLexUsageError, match=r"shapes\.edit\.png has no shapes\.edit\.txt beside it"):
+        find_images(image_folder)
+    target.with_name("shapes.edit.png").unlink()
+    target.with_name("shapes.edit.txt").write_text("blue")
+    with pytest.raises(ViLexUsageError, match=r"shapes\.edit\.txt has no shapes\.edit\{\.jpg,\.jpeg,\.png,\.webp\}"):
+        find_images(image_folder)
+
+
 def test_crop_square_keeps_the_centre():
     image = Image.new("RGB", (300, 100), (0, 0, 255))
     image.paste((255, 0, 0), (100, 0, 200, 100))  # red middle third
@@ -249,6 +297,45 @@ def test_targets_min_snr_and_prompt_mix(tiny_pipeline):
     tiny_pipeline.scheduler = DDIMScheduler.from_config(tiny_pipeline.scheduler.config, prediction_type="sample")
     with pytest.raises(ViLexUsageError, match="prediction_type='sample'; training supports epsilon, v_prediction"):
         ReconstructionObjective(tiny_pipeline)
+
+
+def test_an_edit_is_trained_as_the_tokens_of_the_image_before_it_followed_by_its_words(tiny_pipeline):
+    """Checked against the caption path: an edit sample's loss is that of a sample whose image is the edit's
+    image and whose caption is the edit's words, re-creating the edit's target."""
+    generator = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    pixels, edit_pixels = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    vae_pixels = torch.rand(3, 3, 32, 32) * 2 - 1
+    as_edit = ReconstructionObjective(tiny_pipeline, caption_prob=0.0, edit_prob=1.0, taildrop=False).train(False)
+    out = as_edit(pixels, vae_pixels, ["caption 0", None, "caption 2"], generator(), edit_pixels,
+                  ["blue", None, "a red square"])
+    as_caption = ReconstructionObjective(tiny_pipeline, caption_prob=1.0, taildrop=False).train(False)
+    expected = as_caption(torch.stack([edit_pixels[0], pixels[1], edit_pixels[2]]), vae_pixels,
+                          ["blue", None, "a red square"], generator())
+    assert torch.allclose(out["per_sample"], expected["per_sample"], rtol=1e-5, atol=1e-7)
+    assert out["num_edits"] == 2 and out["num_text"] == 2
+    assert not torch.allclose(out["per_sample"][0], as_caption(pixels, vae_pixels, ["blue"] * 3, generator())
+                              ["per_sample"][0])  # the image before the edit made the difference
+
+    # edit_prob 0 draws nothing: the same losses and generator state with the edits given or not.
+    plain = ReconstructionObjective(tiny_pipeline, caption_prob=0.5, taildrop=True).train(False)
+    a, b = generator(), generator()
+    with_edits = plain(pixels, vae_pixels, ["c"] * 3, a, edit_pixels, ["blue"] * 3)
+    without = plain(pixels, vae_pixels, ["c"] * 3, b)
+    assert torch.equal(with_edits["per_sample"], without["per_sample"]) and torch.equal(a.get_state(), b.get_state())
+    assert with_edits["num_edits"] == 0
+
+
+def test_vilex_train_with_edits_trains_them_and_refuses_data_without(tiny_ckpt, image_folder, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", tiny_ckpt, "--data", image_folder, "--out", tmp_path / "r0",
+                           "--edit-prob", 0.5)
+    assert code == 2 and "--edit-prob 0.5: --data" in err and "has no edits" in err and "make-data DIR --edits" in err
+    code, _, err = run_cli(capsys, "train", tiny_ckpt, "--data", image_folder, "--out", tmp_path / "r1",
+                           "--edit-prob", 1.5)
+    assert code == 2 and "--edit-prob must be in 0..1" in err
+    for path in sorted(image_folder.rglob("*.png")):
+        add_edit(path)
+    train(config(tiny_ckpt, image_folder, tmp_path / "run", max_steps=2, edit_prob=1.0, caption_prob=0.0))
+    assert [r["edit_fraction"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1.0, 1.0]
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_ckpt, image_folder, tmp_path):

@@ -1,6 +1,7 @@
 """`vilex toyworld ...`: the miniature world where ViLex is trained and measured on a CPU.
 
-    vilex toyworld make-data DIR [--n 20000] [--split train]     scenes as name.png + name.txt (captions)
+    vilex toyworld make-data DIR [--n 20000] [--split train] [--edits]
+                                                                 scenes as name.png + name.txt (captions)
     vilex toyworld train-base OUT [--vae-steps ...]              the text-to-image base, from scratch
     vilex toyworld new-vilex BASE OUT [--pooler cross|perceiver] [--pretrain-vision STEPS]
                                                                  a new ViLex encoder on a trained base
@@ -27,6 +28,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("out", metavar="DIR")
     p.add_argument("--n", type=int, default=20_000, help="number of scenes (default 20000)")
     p.add_argument("--split", default="train", help="train | probe | heldout | test (each its own seeds; default train)")
+    p.add_argument("--edits", action="store_true",
+                   help="also write name.edit.png + name.edit.txt: the scene with its main object in another color, "
+                        "and the color word that turns it back (for vilex train --edit-prob)")
     p.set_defaults(func=cmd_make_data)
 
     from .config import BaseConfig
@@ -74,7 +78,8 @@ def add_parser(subparsers) -> None:
 
 def cmd_make_data(args) -> None:
     from ..outputs import atomic_folder
-    from .scenes import SPLITS, fingerprint, make_scenes
+    from ..training.data import EDIT_STEM
+    from .scenes import SPLITS, fingerprint, make_scenes, recolor_edit
 
     if args.split not in SPLITS:
         raise ViLexUsageError(f"--split must be one of {', '.join(SPLITS)}, got {args.split!r}")
@@ -85,9 +90,14 @@ def cmd_make_data(args) -> None:
         for i, scene in enumerate(scenes):
             scene.render().save(staging / f"{i:06d}.png")
             (staging / f"{i:06d}.txt").write_text(scene.caption + "\n")
+            if args.edits:
+                source, word = recolor_edit(scene)
+                source.render().save(staging / f"{i:06d}{EDIT_STEM}.png")
+                (staging / f"{i:06d}{EDIT_STEM}.txt").write_text(word + "\n")
             lines.append(json.dumps(scene.to_json()))
         (staging / "scenes.jsonl").write_text("\n".join(lines) + "\n")
-    print(f"wrote {len(scenes)} {args.split} scenes to {args.out} (fingerprint {fingerprint(scenes)[:16]})")
+    edits = " with recolor edits" if args.edits else ""
+    print(f"wrote {len(scenes)} {args.split} scenes{edits} to {args.out} (fingerprint {fingerprint(scenes)[:16]})")
 
 
 def cmd_train_base(args) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import PIL.Image
@@ -160,6 +160,27 @@ def scene_seed(split_seed: int, index: int) -> int:
 
 def make_scenes(count: int, split_seed: int, start: int = 0) -> list[Scene]:
     return [make_scene(scene_seed(split_seed, i)) for i in range(start, start + count)]
+
+
+def recolored(scene: Scene, color: str) -> Scene:
+    """The scene with its main object in the named `color`; the object's shade keeps its offset from its named
+    color (clipped to 0..255), and everything else stays as it is."""
+    if color not in COLORS:
+        raise ValueError(f"color must be one of {', '.join(COLOR_NAMES)}, got {color!r}")
+    main = scene.main
+    shade = np.array(COLORS[color]) + np.array(main.rgb) - np.array(COLORS[main.color])
+    rgb = tuple(int(v) for v in np.clip(shade, 0, 255))
+    return replace(scene, objects=(replace(main, color=color, rgb=rgb), *scene.objects[1:]))
+
+
+def recolor_edit(scene: Scene) -> tuple[Scene, str]:
+    """An edit that ends in `scene`: (the same scene with its main object in another color, the word that
+    turns it back). The other color is neither the object's nor the background's, drawn from the scene's seed;
+    the word is the main object's color name. These are the pairs `make-data --edits` writes, for training
+    tokens that leave the object's color to a color word after them (`vilex train --edit-prob`)."""
+    rng = np.random.default_rng([scene.seed, 11])
+    allowed = [c for c in COLOR_NAMES if c not in (scene.main.color, scene.background_color)]
+    return recolored(scene, allowed[int(rng.integers(len(allowed)))]), scene.main.color
 
 
 # ---- captions ------------------------------------------------------------------------------------------

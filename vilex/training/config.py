@@ -61,6 +61,7 @@ class TrainConfig:
     taildrop: bool = True
     taildrop_prob: float | None = None  # None: the checkpoint's
     caption_prob: float = 0.5  # share of captioned samples trained as ViLex + text
+    edit_prob: float = 0.0  # share of samples with an edit (name.edit.png + .txt) trained as the edit
     resolution: int | None = None  # VAE input size; None: the UNet's native size
     random_crop: bool = False
     random_flip: bool = False
@@ -103,6 +104,7 @@ class TrainConfig:
         if self.taildrop_prob is not None:
             check_range("--taildrop-prob", self.taildrop_prob, 0.0, 1.0)
         check_range("--caption-prob", self.caption_prob, 0.0, 1.0)
+        check_range("--edit-prob", self.edit_prob, 0.0, 1.0)
         if self.resolution is not None:
             check_range("--resolution", self.resolution, 8, 4096)
         for name in ("num_workers", "shuffle_buffer", "holdout", "preview_every", "checkpoint_every",

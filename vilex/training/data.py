@@ -2,11 +2,17 @@
 
     DIR/**/name.{jpg,jpeg,png,webp}     an image (searched recursively)
     DIR/**/name.txt                     its caption (optional): the sample may be trained as ViLex + text
+    DIR/**/name.edit.{png,...} + name.edit.txt
+                                        an edit that ends in name.png (optional, both or neither): the image
+                                        before it and the words that turn it into name.png; with --edit-prob
+                                        the sample may be trained as the tokens of name.edit.png + the words,
+                                        re-creating name.png (not itself a training image)
     'shards/{000000..000999}.tar'       WebDataset tar shards, or parquet files: streamed (shards.py reads them)
 
 Each image is resized (shorter side to the VAE resolution) and cropped square once; that square is
 both the VAE's input, in [-1, 1], and the input of the vision encoder's own image processor, so the
-encoder sees exactly what the diffusion model is asked to re-create.
+encoder sees exactly what the diffusion model is asked to re-create. An edit's image must have the same
+size as its target; it is cropped and flipped as its target is.
 
 Sample order is a stream of (epoch, index) keys: epoch e is a permutation of the images seeded by
 (seed, e), and rank r of w processes takes every w-th key. A run that resumes after b batches starts
@@ -59,12 +65,19 @@ from .shards import SHARD_SUFFIXES, RawSample, ShardSource
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_SUFFIX = ".txt"
+EDIT_STEM = ".edit"  # name.edit.png + name.edit.txt: an edit that ends in name.png
 
 
 @dataclass(frozen=True)
 class ImageRecord:
     path: Path
     caption_path: Path | None  # the `name.txt` sidecar, when there is one
+    edit_path: Path | None = None  # `name.edit.png` (any image suffix): the image before an edit, when there is one
+    edit_text_path: Path | None = None  # `name.edit.txt`: the words of that edit
+
+
+def is_edit_image(path: Path) -> bool:
+    return Path(path.stem).suffix == EDIT_STEM
 
 
 def find_images(root: str | os.PathLike) -> list[ImageRecord]:
@@ -73,7 +86,8 @@ def find_images(root: str | os.PathLike) -> list[ImageRecord]:
     if not root.is_dir():
         raise ViLexUsageError(f"--data '{root}' is not a folder of images, a .tar or .parquet file, or a shard "
                               f"pattern such as 'shards/{{000000..000999}}.tar' or 'data/*.parquet'")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and not is_edit_image(p))
     if not paths:
         shards = sorted({p.suffix.lower() for p in root.glob("*") if p.suffix.lower() in SHARD_SUFFIXES})
         hint = f"; for the {' and '.join(shards)} files in it give a pattern: --data '{root}/*{shards[0]}'" \
@@ -85,8 +99,36 @@ def find_images(root: str | os.PathLike) -> list[ImageRecord]:
     records = []
     for path in paths:
         caption = path.with_suffix(CAPTION_SUFFIX)
-        records.append(ImageRecord(path, caption if caption.is_file() else None))
+        records.append(ImageRecord(path, caption if caption.is_file() else None, *find_edit(path)))
     return records
+
+
+def find_edit(path: Path) -> tuple[Path | None, Path | None]:
+    """(name.edit.<image suffix>, name.edit.txt) of the image `path`, or (None, None); one without the other, or
+    two edit images, is a usage error."""
+    stem = path.with_suffix("").name + EDIT_STEM
+    images = [path.with_name(stem + suffix) for suffix in IMAGE_SUFFIXES if path.with_name(stem + suffix).is_file()]
+    text = path.with_name(stem + CAPTION_SUFFIX)
+    if not images and not text.is_file():
+        return None, None
+    if len(images) > 1:
+        raise ViLexUsageError(f"--data: {path} has {len(images)} edit images ({', '.join(p.name for p in images)}); "
+                              f"an image has at most one")
+    if not images or not text.is_file():
+        have, missing = (images[0], text.name) if images else (text, f"{stem}{{{','.join(IMAGE_SUFFIXES)}}}")
+        raise ViLexUsageError(f"--data: {have} has no {missing} beside it: an edit is the image before it "
+                              f"({stem}.png, ...) and its words ({stem}{CAPTION_SUFFIX}), both or neither")
+    return images[0], text
+
+
+def read_edit(record: ImageRecord) -> str | None:
+    """The edit's words (whitespace stripped), or None when the image has no edit; empty words are a usage error."""
+    if record.edit_text_path is None:
+        return None
+    text = record.edit_text_path.read_text(encoding="utf-8", errors="replace").strip()
+    if not text:
+        raise ViLexUsageError(f"--data: {record.edit_text_path} is empty; an edit needs its words")
+    return text
 
 
 def read_caption(record: ImageRecord) -> str | None:
@@ -118,22 +160,29 @@ def to_vae_pixels(image: PIL.Image.Image) -> torch.Tensor:
 
 
 def prepare_sample(image: PIL.Image.Image, rng: np.random.Generator, resolution: int, image_processor,
-                   random_crop: bool, random_flip: bool) -> dict:
+                   random_crop: bool, random_flip: bool, edit_image: PIL.Image.Image | None = None) -> dict:
     """One RGB image -> {"pixel_values" (3, S, S) for the vision encoder, "vae_pixels" (3, R, R)}: the same
-    square, cropped once, for both; rng draws the crop offset and the flip."""
+    square, cropped once, for both; rng draws the crop offset and the flip. With an edit's image (the size of
+    `image`), also its "edit_pixel_values" (3, S, S), cropped and flipped as `image` is."""
     offset = (float(rng.random()), float(rng.random())) if random_crop else (0.5, 0.5)
-    square = crop_square(image, resolution, offset)
-    if random_flip and rng.random() < 0.5:
-        square = square.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-    pixel_values = image_processor(images=[square], return_tensors="pt")["pixel_values"][0]  # (3, S, S)
-    return {"pixel_values": pixel_values, "vae_pixels": to_vae_pixels(square)}
+    flip = random_flip and rng.random() < 0.5
+    squares = []
+    for picture in (image,) if edit_image is None else (image, edit_image):
+        square = crop_square(picture, resolution, offset)
+        squares.append(square.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT) if flip else square)
+    pixel_values = image_processor(images=squares, return_tensors="pt")["pixel_values"]  # (1 or 2, 3, S, S)
+    sample = {"pixel_values": pixel_values[0], "vae_pixels": to_vae_pixels(squares[0])}
+    if edit_image is not None:
+        sample["edit_pixel_values"] = pixel_values[1]
+    return sample
 
 
 class ImageFolderDataset(Dataset):
     """Indexed by (epoch, index) keys from `TrainingStream`; returns one preprocessed sample.
 
     A sample is a dict with `pixel_values` (3, S, S) for the vision encoder, `vae_pixels` (3, R, R),
-    `caption` (str or None) and `path`; an unreadable file gives {"skipped": path, "reason": message}.
+    `caption` (str or None) and `path`, and for an image with an edit `edit_pixel_values` (3, S, S) and
+    `edit_text`; an unreadable file (or an edit image of another size) gives {"skipped": path, "reason": message}.
     """
 
     def __init__(self, records: Sequence[ImageRecord], image_processor, resolution: int, seed: int = 0,
@@ -154,11 +203,19 @@ class ImageFolderDataset(Dataset):
         seen = (str(record.path), epoch)
         try:
             image = load_image(record.path)
+            edit_image = None if record.edit_path is None else load_image(record.edit_path)
         except ImageInputError as error:
             return {"skipped": str(record.path), "reason": str(error), "seen": seen}
+        if edit_image is not None and edit_image.size != image.size:
+            return {"skipped": str(record.path), "seen": seen,
+                    "reason": f"its edit image {record.edit_path.name} is {edit_image.size[0]}x{edit_image.size[1]}, "
+                              f"the image {image.size[0]}x{image.size[1]}: an edit's image must have its target's size"}
         # Seeded by (seed, epoch, index): the same augmentation whichever worker loads it, and on resume.
         rng = np.random.default_rng([self.seed, epoch, index])
-        sample = prepare_sample(image, rng, self.resolution, self.image_processor, self.random_crop, self.random_flip)
+        sample = prepare_sample(image, rng, self.resolution, self.image_processor, self.random_crop, self.random_flip,
+                                edit_image)
+        if edit_image is not None:
+            sample["edit_text"] = read_edit(record)
         return {**sample, "caption": read_caption(record), "path": str(record.path), "seen": seen}
 
 
@@ -166,6 +223,8 @@ def collate(samples: list[dict]) -> dict:
     """Stack the readable samples; unreadable ones are listed under `skipped` as (path, reason).
 
     pixel_values (b, 3, S, S) and vae_pixels (b, 3, R, R) are None when no sample of the batch was readable.
+    When a sample of the batch has an edit, edit_pixel_values (b, 3, S, S) holds each edit's image (a sample
+    without one: its own pixel_values) and edit_texts its words (None without one); else they are None and [].
     `seen` lists every sample of the batch, readable or not, as (path or key, epoch); `position` is, for
     shards, the position of the reader after the batch's last sample (all of a batch comes from one reader).
     """
@@ -174,12 +233,17 @@ def collate(samples: list[dict]) -> dict:
     common = {"skipped": skipped, "seen": [s["seen"] for s in samples if "seen" in s],
               "position": samples[-1].get("position") if samples else None}
     if not good:
-        return {"pixel_values": None, "vae_pixels": None, "captions": [], "paths": [], **common}
+        return {"pixel_values": None, "vae_pixels": None, "captions": [], "paths": [], "edit_pixel_values": None,
+                "edit_texts": [], **common}
+    edits = any("edit_text" in s for s in good)
     return {
         "pixel_values": torch.stack([s["pixel_values"] for s in good]),
         "vae_pixels": torch.stack([s["vae_pixels"] for s in good]),
         "captions": [s["caption"] for s in good],
         "paths": [s["path"] for s in good],
+        "edit_pixel_values": torch.stack([s.get("edit_pixel_values", s["pixel_values"]) for s in good])
+        if edits else None,
+        "edit_texts": [s.get("edit_text") for s in good] if edits else [],
         **common,
     }
 

@@ -6,6 +6,11 @@
     [BOS] tokens (+ caption) [EOS] [PAD] --text encoder (frozen)--> prompt_embeds (B, 77, D)
     UNet(x_t, t, prompt_embeds) (frozen) --> prediction; loss = || prediction - target ||^2
 
+A sample with an edit (an image before it and the words that turn it into this image; see data.py) is,
+with probability edit_prob, trained as the edit: the tokens come from the image before it, the words
+follow them, and the loss is still this image's. It asks the tokens to leave to a following word what
+the word says (ViLex's mixing of tokens and text), which nothing else in the objective asks of them.
+
 The target is the noise (prediction_type "epsilon") or the velocity sqrt(a_t) noise - sqrt(1 - a_t) x0
 ("v_prediction"), whichever the checkpoint's scheduler says the UNet was trained for. Min-SNR weighting
 (Hang et al. 2023) optionally reweights timesteps. The UNet, text encoder and VAE have
@@ -71,13 +76,15 @@ class ReconstructionObjective(nn.Module):
         pipeline: a ViLexPipeline; its vilex, text_encoder, unet and vae are shared, not copied.
         snr_gamma: min-SNR gamma (5.0 is the paper's value), or None for the plain mean.
         caption_prob: probability that a sample with a caption is trained as ViLex + text.
+        edit_prob: probability that a sample with an edit is trained as the edit (the tokens of the image
+            before it + its words); such a sample is not trained with its caption.
         taildrop: sample a per-sample prefix length (the model's TailDrop); off keeps all N tokens.
         train_vision: whether the vision encoder is trained (else it stays in eval mode).
         gradient_checkpointing: recompute the frozen UNet's and text encoder's activations in backward.
     """
 
     def __init__(self, pipeline, snr_gamma: float | None = None, caption_prob: float = 0.5, taildrop: bool = True,
-                 train_vision: bool = False, gradient_checkpointing: bool = False):
+                 train_vision: bool = False, gradient_checkpointing: bool = False, edit_prob: float = 0.0):
         super().__init__()
         self.vilex = pipeline.vilex
         self.text_encoder = TextEncoderFromEmbeds(pipeline.text_encoder)
@@ -87,6 +94,7 @@ class ReconstructionObjective(nn.Module):
         self.noise_scheduler = training_noise_scheduler(pipeline.scheduler.config)
         self.snr_gamma = snr_gamma
         self.caption_prob = caption_prob
+        self.edit_prob = edit_prob
         self.taildrop = taildrop
         self.train_vision = train_vision
         self.gradient_checkpointing = gradient_checkpointing
@@ -116,30 +124,51 @@ class ReconstructionObjective(nn.Module):
         latents = posterior.mean if generator is None else posterior.sample(generator)
         return ((latents - self.shift_factor) * self.scaling_factor).float()
 
-    def assemble_prompts(self, captions: Sequence[str | None], lengths: torch.Tensor,
-                         generator: torch.Generator | None) -> tuple[list[str | None], torch.Tensor]:
-        """Pick ViLex-only or ViLex + caption per sample; returns (prompts, kept ViLex lengths (B,)).
+    def draw_edits(self, edit_texts: Sequence[str | None], batch_size: int,
+                   generator: torch.Generator | None) -> list[str | None]:
+        """Per sample the words of its edit when it is trained as the edit (probability edit_prob), else None.
+        Nothing is drawn with edit_prob 0, so a run without edits draws what it drew before edits existed.
+        Words that leave no room for one ViLex token are not trained (counted in `captions_too_long`)."""
+        if self.edit_prob <= 0 or not edit_texts:
+            return [None] * batch_size
+        use_edit = torch.rand(batch_size, generator=generator) < self.edit_prob
+        edits: list[str | None] = []
+        for b, text in enumerate(edit_texts):
+            if text and bool(use_edit[b]) and len(self.prompt_builder.text_ids(text)) >= \
+                    self.prompt_builder.max_text_tokens(0):
+                self.captions_too_long += 1
+                text = None
+            edits.append(text if text and bool(use_edit[b]) else None)
+        return edits
 
-        A caption is used with probability caption_prob. When caption and prefix do not both fit in the
-        encoder's positions, the ViLex prefix is shortened (TailDrop already trains every prefix); a
-        caption that leaves no room for one token is not used and is counted in `captions_too_long`.
+    def assemble_prompts(self, captions: Sequence[str | None], lengths: torch.Tensor,
+                         generator: torch.Generator | None,
+                         edits: Sequence[str | None] = ()) -> tuple[list[str | None], torch.Tensor]:
+        """Pick ViLex-only, ViLex + caption or ViLex + edit words per sample; returns (prompts, kept ViLex
+        lengths (B,)).
+
+        A sample trained as an edit (its words in `edits`, see `draw_edits`) always takes its words; otherwise
+        a caption is used with probability caption_prob. When text and prefix do not both fit in the
+        encoder's positions, the ViLex prefix is shortened (TailDrop already trains every prefix); a text
+        that leaves no room for one token is not used and is counted in `captions_too_long`.
         """
         B = lengths.shape[0]
         use_text = torch.rand(B, generator=generator) < self.caption_prob  # drawn always: same RNG use with or without captions
         lengths = lengths.clone()
         prompts: list[str | None] = []
         for b in range(B):
-            caption = captions[b] if b < len(captions) else None
-            if not caption or not use_text[b]:
+            edit = edits[b] if b < len(edits) else None
+            text = edit or ((captions[b] if b < len(captions) else None) if use_text[b] else None)
+            if not text:
                 prompts.append(None)
                 continue
-            room = self.prompt_builder.max_text_tokens(0) - len(self.prompt_builder.text_ids(caption))
+            room = self.prompt_builder.max_text_tokens(0) - len(self.prompt_builder.text_ids(text))
             if room < 1:
                 self.captions_too_long += 1
                 prompts.append(None)
                 continue
             lengths[b] = min(int(lengths[b]), room)
-            prompts.append(caption)
+            prompts.append(text)
         return prompts, lengths
 
     def encode_prompt(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
@@ -175,8 +204,12 @@ class ReconstructionObjective(nn.Module):
 
     # ---- the training loss -------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor, vae_pixels: torch.Tensor, captions: Sequence[str | None] = (),
-                generator: torch.Generator | None = None) -> dict:
-        """One batch -> {"loss": scalar, "per_sample": (B,), "lengths": (B,), "num_text": int}.
+                generator: torch.Generator | None = None, edit_pixel_values: torch.Tensor | None = None,
+                edit_texts: Sequence[str | None] = ()) -> dict:
+        """One batch -> {"loss": scalar, "per_sample": (B,), "lengths": (B,), "num_text": int, "num_edits": int}.
+
+        edit_pixel_values (B, 3, S, S) and edit_texts: per sample the image before its edit and the edit's
+        words (None for a sample without one), as `collate` gives them.
 
         All randomness is drawn from `generator` (a CPU generator), so a run is reproducible and
         resumable from the generator's saved state.
@@ -191,15 +224,21 @@ class ReconstructionObjective(nn.Module):
         timesteps = torch.randint(0, T, (B,), generator=generator).to(device)
         noise = torch.randn(latents.shape, generator=generator).to(device)
 
-        # 3. ViLex tokens (B, N, D) and the kept prefix length per sample (TailDrop)
+        # 3. Which samples are trained as their edit: their tokens come from the image before it
+        edits = self.draw_edits(edit_texts, B, generator)
+        if any(edits):
+            as_edit = torch.tensor([e is not None for e in edits], device=device)[:, None, None, None]
+            pixel_values = torch.where(as_edit, edit_pixel_values.to(device), pixel_values)
+
+        # 4. ViLex tokens (B, N, D) and the kept prefix length per sample (TailDrop)
         vilex_output = self.vilex(pixel_values, taildrop=self.taildrop, generator=generator)
 
-        # 4. ViLex-only or ViLex + caption prompts, then the loss through the frozen text encoder and UNet
-        prompts, lengths = self.assemble_prompts(captions, vilex_output.lengths.cpu(), generator)
+        # 5. ViLex-only, ViLex + caption or ViLex + edit words, then the loss through the frozen text encoder and UNet
+        prompts, lengths = self.assemble_prompts(captions, vilex_output.lengths.cpu(), generator, edits)
         per_sample = self.denoising_loss(vilex_output.vilex_tokens, lengths, prompts, latents, noise, timesteps)
         loss = (per_sample * self.timestep_weights(timesteps)).mean()
         return {"loss": loss, "per_sample": per_sample.detach(), "lengths": lengths,
-                "num_text": sum(p is not None for p in prompts)}
+                "num_text": sum(p is not None for p in prompts), "num_edits": sum(e is not None for e in edits)}
 
     @torch.no_grad()
     def fixed_loss(self, pixel_values: torch.Tensor, vae_pixels: torch.Tensor, timesteps: Sequence[int],

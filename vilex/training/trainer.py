@@ -78,9 +78,16 @@ class Trainer:
         self.shards = ShardSource(cfg.data, cfg.image_column, cfg.caption_column) if is_shard_pattern(cfg.data) \
             else None
         if self.shards is not None:
+            if cfg.edit_prob > 0:
+                raise ViLexUsageError(f"--edit-prob {cfg.edit_prob:g} needs a folder of images with edits beside them; "
+                                      f"shards ({cfg.data}) carry no edits")
             self.holdout_names, holdout_images, unreadable = pick_shard_holdout(self.shards, cfg.holdout)
         else:
             records = find_images(cfg.data)
+            if cfg.edit_prob > 0 and not any(r.edit_path for r in records):
+                raise ViLexUsageError(f"--edit-prob {cfg.edit_prob:g}: --data '{cfg.data}' has no edits (name.edit.png "
+                                      f"+ name.edit.txt beside name.png); use --edit-prob 0 or data made with them, "
+                                      f"e.g. vilex toyworld make-data DIR --edits")
             training, holdout_records, holdout_images, unreadable = pick_holdout(records, cfg.holdout, cfg.seed)
             self.holdout_names = [str(r.path) for r in holdout_records]
         self.unreadable.update(unreadable)
@@ -111,6 +118,7 @@ class Trainer:
 
         # 1e. Objective, optimizer, schedule, EMA
         objective = ReconstructionObjective(pipeline, snr_gamma=cfg.snr_gamma, caption_prob=cfg.caption_prob,
+                                            edit_prob=cfg.edit_prob,
                                             taildrop=cfg.taildrop, train_vision=cfg.train_vision,
                                             gradient_checkpointing=cfg.gradient_checkpointing)
         self.objective, self.optimizer = accelerator.prepare(objective, adamw(pipeline.vilex, cfg))
@@ -188,7 +196,8 @@ class Trainer:
         device = self.accelerator.device
         return self.objective(pixel_values=batch["pixel_values"].to(device, non_blocking=True),
                               vae_pixels=batch["vae_pixels"].to(device, non_blocking=True),
-                              captions=batch["captions"], generator=self.generator)
+                              captions=batch["captions"], generator=self.generator,
+                              edit_pixel_values=batch["edit_pixel_values"], edit_texts=batch["edit_texts"])
 
     def train_step(self) -> dict:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; returns its figures."""
@@ -196,7 +205,7 @@ class Trainer:
         cfg, accelerator = self.config, self.accelerator
         start = time.perf_counter()
         self.objective.train()
-        loss_sum, images, tokens, with_text = torch.zeros((), device=accelerator.device), 0, 0.0, 0
+        loss_sum, images, tokens, with_text, edits = torch.zeros((), device=accelerator.device), 0, 0.0, 0, 0
         for micro in range(cfg.gradient_accumulation_steps):
             batch = self.next_batch()
             last = micro == cfg.gradient_accumulation_steps - 1
@@ -208,6 +217,7 @@ class Trainer:
             images += len(batch["paths"])
             tokens += float(out["lengths"].float().sum())
             with_text += out["num_text"]
+            edits += out["num_edits"]
         grad_norm = float("nan")
         if cfg.max_grad_norm > 0:
             grad_norm = float(accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm))
@@ -222,6 +232,7 @@ class Trainer:
                    "grad_norm": grad_norm, "images": images * self.world_size,
                    "seconds": seconds, "images_per_s": images * self.world_size / seconds,
                    "mean_vilex_tokens": tokens / max(images, 1), "text_fraction": with_text / max(images, 1),
+                   "edit_fraction": edits / max(images, 1),
                    "epoch": self.epoch}
         figures.update(learning_rates)
         return figures
