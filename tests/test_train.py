@@ -313,6 +313,9 @@ def test_an_edit_is_trained_as_the_tokens_of_the_image_before_it_followed_by_its
                           ["blue", None, "a red square"], generator())
     assert torch.allclose(out["per_sample"], expected["per_sample"], rtol=1e-5, atol=1e-7)
     assert out["num_edits"] == 2 and out["num_text"] == 2
+    # Words that leave no room for one token are not trained as an edit (its tokens would re-create the wrong image).
+    assert as_edit.draw_edits(["blue", "word " * 80, None], 3, generator()) == ["blue", None, None]
+    assert as_edit.captions_too_long == 1
     assert not torch.allclose(out["per_sample"][0], as_caption(pixels, vae_pixels, ["blue"] * 3, generator())
                               ["per_sample"][0])  # the image before the edit made the difference
 

@@ -134,11 +134,13 @@ class ReconstructionObjective(nn.Module):
         use_edit = torch.rand(batch_size, generator=generator) < self.edit_prob
         edits: list[str | None] = []
         for b, text in enumerate(edit_texts):
-            if text and bool(use_edit[b]) and len(self.prompt_builder.text_ids(text)) >= \
-                    self.prompt_builder.max_text_tokens(0):
+            if not text or not use_edit[b]:
+                edits.append(None)
+            elif len(self.prompt_builder.text_ids(text)) >= self.prompt_builder.max_text_tokens(0):
                 self.captions_too_long += 1
-                text = None
-            edits.append(text if text and bool(use_edit[b]) else None)
+                edits.append(None)
+            else:
+                edits.append(text)
         return edits
 
     def assemble_prompts(self, captions: Sequence[str | None], lengths: torch.Tensor,
