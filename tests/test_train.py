@@ -150,6 +150,10 @@ def test_an_edit_sits_beside_its_image_and_is_cropped_and_flipped_as_it_is(tiny_
     target.with_name("shapes.edit.txt").unlink()
     with pytest.raises(ViLexUsageError, match=r"shapes\.edit\.png has no shapes\.edit\.txt beside it"):
         find_images(image_folder)
+    (image_folder / "orphan.edit.png").write_bytes(target.with_name("shapes.edit.png").read_bytes())
+    with pytest.raises(ViLexUsageError, match=r"orphan\.edit\.png is named as an edit .* no image of that name"):
+        find_images(image_folder)  # not dropped silently
+    (image_folder / "orphan.edit.png").unlink()
     target.with_name("shapes.edit.png").unlink()
     target.with_name("shapes.edit.txt").write_text("blue")
     with pytest.raises(ViLexUsageError, match=r"shapes\.edit\.txt has no shapes\.edit\{\.jpg,\.jpeg,\.png,\.webp\}"):

@@ -86,8 +86,14 @@ def find_images(root: str | os.PathLike) -> list[ImageRecord]:
     if not root.is_dir():
         raise ViLexUsageError(f"--data '{root}' is not a folder of images, a .tar or .parquet file, or a shard "
                               f"pattern such as 'shards/{{000000..000999}}.tar' or 'data/*.parquet'")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                   and not is_edit_image(p))
+    found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    paths = sorted(p for p in found if not is_edit_image(p))
+    targets = {p.with_suffix("") for p in paths}
+    orphans = sorted(p for p in found if is_edit_image(p) and p.with_suffix("").with_suffix("") not in targets)
+    if orphans:
+        more = f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""
+        raise ViLexUsageError(f"--data: {orphans[0]}{more} is named as an edit (name{EDIT_STEM}.png) but no image of "
+                              f"that name is beside it; rename it to train on it as an image")
     if not paths:
         shards = sorted({p.suffix.lower() for p in root.glob("*") if p.suffix.lower() in SHARD_SUFFIXES})
         hint = f"; for the {' and '.join(shards)} files in it give a pattern: --data '{root}/*{shards[0]}'" \
