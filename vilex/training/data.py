@@ -86,10 +86,14 @@ def find_images(root: str | os.PathLike) -> list[ImageRecord]:
     if not root.is_dir():
         raise ViLexUsageError(f"--data '{root}' is not a folder of images, a .tar or .parquet file, or a shard "
                               f"pattern such as 'shards/{{000000..000999}}.tar' or 'data/*.parquet'")
-    found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    paths = sorted(p for p in found if not is_edit_image(p))
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = [p for p in found if not is_edit_image(p)]
+    edit_images: dict[Path, list[Path]] = {}  # DIR/name -> its name.edit.<suffix> files
+    for p in found:
+        if is_edit_image(p):
+            edit_images.setdefault(p.with_suffix("").with_suffix(""), []).append(p)
     targets = {p.with_suffix("") for p in paths}
-    orphans = sorted(p for p in found if is_edit_image(p) and p.with_suffix("").with_suffix("") not in targets)
+    orphans = [p for name, edits in edit_images.items() if name not in targets for p in edits]
     if orphans:
         more = f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""
         raise ViLexUsageError(f"--data: {orphans[0]}{more} is named as an edit (name{EDIT_STEM}.png) but no image of "
@@ -105,15 +109,15 @@ def find_images(root: str | os.PathLike) -> list[ImageRecord]:
     records = []
     for path in paths:
         caption = path.with_suffix(CAPTION_SUFFIX)
-        records.append(ImageRecord(path, caption if caption.is_file() else None, *find_edit(path)))
+        edit = find_edit(path, edit_images.get(path.with_suffix(""), []))
+        records.append(ImageRecord(path, caption if caption.is_file() else None, *edit))
     return records
 
 
-def find_edit(path: Path) -> tuple[Path | None, Path | None]:
-    """(name.edit.<image suffix>, name.edit.txt) of the image `path`, or (None, None); one without the other, or
-    two edit images, is a usage error."""
+def find_edit(path: Path, images: Sequence[Path]) -> tuple[Path | None, Path | None]:
+    """(name.edit.<image suffix>, name.edit.txt) of the image `path`, given the edit images found beside it, or
+    (None, None); one without the other, or two edit images, is a usage error."""
     stem = path.with_suffix("").name + EDIT_STEM
-    images = [path.with_name(stem + suffix) for suffix in IMAGE_SUFFIXES if path.with_name(stem + suffix).is_file()]
     text = path.with_name(stem + CAPTION_SUFFIX)
     if not images and not text.is_file():
         return None, None

@@ -136,7 +136,7 @@ class ReconstructionObjective(nn.Module):
         for b, text in enumerate(edit_texts):
             if not text or not use_edit[b]:
                 edits.append(None)
-            elif len(self.prompt_builder.text_ids(text)) >= self.prompt_builder.max_text_tokens(0):
+            elif self.prompt_builder.max_vilex_tokens(text) < 1:
                 self.captions_too_long += 1
                 edits.append(None)
             else:
@@ -164,7 +164,7 @@ class ReconstructionObjective(nn.Module):
             if not text:
                 prompts.append(None)
                 continue
-            room = self.prompt_builder.max_text_tokens(0) - len(self.prompt_builder.text_ids(text))
+            room = self.prompt_builder.max_vilex_tokens(text)
             if room < 1:
                 self.captions_too_long += 1
                 prompts.append(None)
