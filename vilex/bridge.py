@@ -5,12 +5,13 @@ The text encoder's input is built as word embeddings:
     [BOS] [ViLex tokens | text tokens in either order] [EOS] [PAD ...]   (77 positions for CLIP)
 
 Text tokens come from the real tokenizer and the encoder's own embedding table, so a text-only prompt
-gives exactly the stock encoder's input. Position embeddings are added inside the encoder, as usual.
+gives exactly the stock encoder's input. ViLex tokens that text stands beside first pass through `mix`
+(the ViLex model's mixing adapter, where its checkpoint has one); ViLex tokens alone never do. Position embeddings are added inside the encoder, as usual.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -54,9 +55,11 @@ class TextEncoderFromEmbeds(nn.Module):
 class PromptBuilder:
     """Assembles the text encoder's word-embedding input from ViLex tokens and text."""
 
-    def __init__(self, tokenizer, token_embedding: nn.Embedding):
+    def __init__(self, tokenizer, token_embedding: nn.Embedding,
+                 mix: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.tokenizer = tokenizer
         self.token_embedding = token_embedding
+        self.mix = mix  # (1, k, D) -> (1, k, D): ViLex tokens beside text; None keeps them as they are
         self.max_length = int(tokenizer.model_max_length)
 
     @property
@@ -118,7 +121,12 @@ class PromptBuilder:
             prompt = prompts[b] if prompts is not None else None
             self.check_fits(prompt, k)
             text = table[torch.tensor(self.text_ids(prompt), dtype=torch.long, device=table.device)] if prompt else table[:0]
-            vilex = vilex_tokens[b, :k].to(table.device, table.dtype) if k else table[:0]
+            vilex = table[:0]
+            if k:
+                vilex = vilex_tokens[b:b + 1, :k]  # (1, k, D)
+                if prompt and self.mix is not None:
+                    vilex = self.mix(vilex)
+                vilex = vilex[0].to(table.device, table.dtype)
             middle = [vilex, text] if order == "vilex_first" else [text, vilex]
             row = torch.cat([bos[None], *middle, eos[None]])  # (2 + k + n_text, D)
             padding = pad[None].expand(self.max_length - row.shape[0], -1)

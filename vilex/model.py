@@ -7,6 +7,8 @@
       -> vilex_tokens (B, N, D)
 
 The tokens are fed to the frozen text encoder in place of word embeddings (see `bridge.py`).
+A checkpoint may carry a mixing adapter (`MixAdapter`): tokens that words stand beside pass through it first,
+so that they can leave to the words what the words say; tokens alone are never changed by it.
 TailDrop (training only) drops the last k tokens per sample so that the first tokens carry the most
 meaning and any prefix 1..N can be used at inference.
 """
@@ -91,6 +93,35 @@ class AttentionPooler(nn.Module):
         return self.norm_tokens(self.proj_out(self.norm_out(queries)))  # (B, N, D)
 
 
+class MixAdapter(nn.Module):
+    """What the tokens become when words stand beside them: tokens + a per-token MLP of them (B, k, D).
+
+    ViLex mixes tokens and words zero-shot on a base that has learned to let words compose; a small base
+    that has seen only captions reads the tokens' colour over a following colour word. This adapter is
+    trained (`vilex train --mix-adapter`) on edits with everything else frozen, so the tokens alone, and
+    every figure measured from them, stay what they were. It works in the pooler's unit scale: the
+    tokens divided by `token_scale`, a residual MLP with a learned embedding per token position, and the
+    result scaled back. The last layer starts at zero, so a new adapter changes nothing.
+    """
+
+    def __init__(self, num_queries: int, dim: int, hidden: int, token_scale: float):
+        super().__init__()
+        self.token_scale = token_scale
+        self.positions = nn.Parameter(torch.zeros(num_queries, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, k, D), k <= num_queries, the first k positions -> (B, k, D)."""
+        units = tokens / self.token_scale
+        k = units.shape[1]
+        hidden = F.gelu(self.fc1(self.norm(units) + self.positions[:k]))
+        return (units + self.fc2(hidden)) * self.token_scale
+
+
 class ViLexModel(ModelMixin, ConfigMixin):
     """Vision encoder + attention pooler producing `num_queries` visual words of width `output_dim`.
 
@@ -111,6 +142,8 @@ class ViLexModel(ModelMixin, ConfigMixin):
         freeze_vision: whether the vision encoder is frozen during training.
         pooler_self_attention: the queries attend to the patch features and to each other (Perceiver
             resampler) instead of to the patch features only.
+        mix_adapter_hidden: hidden width of the mixing adapter (`MixAdapter`); 0: none, the tokens stand
+            beside words as they are.
     """
 
     config_name = "config.json"
@@ -130,6 +163,7 @@ class ViLexModel(ModelMixin, ConfigMixin):
         taildrop_min_tokens: int = 1,
         freeze_vision: bool = True,
         pooler_self_attention: bool = False,
+        mix_adapter_hidden: int = 0,
     ):
         super().__init__()
         if taildrop_distribution not in TAILDROP_DISTRIBUTIONS:
@@ -149,6 +183,9 @@ class ViLexModel(ModelMixin, ConfigMixin):
             self.vision_model.config.hidden_size, num_queries, pooler_width, pooler_depth, pooler_heads, output_dim,
             self_attention=pooler_self_attention,
         )
+        check_range("mix_adapter_hidden", mix_adapter_hidden, 0)
+        self.mix_adapter = (MixAdapter(num_queries, output_dim, mix_adapter_hidden, token_scale)
+                            if mix_adapter_hidden else None)
         self.vision_model.requires_grad_(not freeze_vision)
         if model_type == "clip_vision_model":
             # CLIP's post_layernorm only feeds its pooled output, which ViLex does not use (SigLIP's is
@@ -160,6 +197,28 @@ class ViLexModel(ModelMixin, ConfigMixin):
     @property
     def num_queries(self) -> int:
         return self.config.num_queries
+
+    def add_mix_adapter(self, hidden: int) -> MixAdapter:
+        """Give a model without one a new mixing adapter (it changes nothing until trained); a model that has
+        one keeps it, if its hidden width is `hidden`."""
+        check_range("mix_adapter_hidden", hidden, 1)
+        if self.mix_adapter is not None:
+            if self.config.mix_adapter_hidden != hidden:
+                raise ValueError(f"this ViLex model has a mixing adapter of hidden width "
+                                 f"{self.config.mix_adapter_hidden}, not {hidden}")
+            return self.mix_adapter
+        reference = self.pooler.queries
+        self.mix_adapter = MixAdapter(self.config.num_queries, self.config.output_dim, hidden,
+                                      self.config.token_scale).to(reference.device, reference.dtype)
+        self.register_to_config(mix_adapter_hidden=hidden)
+        return self.mix_adapter
+
+    def mix_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens (B, k, D) as they stand beside words: through the mixing adapter, or unchanged without one."""
+        if self.mix_adapter is None:
+            return tokens
+        reference = self.mix_adapter.positions
+        return self.mix_adapter(tokens.to(reference.device, reference.dtype))
 
     def trainable_parameters(self):
         """The pooler always; the vision encoder only when `freeze_vision` is False."""

@@ -84,7 +84,7 @@ class ViLexPipeline(DiffusionPipeline):
         if name is not None and name.endswith("ImageProcessorPil"):
             self.register_to_config(image_processor=(library, name.removesuffix("Pil")))
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.prompt_builder = PromptBuilder(tokenizer, text_encoder.get_input_embeddings())
+        self.prompt_builder = PromptBuilder(tokenizer, text_encoder.get_input_embeddings(), mix=vilex.mix_tokens)
         self.backend: StageBackend = TorchBackend(self)
 
     # ---- loading -------------------------------------------------------------------------------

@@ -38,6 +38,9 @@ VALUE_OPTIONS = (
     ("--edit-prob", "edit_prob", float, "share of samples with an edit (name.edit.png + name.edit.txt beside "
                                         "name.png) trained as the edit: the tokens of name.edit.png + its words "
                                         "re-create name.png (default 0)"),
+    ("--mix-adapter", "mix_adapter", int, "train only a mixing adapter of this hidden width (e.g. 256), which the "
+                                          "tokens pass through when words stand beside them; the encoder stays "
+                                          "frozen (default 0: none)"),
     ("--resolution", "resolution", int, "VAE input size in pixels (default: the UNet's native size)"),
     ("--num-workers", "num_workers", int, "data loader worker processes (default 2); with shards each is a reader "
                                           "of its own shards"),

@@ -62,6 +62,8 @@ class TrainConfig:
     taildrop_prob: float | None = None  # None: the checkpoint's
     caption_prob: float = 0.5  # share of captioned samples trained as ViLex + text
     edit_prob: float = 0.0  # share of samples with an edit (name.edit.png + .txt) trained as the edit
+    # hidden width of a mixing adapter trained alone (the encoder frozen; ViLexModel.mix_adapter); 0: none
+    mix_adapter: int = 0
     resolution: int | None = None  # VAE input size; None: the UNet's native size
     random_crop: bool = False
     random_flip: bool = False
@@ -105,6 +107,13 @@ class TrainConfig:
             check_range("--taildrop-prob", self.taildrop_prob, 0.0, 1.0)
         check_range("--caption-prob", self.caption_prob, 0.0, 1.0)
         check_range("--edit-prob", self.edit_prob, 0.0, 1.0)
+        check_range("--mix-adapter", self.mix_adapter, 0)
+        if self.mix_adapter and self.train_vision:
+            raise ViLexUsageError("--mix-adapter trains the mixing adapter alone, with the encoder frozen; "
+                                  "leave out --train-vision")
+        if self.mix_adapter and not (self.caption_prob > 0 or self.edit_prob > 0):
+            raise ViLexUsageError("--mix-adapter learns only from samples with words beside the tokens; give "
+                                  "--edit-prob or --caption-prob above 0")
         if self.resolution is not None:
             check_range("--resolution", self.resolution, 8, 4096)
         for name in ("num_workers", "shuffle_buffer", "holdout", "preview_every", "checkpoint_every",

@@ -42,7 +42,9 @@ def make_accelerator(config: TrainConfig):
 
 def prepare_pipeline(config: TrainConfig, pipeline=None, weight_dtype: torch.dtype = torch.float32):
     """CKPT's pipeline (or the given one) ready to train: the UNet, VAE and text encoder frozen in eval
-    mode and cast to weight_dtype; only the ViLex pooler trains, and the vision encoder with --train-vision."""
+    mode and cast to weight_dtype; only the ViLex pooler trains, and the vision encoder with --train-vision;
+    with --mix-adapter, only the mixing adapter (a new one where CKPT has none). An adapter CKPT has stays
+    frozen otherwise."""
     if pipeline is None:
         from ..pipeline import ViLexPipeline
 
@@ -55,8 +57,19 @@ def prepare_pipeline(config: TrainConfig, pipeline=None, weight_dtype: torch.dty
         module.eval()
         if weight_dtype != torch.float32:
             module.to(weight_dtype)  # frozen: half precision saves memory; gradients pass through
-    set_vision_trainable(pipeline.vilex, config.train_vision)
-    pipeline.vilex.pooler.requires_grad_(True)
+    vilex = pipeline.vilex
+    if config.mix_adapter:
+        try:
+            adapter = vilex.add_mix_adapter(config.mix_adapter)
+        except ValueError as error:
+            raise ViLexUsageError(f"--mix-adapter {config.mix_adapter}: CKPT '{config.checkpoint}': {error}") from None
+        vilex.requires_grad_(False)
+        adapter.requires_grad_(True)
+        return pipeline
+    set_vision_trainable(vilex, config.train_vision)
+    vilex.pooler.requires_grad_(True)
+    if vilex.mix_adapter is not None:
+        vilex.mix_adapter.requires_grad_(False)
     return pipeline
 
 

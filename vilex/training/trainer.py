@@ -283,7 +283,8 @@ class Trainer:
         if self.is_main:
             with ema_weights(self.ema, self.trainable):
                 vilex_state = {k: v.detach().float().cpu().clone() for k, v in self.pipeline.vilex.state_dict().items()}
-            save_pipeline_folder(self.config.checkpoint, vilex_state, self.config.taildrop_prob, out)
+            save_pipeline_folder(self.config.checkpoint, vilex_state, self.config.taildrop_prob, out,
+                                 mix_adapter=self.config.mix_adapter)
         self.accelerator.wait_for_everyone()
         return out
 
