@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from vilex import ViLexPipeline
 from vilex.bridge import PromptBuilder, TextEncoderFromEmbeds
 from vilex.errors import ViLexUsageError
 from vilex.presets import tiny
@@ -142,3 +144,34 @@ def test_prompt_overflow_says_how_many_fit(parts):
     n = len(builder.text_ids(long_prompt))
     with pytest.raises(ViLexUsageError, match=rf"prompt is too long: {n} text tokens, .* at most 59 text tokens fit"):
         builder(torch.randn(1, 16, 32), [long_prompt])
+
+
+def test_tokens_beside_words_pass_through_the_mixing_adapter_and_tokens_alone_never_do(tiny_pipeline, tmp_path):
+    """The adapter against its formula written out (tokens / scale + MLP(LayerNorm + position), scaled back),
+    applied to the rows with words only; a new adapter changes nothing; it survives save and load."""
+    vilex, builder = tiny_pipeline.vilex, tiny_pipeline.prompt_builder
+    tokens = torch.randn(3, 4, vilex.config.output_dim) * vilex.config.token_scale
+    prompts = ["a watercolor", None, "blue"]
+    before = builder(tokens, prompts)
+    adapter = vilex.add_mix_adapter(8)
+    torch.testing.assert_close(builder(tokens, prompts), before, rtol=1e-6, atol=0)  # new: the identity
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+        embeds = builder(tokens, prompts, lengths=torch.tensor([4, 4, 2]))
+    s = vilex.config.token_scale
+    p = dict(adapter.named_parameters())
+    for row, k in ((0, 4), (2, 2)):
+        units = tokens[row, :k] / s
+        x = F.layer_norm(units, (units.shape[-1],), p["norm.weight"], p["norm.bias"]) + p["positions"][:k]
+        hidden = F.gelu(x @ p["fc1.weight"].T + p["fc1.bias"])
+        expected = (units + hidden @ p["fc2.weight"].T + p["fc2.bias"]) * s
+        torch.testing.assert_close(embeds[row, 1:1 + k], expected.detach(), rtol=1e-5, atol=1e-7)
+    assert torch.equal(embeds[1], before[1])  # the tokens alone: untouched
+    assert not torch.allclose(embeds[0, 1:5], tokens[0], atol=1e-4)
+
+    tiny_pipeline.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
+    loaded = ViLexPipeline.from_pretrained(tmp_path / "ckpt")
+    assert loaded.vilex.config.mix_adapter_hidden == 8
+    assert torch.equal(loaded.prompt_builder(tokens, prompts), builder(tokens, prompts))

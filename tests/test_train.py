@@ -344,6 +344,28 @@ def test_vilex_train_with_edits_trains_them_and_refuses_data_without(tiny_ckpt, 
     train(config(tiny_ckpt, image_folder, tmp_path / "run", max_steps=2, edit_prob=1.0, caption_prob=0.0))
     assert [r["edit_fraction"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1.0, 1.0]
 
+    # A mixing adapter trained alone: the pipeline it writes has CKPT's ViLex weights and the adapter beside them.
+    code, _, err = run_cli(capsys, "train", tiny_ckpt, "--data", image_folder, "--out", tmp_path / "m0",
+                           "--mix-adapter", 8, "--train-vision")
+    assert code == 2 and "--mix-adapter trains the mixing adapter alone" in err and "--train-vision" in err
+    code, _, err = run_cli(capsys, "train", tiny_ckpt, "--data", image_folder, "--out", tmp_path / "m1",
+                           "--mix-adapter", 8, "--caption-prob", 0)
+    assert code == 2 and "give --edit-prob or --caption-prob above 0" in err
+    result = train(config(tiny_ckpt, image_folder, tmp_path / "mix", max_steps=2, edit_prob=1.0, caption_prob=0.0,
+                          mix_adapter=8))
+    ckpt_weights = load_file(tiny_ckpt / "vilex" / "diffusion_pytorch_model.safetensors")
+    written = load_file(result.pipeline / "vilex" / "diffusion_pytorch_model.safetensors")
+    assert sorted(set(written) - set(ckpt_weights)) == ["mix_adapter." + n for n in (
+        "fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight", "norm.bias", "norm.weight", "positions")]
+    assert all(torch.equal(written[k], v) for k, v in ckpt_weights.items())
+    assert float(written["mix_adapter.fc2.weight"].abs().max()) > 0  # trained away from the identity
+    code, _, err = run_cli(capsys, "train", result.pipeline, "--data", image_folder, "--out", tmp_path / "m2",
+                           "--mix-adapter", 16, "--edit-prob", 1, "--holdout", 0)
+    assert code == 2 and "has a mixing adapter of hidden width 8, not 16" in err
+    assert not (tmp_path / "m2" / "train_config.json").exists()
+    pooler_run = Trainer(config(result.pipeline, image_folder, tmp_path / "m3", edit_prob=1.0)).setup()
+    assert not any(p.requires_grad for p in pooler_run.pipeline.vilex.mix_adapter.parameters())  # kept as trained
+
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_ckpt, image_folder, tmp_path):
     """Recomputing the frozen activations must not change the numbers (tolerance: float32 reordering)."""
@@ -359,10 +381,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_ckpt, image_folder
 
 
 # ---- what trains, what stays frozen ------------------------------------------------------------------------
-@pytest.mark.parametrize("train_vision", [False, True])
-def test_only_trainable_parameters_get_gradients_and_change(tiny_ckpt, image_folder, tmp_path, train_vision):
-    trainer = Trainer(config(tiny_ckpt, image_folder, tmp_path / "run", train_vision=train_vision,
-                             gradient_accumulation_steps=2)).setup()
+@pytest.mark.parametrize("trains", ["pooler", "pooler+vision", "mix_adapter"])
+def test_only_trainable_parameters_get_gradients_and_change(tiny_ckpt, image_folder, tmp_path, trains):
+    train_vision, mix_adapter = trains == "pooler+vision", trains == "mix_adapter"
+    options = dict(train_vision=train_vision, gradient_accumulation_steps=2)
+    if mix_adapter:  # every sample an edit: words beside every token sequence
+        for path in sorted(image_folder.rglob("*.png")):
+            add_edit(path)
+        options.update(mix_adapter=8, edit_prob=1.0, caption_prob=0.0)
+    trainer = Trainer(config(tiny_ckpt, image_folder, tmp_path / "run", **options)).setup()
     pipeline = trainer.pipeline
     before_frozen = frozen_state(pipeline)
     before_vilex = {k: v.detach().clone() for k, v in pipeline.vilex.named_parameters()}
@@ -375,12 +402,16 @@ def test_only_trainable_parameters_get_gradients_and_change(tiny_ckpt, image_fol
         assert not module.training
         assert all(not p.requires_grad and p.grad is None for p in module.parameters()), name
     for name, p in pipeline.vilex.named_parameters():
-        trains = name.startswith("pooler.") or train_vision
-        assert p.requires_grad == trains, name
-        assert (p.grad is not None and float(p.grad.abs().sum()) > 0) == trains, name
+        trained = name.startswith("mix_adapter.") if mix_adapter else name.startswith("pooler.") or train_vision
+        assert p.requires_grad == trained, name
+        # (a new adapter's last layer starts at zero, so only it gets a non-zero gradient in the first step)
+        before_last = name.startswith("mix_adapter.") and not name.startswith("mix_adapter.fc2.")
+        reaches = p.grad is not None and (float(p.grad.abs().sum()) > 0 or before_last)
+        assert reaches == trained, name
     assert pipeline.vilex.vision_model.training == train_vision
     groups = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
-    assert groups["pooler"] == 3e-4 and (groups.get("vision_model") == 1e-5 if train_vision else "vision_model" not in groups)
+    assert groups.get("vision_model") == (1e-5 if train_vision else None)
+    assert (groups.get("mix_adapter"), groups.get("pooler")) == ((3e-4, None) if mix_adapter else (None, 3e-4))
     trainer.optimizer.zero_grad(set_to_none=True)
 
     # 2. Optimizer steps: trainable weights change; UNet, text encoder and VAE stay bit-identical.
