@@ -382,6 +382,43 @@ def test_pipeline_from_engines_runs_without_pytorch_weights(fp32_export, referen
     assert torch.equal(weightless(sample_images_small, **kwargs).images, expected)
 
 
+def test_an_export_carries_the_mixing_adapter_to_the_host(fp32_export, export_ckpt, sample_images_small, tmp_path):
+    """The mixing adapter runs on the host, beside the token-embedding table: the weightless pipeline of an export
+    folder (onnxruntime, and the Triton server's, which is built the same way) loads it and makes the images the
+    PyTorch-weighted pipeline makes on the same graphs; a folder whose config names one it lacks is an error.
+    (The graphs of a checkpoint with an adapter are those of the one without: step 5 of the export is redone.)"""
+    from vilex import ViLexPipeline
+    from vilex.backends.onnxruntime import OnnxRuntimeBackend
+    from vilex.engines.folder import checkpoint_paths
+    from vilex.engines.host import MIX_ADAPTER_FILE, pipeline_from_engines, save_host_files
+
+    adapted = ViLexPipeline.from_pretrained(export_ckpt)
+    adapted.set_progress_bar_config(disable=True)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for parameter in adapted.vilex.add_mix_adapter(8).parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    adapted.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
+    root = copy_export(fp32_export, tmp_path / "engines")
+    save_host_files(adapted, tmp_path / "ckpt", root / "host", checkpoint_paths(tmp_path / "ckpt"))
+    folder = EngineFolder(root, json.loads((root / MANIFEST).read_text()))
+
+    weightless = pipeline_from_engines(folder)
+    weightless.set_progress_bar_config(disable=True)
+    assert weightless.vilex.config.mix_adapter_hidden == 8
+    kwargs = dict(num_tokens=8, prompt="blue", text_guidance_scale=7.5, num_inference_steps=STEPS, seed=3,
+                  output_type="pt")
+    expected = adapted.set_backend(OnnxRuntimeBackend(folder))(sample_images_small, **kwargs).images
+    assert torch.equal(weightless(sample_images_small, **kwargs).images, expected)
+    plain = pipeline_from_engines(fp32_export)
+    plain.set_progress_bar_config(disable=True)
+    assert not torch.allclose(plain(sample_images_small, **kwargs).images, expected, atol=1e-3)  # the adapter ran
+
+    (root / "host" / MIX_ADAPTER_FILE).unlink()
+    with pytest.raises(ViLexUsageError, match="has a mixing adapter, but .*mix_adapter.safetensors is missing"):
+        pipeline_from_engines(folder)
+
+
 @pytest.fixture(scope="session")
 def sample_images_small():
     from vilex.images import load_image

@@ -8,6 +8,8 @@ table (the prompt builder looks up BOS/EOS/PAD and text tokens there). `vilex ex
 
     host/model_index.json, tokenizer/, scheduler/, image_processor/, {vilex,text_encoder,unet,vae}/config.json
     host/text_encoder/token_embedding.safetensors     the (vocab, D) table, fp32
+    host/vilex/mix_adapter.safetensors                 the ViLex model's mixing adapter, fp32 (only where it has one:
+                                                       tokens beside text pass through it on the host)
 
 `pipeline_from_engines` builds a `ViLexPipeline` from them whose model components are created on
 PyTorch's meta device (configs, no memory, cannot run) and sets a backend that runs the graphs; the
@@ -30,13 +32,14 @@ from vilex.errors import ViLexUsageError
 from .folder import EngineFolder
 
 TOKEN_EMBEDDING_FILE = "text_encoder/token_embedding.safetensors"
+MIX_ADAPTER_FILE = "vilex/mix_adapter.safetensors"
 WEIGHT_SUFFIXES = (".safetensors",)  # check_checkpoint has already refused pickle files
 MODEL_COMPONENTS = ("vilex", "text_encoder", "unet", "vae")
 
 
 def save_host_files(pipeline, ckpt: Path, dest: Path, files: list[str]) -> None:
     """Copy the checkpoint's non-weight `files` (relative paths) to `dest` in the same layout and add the
-    token-embedding table."""
+    token-embedding table, and the mixing adapter where the ViLex model has one."""
     for relative in files:
         path = Path(ckpt) / relative
         if path.suffix in WEIGHT_SUFFIXES:
@@ -47,6 +50,10 @@ def save_host_files(pipeline, ckpt: Path, dest: Path, files: list[str]) -> None:
     table = pipeline.text_encoder.get_input_embeddings().weight.detach().float().contiguous().cpu()
     (dest / TOKEN_EMBEDDING_FILE).parent.mkdir(parents=True, exist_ok=True)
     save_file({"weight": table}, str(dest / TOKEN_EMBEDDING_FILE))
+    adapter = pipeline.vilex.mix_adapter
+    if adapter is not None:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in adapter.state_dict().items()},
+                  str(dest / MIX_ADAPTER_FILE))
 
 
 # What model_index.json may name per component: a host folder is data, and data must not choose which
@@ -91,6 +98,14 @@ def pipeline_from_engines(engines: str | os.PathLike | EngineFolder, backend=Non
                 components[name] = cls(cls.config_class.from_pretrained(host / name))
     table = load_file(str(host / TOKEN_EMBEDDING_FILE))["weight"]
     components["text_encoder"].set_input_embeddings(torch.nn.Embedding.from_pretrained(table, freeze=True))
+    adapter = components["vilex"].mix_adapter
+    if adapter is not None:  # host-side weights, like the table: the prompt builder runs it
+        path = host / MIX_ADAPTER_FILE
+        if not path.is_file():
+            raise ViLexUsageError(f"'{folder.root}': its vilex config has a mixing adapter, but {path} is missing; "
+                                  f"export the checkpoint again")
+        adapter.to_empty(device="cpu").load_state_dict(load_file(str(path)))
+        adapter.requires_grad_(False)
     pipeline = ViLexPipeline(**components)
     if backend is None:
         from vilex.backends.onnxruntime import OnnxRuntimeBackend
