@@ -77,6 +77,17 @@ def test_an_export_accepts_the_same_weights_saved_again_and_refuses_others(tiny_
     save_file(tensors, weights)
     with pytest.raises(ViLexUsageError, match="was exported from a different checkpoint"):
         folder.check_source(again)
+    # A checkpoint saved before the ViLex config had `mix_adapter_hidden` (the tenth toy checkpoint is one) is the
+    # same as one that says 0 (none), and another with an adapter is not.
+    older = saved_again(tiny_ckpt, tmp_path / "older")
+    vilex_config = older / "vilex" / "config.json"
+    values = json.loads(vilex_config.read_text())
+    assert values.pop("mix_adapter_hidden") == 0
+    vilex_config.write_text(json.dumps(values))
+    folder.check_source(older)
+    vilex_config.write_text(json.dumps({**values, "mix_adapter_hidden": 8}))
+    with pytest.raises(ViLexUsageError, match="was exported from a different checkpoint"):
+        folder.check_source(older)
     other = saved_again(tiny_ckpt, tmp_path / "other-scheduler")
     config = other / "scheduler" / "scheduler_config.json"
     config.write_text(config.read_text().replace('"steps_offset": 1', '"steps_offset": 0'))

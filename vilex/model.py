@@ -28,6 +28,9 @@ from transformers import AutoConfig, AutoModel
 from .errors import check_range
 
 TAILDROP_DISTRIBUTIONS = ("uniform", "linear", "harmonic")
+# Config keys added after checkpoints were saved without them, with the value their absence means: a config that
+# has such a key at that value says what one written before the key existed says (the checkpoint hash agrees).
+CONFIG_KEYS_ADDED = {"mix_adapter_hidden": 0}
 
 
 @dataclass

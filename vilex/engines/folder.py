@@ -111,10 +111,18 @@ def config_sha256(path: Path, relative: str) -> str:
     """sha256 of a JSON file's meaning: keys sorted, BOOKKEEPING_KEYS left out. In model_index.json the image
     processor's entry keeps its library only: its class name is the one that happened to load (transformers 5
     calls the PIL-backed SigLIP processor `SiglipImageProcessorPil` where torchvision is absent), while the
-    processor itself is its own preprocessor_config.json, hashed as a file of its own."""
+    processor itself is its own preprocessor_config.json, hashed as a file of its own. In the ViLex model's config a
+    key added since checkpoints were first saved counts as absent at the value its absence means
+    (`vilex.model.CONFIG_KEYS_ADDED`): the same model saved before and after the key existed hashes the same."""
     config = _without_bookkeeping(json.loads(path.read_text()))
     if relative == "model_index.json" and isinstance(config.get("image_processor"), list):
         config["image_processor"] = config["image_processor"][:1]
+    if relative == "vilex/config.json" and isinstance(config, dict):
+        from vilex.model import CONFIG_KEYS_ADDED
+
+        for key, absent in CONFIG_KEYS_ADDED.items():
+            if key in config and config[key] == absent:
+                del config[key]
     return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
