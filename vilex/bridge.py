@@ -6,7 +6,8 @@ The text encoder's input is built as word embeddings:
 
 Text tokens come from the real tokenizer and the encoder's own embedding table, so a text-only prompt
 gives exactly the stock encoder's input. ViLex tokens that text stands beside first pass through `mix`
-(the ViLex model's mixing adapter, where its checkpoint has one); ViLex tokens alone never do. Position embeddings are added inside the encoder, as usual.
+(the ViLex model's mixing adapter, where its checkpoint has one); ViLex tokens alone never do. Position
+embeddings are added inside the encoder, as usual.
 """
 
 from __future__ import annotations

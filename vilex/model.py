@@ -100,7 +100,7 @@ class MixAdapter(nn.Module):
     """What the tokens become when words stand beside them: tokens + a per-token MLP of them (B, k, D).
 
     ViLex mixes tokens and words zero-shot on a base that has learned to let words compose; a small base
-    that has seen only captions reads the tokens' colour over a following colour word. This adapter is
+    that has seen only captions reads the tokens' color over a following color word. This adapter is
     trained (`vilex train --mix-adapter`) on edits with everything else frozen, so the tokens alone, and
     every figure measured from them, stay what they were. It works in the pooler's unit scale: the
     tokens divided by `token_scale`, a residual MLP with a learned embedding per token position, and the
@@ -224,7 +224,8 @@ class ViLexModel(ModelMixin, ConfigMixin):
         return self.mix_adapter(tokens.to(reference.device, reference.dtype))
 
     def trainable_parameters(self):
-        """The pooler always; the vision encoder only when `freeze_vision` is False."""
+        """The parameters that require grad (as built: the pooler, any mixing adapter, and the vision encoder
+        unless `freeze_vision`; `vilex train` sets them itself, training/setup.py)."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def sample_taildrop_lengths(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:

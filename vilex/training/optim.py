@@ -9,10 +9,12 @@ import torch
 
 def adamw(vilex, config) -> torch.optim.AdamW:
     """AdamW over the trainable ViLex parameters: the pooler (or with --mix-adapter the mixing adapter) at
-    config.pooler_lr, the vision encoder (with --train-vision) at config.vision_lr; weight decay on weight matrices and queries, not on biases and
-    norms. Each group is named ("pooler", "pooler_no_decay", ...) for the lr_* lines of metrics.jsonl."""
+    config.pooler_lr, the vision encoder (with --train-vision) at config.vision_lr; weight decay on weight
+    matrices and queries, not on biases and norms. Each group is named ("pooler", "pooler_no_decay", ...) for
+    the lr_* lines of metrics.jsonl."""
     groups = []
-    for part, lr in (("pooler", config.pooler_lr), ("mix_adapter", config.pooler_lr), ("vision_model", config.vision_lr)):
+    parts = (("pooler", config.pooler_lr), ("mix_adapter", config.pooler_lr), ("vision_model", config.vision_lr))
+    for part, lr in parts:
         named = [(n, p) for n, p in vilex.named_parameters() if p.requires_grad and n.startswith(part + ".")]
         for decay in (True, False):
             params = [p for n, p in named if (p.ndim >= 2) == decay]
