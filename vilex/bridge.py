@@ -60,7 +60,7 @@ class PromptBuilder:
                  mix: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.tokenizer = tokenizer
         self.token_embedding = token_embedding
-        self.mix = mix  # (1, k, D) -> (1, k, D): ViLex tokens beside text; None keeps them as they are
+        self.mix = mix  # (B, k, D) -> (B, k, D), token by token: ViLex tokens beside text; None: as they are
         self.max_length = int(tokenizer.model_max_length)
 
     @property
@@ -114,6 +114,9 @@ class PromptBuilder:
         table = self.token_embedding.weight
         tok = self.tokenizer
         bos, eos, pad = (table[i] for i in (tok.bos_token_id, tok.eos_token_id, self.pad_id))  # each (D,)
+        mixed = None  # the tokens as they stand beside text, for the rows that have text (one call for the batch)
+        if self.mix is not None and vilex_tokens is not None and prompts is not None and any(prompts):
+            mixed = self.mix(vilex_tokens)
         rows = []
         for b in range(B):
             k = 0
@@ -122,12 +125,8 @@ class PromptBuilder:
             prompt = prompts[b] if prompts is not None else None
             self.check_fits(prompt, k)
             text = table[torch.tensor(self.text_ids(prompt), dtype=torch.long, device=table.device)] if prompt else table[:0]
-            vilex = table[:0]
-            if k:
-                vilex = vilex_tokens[b:b + 1, :k]  # (1, k, D)
-                if prompt and self.mix is not None:
-                    vilex = self.mix(vilex)
-                vilex = vilex[0].to(table.device, table.dtype)
+            source = mixed if prompt and mixed is not None else vilex_tokens
+            vilex = source[b, :k].to(table.device, table.dtype) if k else table[:0]
             middle = [vilex, text] if order == "vilex_first" else [text, vilex]
             row = torch.cat([bos[None], *middle, eos[None]])  # (2 + k + n_text, D)
             padding = pad[None].expand(self.max_length - row.shape[0], -1)

@@ -118,7 +118,8 @@ class MixAdapter(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, k, D), k <= num_queries, the first k positions -> (B, k, D)."""
+        """tokens (B, k, D), k <= num_queries, the first k positions -> (B, k, D); each token on its own (with its
+        position), so a prefix of the result is the result of the prefix."""
         units = tokens / self.token_scale
         k = units.shape[1]
         hidden = F.gelu(self.fc1(self.norm(units) + self.positions[:k]))
