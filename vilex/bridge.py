@@ -57,10 +57,12 @@ class PromptBuilder:
     """Assembles the text encoder's word-embedding input from ViLex tokens and text."""
 
     def __init__(self, tokenizer, token_embedding: nn.Embedding,
-                 mix: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 mix: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         self.tokenizer = tokenizer
         self.token_embedding = token_embedding
-        self.mix = mix  # (B, k, D) -> (B, k, D), token by token: ViLex tokens beside text; None: as they are
+        # (tokens (B, k, D), words (B, D): the mean of each row's text embeddings) -> (B, k, D), token by token:
+        # ViLex tokens beside text; None: as they are
+        self.mix = mix
         self.max_length = int(tokenizer.model_max_length)
 
     @property
@@ -114,9 +116,15 @@ class PromptBuilder:
         table = self.token_embedding.weight
         tok = self.tokenizer
         bos, eos, pad = (table[i] for i in (tok.bos_token_id, tok.eos_token_id, self.pad_id))  # each (D,)
+        texts = []  # (n_text, D) per row
+        for b in range(B):
+            prompt = prompts[b] if prompts is not None else None
+            ids = self.text_ids(prompt) if prompt else []
+            texts.append(table[torch.tensor(ids, dtype=torch.long, device=table.device)] if ids else table[:0])
         mixed = None  # the tokens as they stand beside text, for the rows that have text (one call for the batch)
-        if self.mix is not None and vilex_tokens is not None and prompts is not None and any(prompts):
-            mixed = self.mix(vilex_tokens)
+        if self.mix is not None and vilex_tokens is not None and any(len(text) for text in texts):
+            words = torch.stack([text.mean(0) if len(text) else torch.zeros_like(bos) for text in texts])  # (B, D)
+            mixed = self.mix(vilex_tokens, words)
         rows = []
         for b in range(B):
             k = 0
@@ -124,8 +132,8 @@ class PromptBuilder:
                 k = int(lengths[b]) if lengths is not None else vilex_tokens.shape[1]
             prompt = prompts[b] if prompts is not None else None
             self.check_fits(prompt, k)
-            text = table[torch.tensor(self.text_ids(prompt), dtype=torch.long, device=table.device)] if prompt else table[:0]
-            source = mixed if prompt and mixed is not None else vilex_tokens
+            text = texts[b]
+            source = mixed if len(text) and mixed is not None else vilex_tokens
             vilex = source[b, :k].to(table.device, table.dtype) if k else table[:0]
             middle = [vilex, text] if order == "vilex_first" else [text, vilex]
             row = torch.cat([bos[None], *middle, eos[None]])  # (2 + k + n_text, D)

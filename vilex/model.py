@@ -30,7 +30,7 @@ from .errors import check_range
 TAILDROP_DISTRIBUTIONS = ("uniform", "linear", "harmonic")
 # Config keys added after checkpoints were saved without them, with the value their absence means: a config that
 # has such a key at that value says what one written before the key existed says (the checkpoint hash agrees).
-CONFIG_KEYS_ADDED = {"mix_adapter_hidden": 0}
+CONFIG_KEYS_ADDED = {"mix_adapter_hidden": 0, "mix_adapter_words": False}
 
 
 @dataclass
@@ -105,24 +105,36 @@ class MixAdapter(nn.Module):
     every figure measured from them, stay what they were. It works in the pooler's unit scale: the
     tokens divided by `token_scale`, a residual MLP with a learned embedding per token position, and the
     result scaled back. The last layer starts at zero, so a new adapter changes nothing.
+
+    With `words`, the adapter also reads the words beside the tokens: the mean of their word embeddings
+    (B, D), LayerNorm-ed and projected, is added with the position, so it can rewrite what a word asks
+    for (the object's color) instead of only making the tokens yield to it.
     """
 
-    def __init__(self, num_queries: int, dim: int, hidden: int, token_scale: float):
+    def __init__(self, num_queries: int, dim: int, hidden: int, token_scale: float, words: bool = False):
         super().__init__()
         self.token_scale = token_scale
         self.positions = nn.Parameter(torch.zeros(num_queries, dim))
         self.norm = nn.LayerNorm(dim)
+        self.words_norm = nn.LayerNorm(dim) if words else None
+        self.words_proj = nn.Linear(dim, dim) if words else None
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, k, D), k <= num_queries, the first k positions -> (B, k, D); each token on its own (with its
-        position), so a prefix of the result is the result of the prefix."""
+        position and, with `words`, the row's words (B, D), the mean of their embeddings), so a prefix of the
+        result is the result of the prefix."""
         units = tokens / self.token_scale
         k = units.shape[1]
-        hidden = F.gelu(self.fc1(self.norm(units) + self.positions[:k]))
+        x = self.norm(units) + self.positions[:k]
+        if self.words_proj is not None:
+            if words is None:
+                raise ValueError("this mixing adapter reads the words beside the tokens: give `words` (B, D)")
+            x = x + self.words_proj(self.words_norm(words.to(x.dtype)))[:, None]
+        hidden = F.gelu(self.fc1(x))
         return (units + self.fc2(hidden)) * self.token_scale
 
 
@@ -148,6 +160,7 @@ class ViLexModel(ModelMixin, ConfigMixin):
             resampler) instead of to the patch features only.
         mix_adapter_hidden: hidden width of the mixing adapter (`MixAdapter`); 0: none, the tokens stand
             beside words as they are.
+        mix_adapter_words: the mixing adapter also reads the words beside the tokens.
     """
 
     config_name = "config.json"
@@ -168,6 +181,7 @@ class ViLexModel(ModelMixin, ConfigMixin):
         freeze_vision: bool = True,
         pooler_self_attention: bool = False,
         mix_adapter_hidden: int = 0,
+        mix_adapter_words: bool = False,
     ):
         super().__init__()
         if taildrop_distribution not in TAILDROP_DISTRIBUTIONS:
@@ -188,7 +202,9 @@ class ViLexModel(ModelMixin, ConfigMixin):
             self_attention=pooler_self_attention,
         )
         check_range("mix_adapter_hidden", mix_adapter_hidden, 0)
-        self.mix_adapter = (MixAdapter(num_queries, output_dim, mix_adapter_hidden, token_scale)
+        if mix_adapter_words and not mix_adapter_hidden:
+            raise ValueError("mix_adapter_words needs a mixing adapter (mix_adapter_hidden > 0)")
+        self.mix_adapter = (MixAdapter(num_queries, output_dim, mix_adapter_hidden, token_scale, mix_adapter_words)
                             if mix_adapter_hidden else None)
         self.vision_model.requires_grad_(not freeze_vision)
         if model_type == "clip_vision_model":
@@ -202,27 +218,33 @@ class ViLexModel(ModelMixin, ConfigMixin):
     def num_queries(self) -> int:
         return self.config.num_queries
 
-    def add_mix_adapter(self, hidden: int) -> MixAdapter:
+    def add_mix_adapter(self, hidden: int, words: bool = False) -> MixAdapter:
         """Give a model without one a new mixing adapter (it changes nothing until trained); a model that has
-        one keeps it, if its hidden width is `hidden`."""
+        one keeps it, if its hidden width is `hidden` and it reads the words as `words` says."""
         check_range("mix_adapter_hidden", hidden, 1)
         if self.mix_adapter is not None:
             if self.config.mix_adapter_hidden != hidden:
                 raise ValueError(f"this ViLex model has a mixing adapter of hidden width "
                                  f"{self.config.mix_adapter_hidden}, not {hidden}")
+            has_words = bool(self.config.get("mix_adapter_words", False))
+            if has_words != words:
+                raise ValueError(f"this ViLex model has a mixing adapter that "
+                                 f"{'reads' if has_words else 'does not read'} the words beside the tokens")
             return self.mix_adapter
         reference = self.pooler.queries
         self.mix_adapter = MixAdapter(self.config.num_queries, self.config.output_dim, hidden,
-                                      self.config.token_scale).to(reference.device, reference.dtype)
-        self.register_to_config(mix_adapter_hidden=hidden)
+                                      self.config.token_scale, words).to(reference.device, reference.dtype)
+        self.register_to_config(mix_adapter_hidden=hidden, mix_adapter_words=words)
         return self.mix_adapter
 
-    def mix_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The tokens (B, k, D) as they stand beside words: through the mixing adapter, or unchanged without one."""
+    def mix_tokens(self, tokens: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
+        """The tokens (B, k, D) as they stand beside words (B, D: the mean of each row's word embeddings):
+        through the mixing adapter, or unchanged without one."""
         if self.mix_adapter is None:
             return tokens
         reference = self.mix_adapter.positions
-        return self.mix_adapter(tokens.to(reference.device, reference.dtype))
+        words = None if words is None else words.to(reference.device, reference.dtype)
+        return self.mix_adapter(tokens.to(reference.device, reference.dtype), words)
 
     def trainable_parameters(self):
         """The parameters that require grad (as built: the pooler, any mixing adapter, and the vision encoder

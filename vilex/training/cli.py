@@ -66,6 +66,9 @@ FLAG_OPTIONS = (
     ("--no-taildrop", "taildrop", False, "train with all N tokens always"),
     ("--random-crop", "random_crop", True, "random instead of centre crops"),
     ("--random-flip", "random_flip", True, "random horizontal flips"),
+    ("--mix-adapter-words", "mix_adapter_words", True, "the mixing adapter also reads the words beside the tokens "
+                                                       "(the mean of their embeddings), so it can rewrite what "
+                                                       "they ask for"),
     ("--no-progress", "progress", False, "no progress bar"),
     ("--cpu", "cpu", True, "train on the CPU even when a GPU is there"),
     ("--log-samples", "log_samples", True, "write RUN_DIR/samples/rank-R.jsonl: the key of every sample each "

@@ -64,6 +64,7 @@ class TrainConfig:
     edit_prob: float = 0.0  # share of samples with an edit (name.edit.png + .txt) trained as the edit
     # hidden width of a mixing adapter trained alone (the encoder frozen; ViLexModel.mix_adapter); 0: none
     mix_adapter: int = 0
+    mix_adapter_words: bool = False  # the new mixing adapter also reads the words beside the tokens
     resolution: int | None = None  # VAE input size; None: the UNet's native size
     random_crop: bool = False
     random_flip: bool = False
@@ -111,6 +112,8 @@ class TrainConfig:
         if self.mix_adapter and self.train_vision:
             raise ViLexUsageError("--mix-adapter trains the mixing adapter alone, with the encoder frozen; "
                                   "leave out --train-vision")
+        if self.mix_adapter_words and not self.mix_adapter:
+            raise ViLexUsageError("--mix-adapter-words is a kind of mixing adapter; give --mix-adapter HIDDEN too")
         if self.mix_adapter and not (self.caption_prob > 0 or self.edit_prob > 0):
             raise ViLexUsageError("--mix-adapter learns only from samples with words beside the tokens; give "
                                   "--edit-prob or --caption-prob above 0")

@@ -28,14 +28,14 @@ class TrainResult:
 
 
 def save_pipeline_folder(checkpoint: str, vilex_state: dict[str, torch.Tensor], taildrop_prob: float | None,
-                         out: Path, mix_adapter: int = 0) -> Path:
+                         out: Path, mix_adapter: int = 0, mix_adapter_words: bool = False) -> Path:
     """OUT: a ViLex pipeline folder with CKPT's frozen components unchanged and the given ViLex weights."""
     from ..pipeline import ViLexPipeline
 
     # reload CKPT rather than save the in-memory modules: those may have been cast to bf16/fp16
     pipeline = ViLexPipeline.from_pretrained(checkpoint)
     if mix_adapter:  # trained here; CKPT may not have had one
-        pipeline.vilex.add_mix_adapter(mix_adapter)
+        pipeline.vilex.add_mix_adapter(mix_adapter, mix_adapter_words)
     pipeline.vilex.load_state_dict(vilex_state)
     if taildrop_prob is not None:
         pipeline.vilex.register_to_config(taildrop_prob=taildrop_prob)

@@ -60,7 +60,7 @@ def prepare_pipeline(config: TrainConfig, pipeline=None, weight_dtype: torch.dty
     vilex = pipeline.vilex
     if config.mix_adapter:
         try:
-            adapter = vilex.add_mix_adapter(config.mix_adapter)
+            adapter = vilex.add_mix_adapter(config.mix_adapter, config.mix_adapter_words)
         except ValueError as error:
             raise ViLexUsageError(f"--mix-adapter {config.mix_adapter}: CKPT '{config.checkpoint}': {error}") from None
         vilex.requires_grad_(False)

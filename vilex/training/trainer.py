@@ -284,7 +284,8 @@ class Trainer:
             with ema_weights(self.ema, self.trainable):
                 vilex_state = {k: v.detach().float().cpu().clone() for k, v in self.pipeline.vilex.state_dict().items()}
             save_pipeline_folder(self.config.checkpoint, vilex_state, self.config.taildrop_prob, out,
-                                 mix_adapter=self.config.mix_adapter)
+                                 mix_adapter=self.config.mix_adapter,
+                                 mix_adapter_words=self.config.mix_adapter_words)
         self.accelerator.wait_for_everyone()
         return out
 
