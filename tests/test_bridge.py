@@ -175,3 +175,43 @@ def test_tokens_beside_words_pass_through_the_mixing_adapter_and_tokens_alone_ne
     loaded = ViLexPipeline.from_pretrained(tmp_path / "ckpt")
     assert loaded.vilex.config.mix_adapter_hidden == 8
     assert torch.equal(loaded.prompt_builder(tokens, prompts), builder(tokens, prompts))
+
+
+def test_an_adapter_that_reads_the_words_adds_their_mean_embedding_to_every_token(tiny_pipeline, tmp_path):
+    """The word-reading adapter against its formula: the row's text embeddings (the encoder's own table, from the
+    real tokenizer) averaged, LayerNorm-ed and projected, added beside each token's position; another word gives
+    other tokens; it needs its words; it survives save and load."""
+    vilex, builder = tiny_pipeline.vilex, tiny_pipeline.prompt_builder
+    tokens = torch.randn(3, 4, vilex.config.output_dim) * vilex.config.token_scale
+    adapter = vilex.add_mix_adapter(8, words=True)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    prompts = ["a blue watercolor", None, "red"]
+    embeds = builder(tokens, prompts)
+    s, p = vilex.config.token_scale, dict(adapter.named_parameters())
+    table = tiny_pipeline.text_encoder.get_input_embeddings().weight
+    tok = tiny_pipeline.tokenizer
+    for row in (0, 2):
+        ids = tok(prompts[row], add_special_tokens=False)["input_ids"]
+        words = F.layer_norm(table[ids].mean(0), (table.shape[1],), p["words_norm.weight"], p["words_norm.bias"])
+        units = tokens[row] / s
+        x = (F.layer_norm(units, (units.shape[-1],), p["norm.weight"], p["norm.bias"]) + p["positions"][:4]
+             + words @ p["words_proj.weight"].T + p["words_proj.bias"])
+        hidden = F.gelu(x @ p["fc1.weight"].T + p["fc1.bias"])
+        expected = (units + hidden @ p["fc2.weight"].T + p["fc2.bias"]) * s
+        torch.testing.assert_close(embeds[row, 1:5], expected.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(embeds[1, 1:5], tokens[1], rtol=0, atol=0)  # the tokens alone: untouched
+    other = builder(tokens, ["a green watercolor", None, "red"])
+    assert not torch.allclose(other[0, 1:5], embeds[0, 1:5], atol=1e-4)  # another word, other tokens
+    assert torch.equal(other[2], embeds[2])
+    with pytest.raises(ValueError, match="give `words`"):
+        vilex.mix_tokens(tokens)
+    with pytest.raises(ValueError, match="has a mixing adapter that reads the words"):
+        vilex.add_mix_adapter(8)
+
+    tiny_pipeline.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
+    loaded = ViLexPipeline.from_pretrained(tmp_path / "ckpt")
+    assert loaded.vilex.config.mix_adapter_words is True
+    assert torch.equal(loaded.prompt_builder(tokens, prompts), embeds)

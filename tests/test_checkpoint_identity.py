@@ -77,12 +77,13 @@ def test_an_export_accepts_the_same_weights_saved_again_and_refuses_others(tiny_
     save_file(tensors, weights)
     with pytest.raises(ViLexUsageError, match="was exported from a different checkpoint"):
         folder.check_source(again)
-    # A checkpoint saved before the ViLex config had `mix_adapter_hidden` (the tenth toy checkpoint is one) is the
-    # same as one that says 0 (none), and another with an adapter is not.
+    # A checkpoint saved before the ViLex config had `mix_adapter_hidden` and `mix_adapter_words` (the tenth toy
+    # checkpoint is one) is the same as one that says 0 (none) and False, and another with an adapter is not.
     older = saved_again(tiny_ckpt, tmp_path / "older")
     vilex_config = older / "vilex" / "config.json"
     values = json.loads(vilex_config.read_text())
     assert values.pop("mix_adapter_hidden") == 0
+    assert values.pop("mix_adapter_words") is False
     vilex_config.write_text(json.dumps(values))
     folder.check_source(older)
     vilex_config.write_text(json.dumps({**values, "mix_adapter_hidden": 8}))

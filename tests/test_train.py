@@ -362,6 +362,12 @@ def test_vilex_train_with_edits_trains_them_and_refuses_data_without(tiny_ckpt, 
     code, _, err = run_cli(capsys, "train", result.pipeline, "--data", image_folder, "--out", tmp_path / "m2",
                            "--mix-adapter", 16, "--edit-prob", 1, "--holdout", 0)
     assert code == 2 and "has a mixing adapter of hidden width 8, not 16" in err
+    code, _, err = run_cli(capsys, "train", result.pipeline, "--data", image_folder, "--out", tmp_path / "m2",
+                           "--mix-adapter", 8, "--mix-adapter-words", "--edit-prob", 1, "--holdout", 0)
+    assert code == 2 and "has a mixing adapter that does not read the words" in err
+    code, _, err = run_cli(capsys, "train", tiny_ckpt, "--data", image_folder, "--out", tmp_path / "m2",
+                           "--mix-adapter-words", "--edit-prob", 1)
+    assert code == 2 and "give --mix-adapter HIDDEN too" in err
     assert not (tmp_path / "m2" / "train_config.json").exists()
     pooler_run = Trainer(config(result.pipeline, image_folder, tmp_path / "m3", edit_prob=1.0)).setup()
     assert not any(p.requires_grad for p in pooler_run.pipeline.vilex.mix_adapter.parameters())  # kept as trained
@@ -388,7 +394,7 @@ def test_only_trainable_parameters_get_gradients_and_change(tiny_ckpt, image_fol
     if mix_adapter:  # every sample an edit: words beside every token sequence
         for path in sorted(image_folder.rglob("*.png")):
             add_edit(path)
-        options.update(mix_adapter=8, edit_prob=1.0, caption_prob=0.0)
+        options.update(mix_adapter=8, mix_adapter_words=True, edit_prob=1.0, caption_prob=0.0)
     trainer = Trainer(config(tiny_ckpt, image_folder, tmp_path / "run", **options)).setup()
     pipeline = trainer.pipeline
     before_frozen = frozen_state(pipeline)
