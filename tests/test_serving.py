@@ -737,6 +737,32 @@ def test_cli_runs_through_the_server(served, in_process, sample_files, tmp_path,
     assert not (tmp_path / "x").exists() and not (tmp_path / "y.safetensors").exists()
 
 
+@pytest.mark.triton
+def test_eval_through_the_server_measures_every_row_it_serves_as_the_local_pipeline_does(served, tiny_ckpt, tmp_path,
+                                                                                         capsys):
+    """`vilex eval --backend torch,triton=...`: the served rows (reconstructions, random tokens, and the edit with its
+    color word and text-guidance scale) are the torch rows' images within a level per pixel (each compared by
+    the eval to the first backend's); the text-only rows are left out for the server, with a line that says so."""
+    import json
+
+    from vilex.cli import main
+
+    assert main(["eval", str(tiny_ckpt), "--backend", f"torch,triton={served.http}", "--n", "2", "--tokens", "4",
+                 "--steps", str(STEPS), "--sweep-n", "0", "--out", str(tmp_path / "eval")]) == 0
+    assert "the caption and unconditional rows are left out" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+    local = {row["condition"] for row in rows if row["backend"] == "torch"}
+    served_rows = {row["condition"]: row for row in rows if row["backend"].startswith("triton=")}
+    assert {"caption", "unconditional"} <= local
+    assert set(served_rows) == {"vilex-4", "random-tokens", "edit: vilex + color word"}
+    for condition, row in served_rows.items():
+        paired = row["psnr_vs_first_backend"]
+        assert paired["of"] == 2, condition
+        # one level of 255 everywhere would be 48 dB
+        assert paired["psnr"] is None or paired["psnr"]["mean"] >= 48, (condition, paired)
+    assert "edit_color_hit" in served_rows["edit: vilex + color word"]
+
+
 # ---- what a new user trips over (issue 19) ----------------------------------------------------------------------------
 @pytest.mark.triton
 def test_a_triton_folder_in_the_working_directory_is_not_imported_by_the_models(served, sample_files):

@@ -143,20 +143,31 @@ class LocalRunner:
 
 
 class TritonRunner:
-    """Whole requests to a running `vilex serve`: one reconstruct request per image (raw RGB pixels), from
-    `workers` client threads so the server can batch them; the server's own scheduler."""
+    """Whole requests to a running `vilex serve`: one request per image (reconstruct: raw RGB pixels, and words
+    for the edit; generate: tokens), from `workers` client threads so the server can batch them; the server's own
+    scheduler. It serves ViLex tokens, so text-only rows (the caption, unconditional) are not made here."""
 
     def __init__(self, url: str, protocol: str, workers: int = 4):
         self.url, self.protocol, self.workers = url, protocol, workers
         self.sweeps = False  # the server keeps its scheduler
 
-    def reconstruct(self, images, k, steps, guidance, seed) -> np.ndarray:
+    def _each(self, request, items) -> np.ndarray:
         from ..serving.client import map_concurrently
 
-        def request(client, image):
-            return client.reconstruct([image], num_tokens=k, steps=steps, guidance=guidance, seed=seed)[0]
+        return np.stack(map_concurrently(self.url, self.protocol, request, list(items), self.workers)) / 255.0
 
-        return np.stack(map_concurrently(self.url, self.protocol, request, list(images), self.workers)) / 255.0
+    def reconstruct(self, images, k, steps, guidance, seed, prompts=None, text_guidance=None) -> np.ndarray:
+        prompts = [None] * len(images) if prompts is None else prompts
+        return self._each(lambda client, item: client.reconstruct(
+            [item[0]], num_tokens=k, prompt=item[1], steps=steps, guidance=guidance, seed=seed,
+            text_guidance=text_guidance)[0], zip(images, prompts))
+
+    def generate(self, vilex_tokens, prompts, steps, guidance, seed, text_guidance=None) -> np.ndarray:
+        """As LocalRunner.generate, for ViLex tokens (with or without words): the server takes tokens."""
+        prompts = [None] * len(vilex_tokens) if prompts is None else prompts
+        return self._each(lambda client, item: client.generate(
+            item[0][None].numpy(), prompt=item[1], steps=steps, guidance=guidance, seed=seed,
+            text_guidance=text_guidance)[0], zip(vilex_tokens, prompts))
 
 
 def parse_backend(spec: str) -> tuple[str, str | None]:
@@ -337,38 +348,53 @@ class Evaluation:
     def conditions(self, runner, count: int):
         """(name, tokens, make images for an index array, edit colors or None) per row this runner can make."""
         c, refs = self.config, self.references
-        if isinstance(runner, TritonRunner):
+        served = isinstance(runner, TritonRunner)
+        if served:  # whole reconstruct requests: the server makes the tokens
             for k in self.token_counts:
                 yield f"vilex-{k}", k, lambda i, k=k: runner.reconstruct([refs.images[j] for j in i], k, c.steps,
                                                                        c.guidance, c.seed), None
-            return
-        tokens = torch.cat([runner.tokenize([refs.images[j] for j in i])
-                            for i in np.array_split(np.arange(count), max(1, count // c.batch_size))])
-        self._tokens = tokens
-        for k in self.token_counts:
-            yield f"vilex-{k}", k, lambda i, k=k: runner.generate(tokens[i, :k], None, c.steps, c.guidance, c.seed), None
+        else:
+            tokens = torch.cat([runner.tokenize([refs.images[j] for j in i])
+                                for i in np.array_split(np.arange(count), max(1, count // c.batch_size))])
+            self._tokens = tokens
+            for k in self.token_counts:
+                yield f"vilex-{k}", k, lambda i, k=k: runner.generate(tokens[i, :k], None, c.steps, c.guidance,
+                                                                      c.seed), None
         if not c.baselines:
             return
-        if refs.captions is not None:
-            yield "caption", 0, lambda i: runner.generate(None, [refs.captions[j] for j in i], c.steps, c.guidance,
-                                                          c.seed), None
-        yield "unconditional", 0, lambda i: runner.generate(None, [""] * len(i), c.steps, 1.0, c.seed), None
+        if not served:
+            if refs.captions is not None:
+                yield "caption", 0, lambda i: runner.generate(None, [refs.captions[j] for j in i], c.steps,
+                                                              c.guidance, c.seed), None
+            yield "unconditional", 0, lambda i: runner.generate(None, [""] * len(i), c.steps, 1.0, c.seed), None
+        vilex_config = self.pipeline.vilex.config
         generator = torch.Generator().manual_seed(c.seed + 1)
-        scale = float(self.pipeline.vilex.config.token_scale)
-        random_tokens = torch.randn(tokens.shape, generator=generator) * scale
-        yield "random-tokens", tokens.shape[1], lambda i: runner.generate(random_tokens[i], None, c.steps, c.guidance,
-                                                                          c.seed), None
+        random_tokens = torch.randn((count, vilex_config.num_queries, vilex_config.output_dim),
+                                    generator=generator) * float(vilex_config.token_scale)
+        yield "random-tokens", vilex_config.num_queries, lambda i: runner.generate(random_tokens[i], None, c.steps,
+                                                                                   c.guidance, c.seed), None
         if refs.scenes is not None:
             words, colors = edit_targets(refs.scenes, c.seed)
             # All tokens, or the longest prefix that fits beside the longest color word (75-token checkpoints).
-            k = min([tokens.shape[1]] + [self.pipeline.prompt_builder.max_vilex_tokens(w) for w in set(words)])
-            yield "edit: vilex + color word", k, lambda i: runner.generate(
-                tokens[i, :k], [words[j] for j in i], c.steps, c.guidance, c.seed, text_guidance=c.edit_guidance), colors
+            k = min([vilex_config.num_queries] + [self.pipeline.prompt_builder.max_vilex_tokens(w) for w in set(words)])
+
+            def edit(i):
+                prompts = [words[j] for j in i]
+                if served:
+                    return runner.reconstruct([refs.images[j] for j in i], k, c.steps, c.guidance, c.seed,
+                                              prompts=prompts, text_guidance=c.edit_guidance)
+                return runner.generate(tokens[i, :k], prompts, c.steps, c.guidance, c.seed,
+                                       text_guidance=c.edit_guidance)
+
+            yield "edit: vilex + color word", k, edit, colors
 
     def run_backend(self, name: str, where: str | None, log) -> None:
         runner = self.runner(name, where)
         count = len(self.references.images)
         first = not self.grid_columns
+        if isinstance(runner, TritonRunner) and self.config.baselines:
+            log(f"{name}={where}: the caption and unconditional rows are left out (the server takes ViLex tokens; "
+                f"text alone is the base's, measured on the local backends)")
         for condition, k, make, edit_colors in self.conditions(runner, count):
             start = time.perf_counter()
             images = _batched(make, count, self.config.batch_size)
