@@ -396,7 +396,7 @@ def test_an_export_carries_the_mixing_adapter_to_the_host(fp32_export, export_ck
     adapted.set_progress_bar_config(disable=True)
     torch.manual_seed(2)
     with torch.no_grad():
-        for parameter in adapted.vilex.add_mix_adapter(8).parameters():
+        for parameter in adapted.vilex.add_mix_adapter(8, words=True).parameters():  # the shipped kind: reads the words
             parameter.add_(torch.randn_like(parameter) * 0.5)
     adapted.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
     root = copy_export(fp32_export, tmp_path / "engines")
@@ -405,7 +405,7 @@ def test_an_export_carries_the_mixing_adapter_to_the_host(fp32_export, export_ck
 
     weightless = pipeline_from_engines(folder)
     weightless.set_progress_bar_config(disable=True)
-    assert weightless.vilex.config.mix_adapter_hidden == 8
+    assert weightless.vilex.config.mix_adapter_hidden == 8 and weightless.vilex.config.mix_adapter_words
     kwargs = dict(num_tokens=8, prompt="blue", text_guidance_scale=7.5, num_inference_steps=STEPS, seed=3,
                   output_type="pt")
     expected = adapted.set_backend(OnnxRuntimeBackend(folder))(sample_images_small, **kwargs).images
