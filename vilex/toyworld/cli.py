@@ -1,6 +1,6 @@
 """`vilex toyworld ...`: the miniature world where ViLex is trained and measured on a CPU.
 
-    vilex toyworld make-data DIR [--n 20000] [--split train] [--edits]
+    vilex toyworld make-data DIR [--n 20000] [--split train] [--edits] [--partial-captions]
                                                                  scenes as name.png + name.txt (captions)
     vilex toyworld train-base OUT [--vae-steps ...]              the text-to-image base, from scratch
     vilex toyworld new-vilex BASE OUT [--pooler cross|perceiver] [--pretrain-vision STEPS]
@@ -31,6 +31,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--edits", action="store_true",
                    help="also write name.edit.png + name.edit.txt: the scene with its main object in another color, "
                         "and the color word that turns it back (for vilex train --edit-prob)")
+    p.add_argument("--partial-captions", action="store_true",
+                   help="name.txt holds part of the caption (each of size, color, shape, cell and background kept "
+                        "with probability 1/2, drawn from the scene's seed) instead of the whole one")
     p.set_defaults(func=cmd_make_data)
 
     from .config import BaseConfig
@@ -79,7 +82,7 @@ def add_parser(subparsers) -> None:
 def cmd_make_data(args) -> None:
     from ..outputs import atomic_folder
     from ..training.data import EDIT_STEM
-    from .scenes import SPLITS, fingerprint, make_scenes, recolor_edit
+    from .scenes import SPLITS, drawn_partial_caption, fingerprint, make_scenes, recolor_edit
 
     if args.split not in SPLITS:
         raise ViLexUsageError(f"--split must be one of {', '.join(SPLITS)}, got {args.split!r}")
@@ -89,15 +92,18 @@ def cmd_make_data(args) -> None:
         lines = []
         for i, scene in enumerate(scenes):
             scene.render().save(staging / f"{i:06d}.png")
-            (staging / f"{i:06d}.txt").write_text(scene.caption + "\n")
+            caption = drawn_partial_caption(scene) if args.partial_captions else scene.caption
+            (staging / f"{i:06d}.txt").write_text(caption + "\n")
             if args.edits:
                 source, word = recolor_edit(scene)
                 source.render().save(staging / f"{i:06d}{EDIT_STEM}.png")
                 (staging / f"{i:06d}{EDIT_STEM}.txt").write_text(word + "\n")
             lines.append(json.dumps(scene.to_json()))
         (staging / "scenes.jsonl").write_text("\n".join(lines) + "\n")
-    edits = " with recolor edits" if args.edits else ""
-    print(f"wrote {len(scenes)} {args.split} scenes{edits} to {args.out} (fingerprint {fingerprint(scenes)[:16]})")
+    extras = [what for what, given in (("partial captions", args.partial_captions), ("recolor edits", args.edits))
+              if given]
+    extras = f" with {' and '.join(extras)}" if extras else ""
+    print(f"wrote {len(scenes)} {args.split} scenes{extras} to {args.out} (fingerprint {fingerprint(scenes)[:16]})")
 
 
 def cmd_train_base(args) -> None:

@@ -249,6 +249,18 @@ def partial_caption(scene: Scene, keep) -> str:
     return " ".join(words)
 
 
+def drawn_partial_caption(scene: Scene) -> str:
+    """A `partial_caption` of the scene drawn from its seed: each of CAPTION_PARTS kept with probability 1/2, an
+    empty draw drawn again (as `train-base --partial-captions` draws them). What `make-data --partial-captions`
+    writes: true words about the scene of every kind, alone and together, for training a mixing adapter to keep
+    what such words agree with (`vilex train --mix-adapter --caption-prob`)."""
+    rng = np.random.default_rng([scene.seed, 13])
+    while True:
+        kept = rng.random(len(CAPTION_PARTS)) < 0.5
+        if kept.any():
+            return partial_caption(scene, [part for part, keep in zip(CAPTION_PARTS, kept) if keep])
+
+
 # The detail words of `detailed_caption`: the centre in tenths (DETAIL_DIGITS = 1) or hundredths (2) of the image,
 # and the radius in 1 px steps from MAIN_RADIUS[0], each digit a word of its own (every digit is one token of any
 # CLIP BPE tokenizer). The first digit of a coordinate is its tenth either way.
