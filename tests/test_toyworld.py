@@ -117,6 +117,29 @@ def test_make_data_with_edits_writes_each_scene_with_its_recolor_edit_beside_it(
         assert changed.any() and not changed[object_mask(scene.main) == 0].any()  # only the main object
 
 
+def test_make_data_with_partial_captions_writes_a_true_part_of_each_caption(tmp_path):
+    """Each name.txt is one of the scene's 31 partial captions (checked against all of them), drawn from its seed
+    (the same on a second run), with every part kept in some and left out in others; the images are unchanged."""
+    import itertools
+
+    from vilex.cli import main
+    from vilex.toyworld.scenes import CAPTION_PARTS
+
+    for name in ("a", "b"):
+        assert main(["toyworld", "make-data", str(tmp_path / name), "--n", "40", "--partial-captions"]) == 0
+    kept_sets = []
+    for i, scene in enumerate(make_scenes(40, SPLITS["train"])):
+        text = (tmp_path / "a" / f"{i:06d}.txt").read_text().strip()
+        assert text == (tmp_path / "b" / f"{i:06d}.txt").read_text().strip()
+        matches = [set(keep) for r in range(1, len(CAPTION_PARTS) + 1)
+                   for keep in itertools.combinations(CAPTION_PARTS, r) if partial_caption(scene, keep) == text]
+        assert matches, text
+        kept_sets.append(matches[0])
+        assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "a" / f"{i:06d}.png")), np.asarray(scene.render()))
+    for part in CAPTION_PARTS:
+        assert any(part in kept for kept in kept_sets) and any(part not in kept for kept in kept_sets), part
+
+
 def test_main_object_is_largest_and_drawn_on_top(scenes):
     for scene in scenes:
         main, others = scene.objects[0], scene.objects[1:]
