@@ -396,7 +396,7 @@ def test_an_export_carries_the_mixing_adapter_to_the_host(fp32_export, export_ck
     adapted.set_progress_bar_config(disable=True)
     torch.manual_seed(2)
     with torch.no_grad():
-        for parameter in adapted.vilex.add_mix_adapter(8, words=True).parameters():  # the shipped kind: reads the words
+        for parameter in adapted.vilex.add_mix_adapter(8, words=True).parameters():  # the kind that reads the words
             parameter.add_(torch.randn_like(parameter) * 0.5)
     adapted.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
     root = copy_export(fp32_export, tmp_path / "engines")
