@@ -86,13 +86,16 @@ class PromptBuilder:
     def check_fits(self, prompt: str | None, num_vilex_tokens: int) -> int:
         """Raise a ViLexUsageError unless the prompt fits next to the tokens; return its token count."""
         n_text = len(self.text_ids(prompt)) if prompt else 0
+        self._check_room(n_text, num_vilex_tokens)
+        return n_text
+
+    def _check_room(self, n_text: int, num_vilex_tokens: int) -> None:
         fit = self.max_text_tokens(num_vilex_tokens)
         if n_text > fit:
             raise ViLexUsageError(
                 f"prompt is too long: {n_text} text tokens, but with {num_vilex_tokens} ViLex tokens "
                 f"at most {max(fit, 0)} text tokens fit in the encoder's {self.max_length} positions"
             )
-        return n_text
 
     def __call__(
         self,
@@ -130,9 +133,8 @@ class PromptBuilder:
             k = 0
             if vilex_tokens is not None:
                 k = int(lengths[b]) if lengths is not None else vilex_tokens.shape[1]
-            prompt = prompts[b] if prompts is not None else None
-            self.check_fits(prompt, k)
-            text = texts[b]
+            text = texts[b]  # tokenized once, above
+            self._check_room(len(text), k)
             source = mixed if len(text) and mixed is not None else vilex_tokens
             vilex = source[b, :k].to(table.device, table.dtype) if k else table[:0]
             middle = [vilex, text] if order == "vilex_first" else [text, vilex]

@@ -249,15 +249,17 @@ def partial_caption(scene: Scene, keep) -> str:
     return " ".join(words)
 
 
-def drawn_partial_caption(scene: Scene) -> str:
-    """A `partial_caption` of the scene drawn from its seed: each of CAPTION_PARTS kept with probability 1/2, an
-    empty draw drawn again (as `train-base --partial-captions` draws them). What `make-data --partial-captions`
-    writes: true words about the scene of every kind, alone and together, for training a mixing adapter to keep
-    what such words agree with (`vilex train --mix-adapter --caption-prob`)."""
-    rng = np.random.default_rng([scene.seed, 13])
+def drawn_partial_caption(scene: Scene, uniform=None) -> str:
+    """A `partial_caption` of the scene: each of CAPTION_PARTS kept with probability 1/2, an empty draw drawn
+    again. `uniform(n)` gives n uniform draws in [0, 1) (`train-base --partial-captions` passes its torch
+    generator's); by default they come from the scene's seed, as `make-data --partial-captions` writes them: true
+    words about the scene of every kind, alone and together, for training a mixing adapter to keep what such words
+    agree with (`vilex train --mix-adapter --caption-prob`)."""
+    if uniform is None:
+        uniform = np.random.default_rng([scene.seed, 13]).random
     while True:
-        kept = rng.random(len(CAPTION_PARTS)) < 0.5
-        if kept.any():
+        kept = [float(u) < 0.5 for u in uniform(len(CAPTION_PARTS))]
+        if any(kept):
             return partial_caption(scene, [part for part, keep in zip(CAPTION_PARTS, kept) if keep])
 
 

@@ -52,7 +52,7 @@ from ..training.objective import min_snr_weights, training_noise_scheduler
 from ..training.optim import lr_factor
 from . import components, curve
 from .config import BaseConfig
-from .scenes import CAPTION_PARTS, SPLITS, detailed_caption, fingerprint, make_scenes, partial_caption, render_all
+from .scenes import SPLITS, detailed_caption, drawn_partial_caption, fingerprint, make_scenes, render_all
 
 
 VAE_KL_WEIGHT = 1e-6
@@ -264,10 +264,7 @@ def vary_caption(scene, config: BaseConfig, generator: torch.Generator) -> str:
         if config.detailed_captions and torch.rand((), generator=generator) < config.detailed_captions:
             return detailed_caption(scene, config.detail_digits)
         return scene.caption
-    while True:
-        kept = torch.rand(len(CAPTION_PARTS), generator=generator) < 0.5
-        if kept.any():
-            return partial_caption(scene, [p for p, k in zip(CAPTION_PARTS, kept.tolist()) if k])
+    return drawn_partial_caption(scene, lambda n: torch.rand(n, generator=generator).tolist())
 
 
 def shifted_prompts(prompt_builder, prompts: list[str], share: float, generator: torch.Generator) -> torch.Tensor:
