@@ -21,7 +21,7 @@ from vilex.training import checkpoint as ckpt
 from vilex.training.data import (ImageFolderDataset, TrainingStream, collate, crop_square, find_images,
                                  to_vae_pixels)
 from vilex.training.metrics import read_metrics
-from vilex.training.objective import ReconstructionObjective
+from vilex.training.objective import ReconstructionObjective, drop_words
 from vilex.training.optim import lr_factor
 
 FROZEN = ("unet", "text_encoder", "vae")
@@ -332,6 +332,37 @@ def test_an_edit_is_trained_as_the_tokens_of_the_image_before_it_followed_by_its
     assert with_edits["num_edits"] == 0
 
 
+def test_caption_word_drop_keeps_each_word_at_the_rate_of_its_formula_and_leaves_edits_whole(tiny_pipeline):
+    """Each word is kept with probability 1 - p, and when all are dropped one of the n is kept: so a word
+    survives with probability (1 - p) + p**n / n and the prompt is one word with probability
+    n (1 - p) p**(n - 1) + p**n. Checked by counting 4,000 draws (the bounds are 5 standard deviations)."""
+    words, p, draws = ["a", "large", "green", "circle"], 0.5, 4000
+    generator = torch.Generator().manual_seed(0)
+    outs = [drop_words(" ".join(words), p, generator).split() for _ in range(draws)]
+    assert all(out and [w for w in words if w in out] == out for out in outs)  # non-empty, in the caption's order
+    n = len(words)
+    kept_rate = (1 - p) + p ** n / n
+    for word in words:
+        assert abs(sum(word in out for out in outs) / draws - kept_rate) < 5 * (kept_rate * (1 - kept_rate) / draws) ** 0.5
+    single = n * (1 - p) * p ** (n - 1) + p ** n
+    assert abs(sum(len(out) == 1 for out in outs) / draws - single) < 5 * (single * (1 - single) / draws) ** 0.5
+
+    # In training: captions lose words (the ViLex prefix gets the room they leave), an edit's words never do,
+    # and without the option nothing more is drawn (a run draws what it drew before the option existed).
+    objective = ReconstructionObjective(tiny_pipeline, caption_prob=1.0, caption_word_drop=0.9)
+    caption = "a large green circle at the top right on a white plain background"
+    prompts, lengths = objective.assemble_prompts([caption] * 3, torch.tensor([75, 75, 75]),
+                                                  torch.Generator().manual_seed(1), [None, None, "blue"])
+    assert prompts[2] == "blue" and all(len(p.split()) < len(caption.split()) for p in prompts[:2])
+    builder = tiny_pipeline.prompt_builder
+    assert lengths.tolist() == [75 - len(builder.text_ids(p)) for p in prompts]
+    whole = ReconstructionObjective(tiny_pipeline, caption_prob=1.0)
+    a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert whole.assemble_prompts([caption], torch.tensor([75]), a)[0] == [caption]
+    torch.rand(1, generator=b)
+    assert torch.equal(a.get_state(), b.get_state())
+
+
 def test_vilex_train_with_edits_trains_them_and_refuses_data_without(tiny_ckpt, image_folder, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", tiny_ckpt, "--data", image_folder, "--out", tmp_path / "r0",
                            "--edit-prob", 0.5)
@@ -339,6 +370,9 @@ def test_vilex_train_with_edits_trains_them_and_refuses_data_without(tiny_ckpt, 
     code, _, err = run_cli(capsys, "train", tiny_ckpt, "--data", image_folder, "--out", tmp_path / "r1",
                            "--edit-prob", 1.5)
     assert code == 2 and "--edit-prob must be in 0..1" in err
+    code, _, err = run_cli(capsys, "train", tiny_ckpt, "--data", image_folder, "--out", tmp_path / "r1",
+                           "--caption-word-drop", -0.1)
+    assert code == 2 and "--caption-word-drop must be in 0..1, got -0.1" in err
     for path in sorted(image_folder.rglob("*.png")):
         add_edit(path)
     train(config(tiny_ckpt, image_folder, tmp_path / "run", max_steps=2, edit_prob=1.0, caption_prob=0.0))

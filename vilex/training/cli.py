@@ -35,6 +35,9 @@ VALUE_OPTIONS = (
     ("--snr-gamma", "snr_gamma", float, "min-SNR loss weighting gamma, e.g. 5.0 (default off)"),
     ("--taildrop-prob", "taildrop_prob", float, "probability that TailDrop shortens a sample (default: the checkpoint's)"),
     ("--caption-prob", "caption_prob", float, "share of captioned samples trained as ViLex + text (default 0.5)"),
+    ("--caption-word-drop", "caption_word_drop", float, "drop each word of a caption trained beside the tokens "
+                                                        "with this probability, at least one word kept, the "
+                                                        "rest in order (default 0: the whole caption)"),
     ("--edit-prob", "edit_prob", float, "share of samples with an edit (name.edit.png + name.edit.txt beside "
                                         "name.png) trained as the edit: the tokens of name.edit.png + its words "
                                         "re-create name.png (default 0)"),

@@ -61,6 +61,8 @@ class TrainConfig:
     taildrop: bool = True
     taildrop_prob: float | None = None  # None: the checkpoint's
     caption_prob: float = 0.5  # share of captioned samples trained as ViLex + text
+    # each word of such a caption dropped with this probability (at least one kept); 0: the whole caption
+    caption_word_drop: float = 0.0
     edit_prob: float = 0.0  # share of samples with an edit (name.edit.png + .txt) trained as the edit
     # hidden width of a mixing adapter trained alone (the encoder frozen; ViLexModel.mix_adapter); 0: none
     mix_adapter: int = 0
@@ -107,6 +109,7 @@ class TrainConfig:
         if self.taildrop_prob is not None:
             check_range("--taildrop-prob", self.taildrop_prob, 0.0, 1.0)
         check_range("--caption-prob", self.caption_prob, 0.0, 1.0)
+        check_range("--caption-word-drop", self.caption_word_drop, 0.0, 1.0)
         check_range("--edit-prob", self.edit_prob, 0.0, 1.0)
         check_range("--mix-adapter", self.mix_adapter, 0)
         if self.mix_adapter and self.train_vision:

@@ -53,6 +53,17 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
 
 
+def drop_words(text: str, p: float, generator: torch.Generator | None) -> str:
+    """`text` with each of its whitespace-separated words dropped with probability p, the rest in their order;
+    when every word is dropped, one of them (drawn uniformly) is kept. "a large green circle" may become
+    "green", "a circle", "large green circle": parts of the caption, down to single words."""
+    words = text.split()
+    kept = (torch.rand(len(words), generator=generator) >= p).tolist()
+    if not any(kept):
+        kept[int(torch.randint(len(words), (), generator=generator))] = True
+    return " ".join(word for word, keep in zip(words, kept) if keep)
+
+
 def training_noise_scheduler(scheduler_config) -> DDPMScheduler:
     """A DDPM scheduler with the checkpoint's training noise schedule (betas, T, prediction_type).
 
@@ -76,6 +87,8 @@ class ReconstructionObjective(nn.Module):
         pipeline: a ViLexPipeline; its vilex, text_encoder, unet and vae are shared, not copied.
         snr_gamma: min-SNR gamma (5.0 is the paper's value), or None for the plain mean.
         caption_prob: probability that a sample with a caption is trained as ViLex + text.
+        caption_word_drop: probability that each word of such a caption is dropped (`drop_words`), so the
+            tokens learn to stand beside every part of a caption, single words included; 0 keeps it whole.
         edit_prob: probability that a sample with an edit is trained as the edit (the tokens of the image
             before it + its words); such a sample is not trained with its caption.
         taildrop: sample a per-sample prefix length (the model's TailDrop); off keeps all N tokens.
@@ -84,7 +97,8 @@ class ReconstructionObjective(nn.Module):
     """
 
     def __init__(self, pipeline, snr_gamma: float | None = None, caption_prob: float = 0.5, taildrop: bool = True,
-                 train_vision: bool = False, gradient_checkpointing: bool = False, edit_prob: float = 0.0):
+                 train_vision: bool = False, gradient_checkpointing: bool = False, edit_prob: float = 0.0,
+                 caption_word_drop: float = 0.0):
         super().__init__()
         self.vilex = pipeline.vilex
         self.text_encoder = TextEncoderFromEmbeds(pipeline.text_encoder)
@@ -95,6 +109,7 @@ class ReconstructionObjective(nn.Module):
         self.snr_gamma = snr_gamma
         self.caption_prob = caption_prob
         self.edit_prob = edit_prob
+        self.caption_word_drop = caption_word_drop
         self.taildrop = taildrop
         self.train_vision = train_vision
         self.gradient_checkpointing = gradient_checkpointing
@@ -150,7 +165,9 @@ class ReconstructionObjective(nn.Module):
         lengths (B,)).
 
         A sample trained as an edit (its words in `edits`, see `draw_edits`) always takes its words; otherwise
-        a caption is used with probability caption_prob. When text and prefix do not both fit in the
+        a caption is used with probability caption_prob, with each of its words dropped with probability
+        caption_word_drop (drawn only when that is above 0, so a run without it draws what it drew before it
+        existed). When text and prefix do not both fit in the
         encoder's positions, the ViLex prefix is shortened (TailDrop already trains every prefix); a text
         that leaves no room for one token is not used and is counted in `captions_too_long`.
         """
@@ -164,6 +181,8 @@ class ReconstructionObjective(nn.Module):
             if not text:
                 prompts.append(None)
                 continue
+            if not edit and self.caption_word_drop > 0:
+                text = drop_words(text, self.caption_word_drop, generator)
             room = self.prompt_builder.max_vilex_tokens(text)
             if room < 1:
                 self.captions_too_long += 1

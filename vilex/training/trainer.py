@@ -118,7 +118,7 @@ class Trainer:
 
         # 1e. Objective, optimizer, schedule, EMA
         objective = ReconstructionObjective(pipeline, snr_gamma=cfg.snr_gamma, caption_prob=cfg.caption_prob,
-                                            edit_prob=cfg.edit_prob,
+                                            caption_word_drop=cfg.caption_word_drop, edit_prob=cfg.edit_prob,
                                             taildrop=cfg.taildrop, train_vision=cfg.train_vision,
                                             gradient_checkpointing=cfg.gradient_checkpointing)
         self.objective, self.optimizer = accelerator.prepare(objective, adamw(pipeline.vilex, cfg))
