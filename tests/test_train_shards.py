@@ -20,6 +20,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -298,12 +299,31 @@ def copy_back_to(run: Path, copy: Path, step: int) -> None:
 
 
 def torchrun(*args, timeout: float) -> subprocess.CompletedProcess:
+    """`vilex train` in 2 processes under torchrun. A run that outlives `timeout` gets SIGABRT in each of its
+    processes (torchrun starts every rank in a session of its own, so they are found as its descendants), whose
+    fault handler (PYTHONFAULTHANDLER) prints each thread's stack: the test fails with where each process was
+    stuck, and leaves none behind (a rank once stayed after a finished run, not reproduced)."""
+    import psutil  # accelerate's dependency
+
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "vilex.cli", "train", *map(str, args)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+        for child in descendants:  # the ranks and their loader workers first: torchrun would stop them unseen
+            child.send_signal(signal.SIGABRT)
+        psutil.wait_procs(descendants, timeout=20)
+        for child in descendants:
+            if child.is_running():
+                child.kill()
+        process.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"torchrun ran past {timeout} s; the stacks at SIGABRT:\n{stderr[-12000:]}\n{stdout[-2000:]}")
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def test_torchrun_two_processes_split_the_shards_and_resume_exactly(tiny_ckpt, tmp_path):
@@ -312,7 +332,7 @@ def test_torchrun_two_processes_split_the_shards_and_resume_exactly(tiny_ckpt, t
     run, resumed = tmp_path / "run", tmp_path / "resumed"
     # 8 steps: a rank whose reader was dealt two shards (8 samples) needs 4 of its batches, every 2nd batch
     done = torchrun("--out", run, "--data", pattern, "--max-steps", 8, "--checkpoint-every", 4,
-                    "--keep-checkpoints", 0, "--num-workers", 2, *FAST, tiny_ckpt, timeout=600)
+                    "--keep-checkpoints", 0, "--num-workers", 2, *FAST, tiny_ckpt, timeout=180)
     assert "trained 8 steps" in done.stdout and "skipped 2 unreadable image files" in done.stdout
 
     logs = {rank: samples_log(run, rank) for rank in (0, 1)}
@@ -332,7 +352,7 @@ def test_torchrun_two_processes_split_the_shards_and_resume_exactly(tiny_ckpt, t
 
     # Resume from the step-4 checkpoint with 2 processes: the same samples, weights, optimizer and RNGs at step 8.
     copy_back_to(run, resumed, step=4)
-    done = torchrun("--resume", resumed, "--num-workers", 2, timeout=600)
+    done = torchrun("--resume", resumed, "--num-workers", 2, timeout=180)
     assert "resuming" in done.stdout and "from step 4" in done.stdout
     for rank in (0, 1):
         assert samples_log(resumed, rank) == logs[rank]
