@@ -63,6 +63,26 @@ def test_init_preset_toy_copies_the_shipped_checkpoint(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_toy_names_the_shipped_checkpoint_unless_a_folder_of_that_name_is_there(toy_pipeline, tmp_path, monkeypatch):
+    """CKPT 'toy' is the shipped checkpoint for every command (here `vilex tokenize`, checked against the pipeline
+    loaded from the package's folder); a local folder named toy comes first, as in diffusers' from_pretrained."""
+    from vilex.outputs import load_tokens
+    from vilex.toyworld.shipped import resolve_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    _, images, _ = held_out(2)
+    for i, image in enumerate(images):
+        image.save(f"{i}.png")
+    assert main(["tokenize", "toy", "0.png", "1.png", "--out", "shipped.safetensors", "--tokens", "4"]) == 0
+    assert torch.allclose(load_tokens("shipped.safetensors"), toy_pipeline.tokenize(images, num_tokens=4), atol=1e-6)
+
+    assert main(["init", "toy"]) == 0  # the tiny preset, in a folder named toy
+    assert resolve_checkpoint("toy") == "toy" and resolve_checkpoint("other") == "other"
+    assert main(["tokenize", "toy", "0.png", "--out", "local.safetensors"]) == 0
+    local = ViLexPipeline.from_pretrained(tmp_path / "toy")
+    assert torch.allclose(load_tokens("local.safetensors"), local.tokenize(images[:1]), atol=1e-6)
+
+
 def color_agreement(pipeline, probe, images, reference, num_tokens=None, vilex_tokens=None, attribute="color") -> float:
     """Share of scenes where the probe reads the same `attribute` (default: the main object's color) from the
     reconstruction as from the input."""

@@ -57,11 +57,9 @@ def add_parser(subparsers) -> None:
 def cmd_eval(args) -> None:
     from .evaluate import EvalConfig, run_eval
 
-    ckpt = args.ckpt
-    if ckpt == "toy":
-        from ..toyworld.shipped import checkpoint_path
+    from ..toyworld.shipped import resolve_checkpoint
 
-        ckpt = str(checkpoint_path())
+    ckpt = resolve_checkpoint(args.ckpt)
     config = EvalConfig(checkpoint=ckpt, out=args.out, backends=_list(args.backend), tokens=_list(args.tokens),
                         n=args.n, images=args.images, probe=args.probe, steps=args.steps, guidance=args.guidance,
                         edit_guidance=args.edit_guidance, sweep_steps=_numbers("--sweep-steps", args.sweep_steps),

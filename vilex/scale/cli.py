@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
                     "holds the encoder; the tokens go to parquet shards in OUT. A rerun skips the images OUT holds. "
                     "See docs/scale.md.")
     p.add_argument("paths", nargs="+", metavar="[CKPT] INPUT",
-                   help="CKPT: a checkpoint folder (optional with --engines); INPUT: a folder of images (recursive), "
+                   help="CKPT: a checkpoint folder, or 'toy' for the shipped toy checkpoint (optional with --engines); INPUT: a folder of images (recursive), "
                         "a .parquet file, a folder of them or a brace pattern, or WebDataset .tar shards "
                         "(a folder, or a pattern such as 'shards/{000000..000009}.tar')")
     p.add_argument("--out", required=True, help="the output folder (created; a rerun on it skips what is done)")
@@ -61,6 +61,7 @@ def add_parser(subparsers) -> None:
 
 def job_options(args: argparse.Namespace):
     """The flags -> JobOptions, every range checked (nothing is read or started here)."""
+    from ..toyworld.shipped import resolve_checkpoint
     from .tokenize_dataset import JobOptions
 
     check_range("--batch-size", args.batch_size, 1)
@@ -78,6 +79,7 @@ def job_options(args: argparse.Namespace):
     if len(args.paths) > 2:
         raise ViLexUsageError(f"expected [CKPT] INPUT, got {len(args.paths)} paths (a brace pattern must be quoted)")
     ckpt, data = (args.paths if len(args.paths) == 2 else (None, args.paths[0]))
+    ckpt = resolve_checkpoint(ckpt)
     if ckpt is None and args.engines is None:
         raise ViLexUsageError("CKPT is required (a checkpoint folder) before INPUT; only --engines goes without")
     backend = args.backend or ("onnxruntime" if args.engines else "torch")

@@ -25,5 +25,17 @@ def checkpoint_path() -> Path:
     return _shipped("pipeline")
 
 
+# The name a command's CKPT argument takes for the shipped checkpoint (`vilex reconstruct toy a.png ...`).
+SHIPPED_NAME = "toy"
+
+
+def resolve_checkpoint(name: str | None) -> str | None:
+    """A command's CKPT as a folder: SHIPPED_NAME is the shipped toy checkpoint unless a folder of that name is
+    there (a local folder comes first, as in diffusers' from_pretrained); anything else is returned as given."""
+    if name == SHIPPED_NAME and not Path(name).exists():
+        return str(checkpoint_path())
+    return name
+
+
 def probe_path() -> Path:
     return _shipped("probe")

@@ -84,7 +84,8 @@ def add_parser(subparsers) -> None:
                                             "parquet)",
                               description="Train the ViLex pooler (and optionally the vision encoder) through the "
                                           "frozen diffusion model. Multi-GPU: accelerate launch -m vilex.cli train ...")
-    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, help="a ViLex checkpoint folder (`vilex init`)")
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None,
+                   help="a ViLex checkpoint folder (`vilex init`), or 'toy' for the shipped toy checkpoint")
     p.add_argument("--data", metavar="DATA", default=None,
                    help="folder of .jpg/.jpeg/.png/.webp images (recursive; name.txt captions), or shards streamed "
                         "from a .tar/.parquet file or pattern: 'shards/{000000..000999}.tar' (WebDataset: KEY.jpg "
@@ -120,7 +121,9 @@ def new_run_config(args):
         raise ViLexUsageError(f"missing {', '.join(missing)}: use `vilex train CKPT --data DATA --out RUN_DIR` "
                               f"or `vilex train --resume RUN_DIR`")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(checkpoint=args.ckpt, data=args.data, out=args.out,
+    from ..toyworld.shipped import resolve_checkpoint
+
+    return TrainConfig(checkpoint=resolve_checkpoint(args.ckpt), data=args.data, out=args.out,
                        **{k: v for k, v in given_options(args).items() if k in known})
 
 
