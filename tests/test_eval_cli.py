@@ -35,6 +35,39 @@ def test_eval_on_a_folder_matches_psnr_of_reconstruct_output(tiny_ckpt, tmp_path
     assert (tmp_path / "eval" / "grid.png").is_file() and (tmp_path / "eval" / "results.md").is_file()
 
 
+def test_words_rows_match_reconstruct_with_the_same_words(tiny_ckpt, tmp_path, capsys):
+    """`--words TEXT` adds a row of all tokens + TEXT (or the longest prefix that fits beside it: 70 of the tiny
+    preset's 75 beside this text, as `vilex reconstruct` says) with text-free guidance, also with --no-baselines;
+    its PSNR is that of `vilex reconstruct --prompt TEXT --text-guidance`'s PNG, measured with numpy."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[16:48, 16:48] = (40, 40, 200)
+    Image.fromarray(pixels).save(folder / "a.png")
+    assert main(["reconstruct", str(tiny_ckpt), str(folder / "a.png"), "--out", str(tmp_path / "rec"), "--steps", "2",
+                 "--prompt", "a red square", "--text-guidance", "3", "--seed", "0"]) == 2
+    assert "at most 70 ViLex tokens leave room for it" in capsys.readouterr().err
+    assert main(["reconstruct", str(tiny_ckpt), str(folder / "a.png"), "--out", str(tmp_path / "rec"), "--steps", "2",
+                 "--prompt", "a red square", "--text-guidance", "3", "--seed", "0", "--tokens", "70"]) == 0
+    assert main(["eval", str(tiny_ckpt), "--images", str(folder), "--n", "1", "--tokens", "1", "--steps", "2",
+                 "--no-baselines", "--sweep-n", "0", "--words", "a red square", "--words", "blue",
+                 "--edit-guidance", "3", "--out", str(tmp_path / "eval")]) == 0
+    rows = {row["condition"]: row for row in json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]}
+    assert list(rows) == ["vilex-1", "vilex + 'a red square'", "vilex + 'blue'"]
+    assert rows["vilex + 'a red square'"]["tokens"] == 70 and 70 < rows["vilex + 'blue'"]["tokens"] < 75
+    reconstruction = np.asarray(Image.open(tmp_path / "rec" / "a.png"), dtype=np.float64) / 255
+    mse = ((reconstruction - pixels / 255) ** 2).mean()
+    assert abs(rows["vilex + 'a red square'"]["psnr"]["mean"] - 10 * np.log10(1 / mse)) < 1e-3
+    assert rows["vilex + 'blue'"]["psnr"]["mean"] != rows["vilex + 'a red square'"]["psnr"]["mean"]
+
+    for words, message in (("  ", "--words takes a text to put beside the tokens, got '  '"),
+                           ("word " * 80, "leaves no room for a ViLex token beside it")):
+        assert main(["eval", str(tiny_ckpt), "--images", str(folder), "--words", words,
+                     "--out", str(tmp_path / "e")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
 def test_eval_rejects_bad_options(tiny_ckpt, tmp_path, capsys):
     assert main(["eval", str(tiny_ckpt), "--tokens", "0", "--out", str(tmp_path / "e")]) == 2
     assert "--tokens must be in 1..75, got 0" in capsys.readouterr().err

@@ -39,6 +39,10 @@ def add_parser(subparsers) -> None:
                    help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
     p.add_argument("--edit-guidance", type=float, default=DEFAULT_GUIDANCE,
                    help=f"text-free guidance weight of the edit row (default {DEFAULT_GUIDANCE})")
+    p.add_argument("--words", action="append", default=[], metavar="TEXT",
+                   help="add a row of all tokens + TEXT (the same for every image; text-free guidance "
+                        "--edit-guidance), measured against the input: what other words beside the tokens keep; "
+                        "repeat for more rows")
     p.add_argument("--sweep-steps", default="10,25,50", help="steps of the trade-off sweep (default 10,25,50)")
     p.add_argument("--sweep-schedulers", default="ddim,dpm++", help="schedulers of the sweep (default ddim,dpm++)")
     p.add_argument("--sweep-guidance", default=None,
@@ -62,7 +66,7 @@ def cmd_eval(args) -> None:
     ckpt = resolve_checkpoint(args.ckpt)
     config = EvalConfig(checkpoint=ckpt, out=args.out, backends=_list(args.backend), tokens=_list(args.tokens),
                         n=args.n, images=args.images, probe=args.probe, steps=args.steps, guidance=args.guidance,
-                        edit_guidance=args.edit_guidance, sweep_steps=_numbers("--sweep-steps", args.sweep_steps),
+                        edit_guidance=args.edit_guidance, words=args.words, sweep_steps=_numbers("--sweep-steps", args.sweep_steps),
                         sweep_schedulers=_list(args.sweep_schedulers), sweep_n=args.sweep_n,
                         sweep_guidance=None if args.sweep_guidance is None else _numbers("--sweep-guidance",
                                                                                           args.sweep_guidance, float),

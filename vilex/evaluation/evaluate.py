@@ -11,6 +11,8 @@
      unconditional generation, and random tokens at the scale of the trained ones
    - an edit: all ViLex tokens + a color word with text-free guidance; the probe says whether the main
      object took that color while its shape and position stayed (toy scenes)
+   - with `words`, per text: all ViLex tokens + that same text for every image, with the edit's text-free
+     guidance, measured against the input as a reconstruction is (what other words beside the tokens keep)
    Probe agreement is the share of images where the probe reads the same class from the reconstruction as
    from the input; position error is the probe's centre of the main object against the true centre.
 3. the trade-off a deploying user picks from: fidelity and batch-1 latency over steps x schedulers x token
@@ -54,7 +56,8 @@ class EvalConfig:
     probe: str | None = None  # the attribute probe; default: the shipped one, for toy checkpoints
     steps: int = settings.DEFAULT_STEPS
     guidance: float = settings.DEFAULT_GUIDANCE
-    edit_guidance: float = settings.DEFAULT_GUIDANCE  # text-free guidance weight of the edit row
+    edit_guidance: float = settings.DEFAULT_GUIDANCE  # text-free guidance weight of the edit and words rows
+    words: list[str] = field(default_factory=list)  # a row per text: all tokens + the text (--words)
     sweep_steps: list[int] = field(default_factory=lambda: [10, 25, 50])
     sweep_schedulers: list[str] = field(default_factory=lambda: ["ddim", "dpm++"])
     sweep_guidance: list[float] | None = None  # classifier-free guidance scales of the sweep; None: [guidance]
@@ -307,6 +310,7 @@ class Evaluation:
         self.specs = [parse_backend(s) for s in config.backends]
         self.pipeline = pipeline or load_pipeline(config.checkpoint)
         self.token_counts = parse_tokens(config.tokens, self.pipeline.num_queries)
+        self.words_tokens = [self._words_room(text) for text in config.words]  # before any image is read
         if config.images:
             self.references = folder_references(config.images, config.n, self.pipeline.default_size, log)
         else:
@@ -344,24 +348,50 @@ class Evaluation:
         # The export folder alone, checked to come from this checkpoint (no second copy of the weights).
         return LocalRunner(open_pipeline(self.config.checkpoint, name, engines=where))
 
+    def _words_room(self, text: str) -> int:
+        """All tokens, or the longest prefix that fits beside `text`; a text that is empty or leaves no room for
+        one token is a usage error."""
+        if not isinstance(text, str) or not text.strip():
+            raise ViLexUsageError(f"--words takes a text to put beside the tokens, got {text!r}")
+        room = self.pipeline.prompt_builder.max_vilex_tokens(text)
+        if room < 1:
+            raise ViLexUsageError(f"--words {text!r} leaves no room for a ViLex token beside it (the text encoder "
+                                  f"has {self.pipeline.prompt_builder.max_length - 2} places); give a shorter text")
+        return min(self.pipeline.num_queries, room)
+
     # ---- 2. the main table -----------------------------------------------------------------------------
     def conditions(self, runner, count: int):
         """(name, tokens, make images for an index array, edit colors or None) per row this runner can make."""
         c, refs = self.config, self.references
         served = isinstance(runner, TritonRunner)
-        if served:  # whole reconstruct requests: the server makes the tokens
-            for k in self.token_counts:
-                yield f"vilex-{k}", k, lambda i, k=k: runner.reconstruct([refs.images[j] for j in i], k, c.steps,
-                                                                       c.guidance, c.seed), None
-        else:
+
+        def beside(k: int, texts, text_guidance):
+            """Images of all (or the first k) tokens of each image + its text (a list per image)."""
+            def make(i):
+                prompts = [texts[j] for j in i]
+                if served:  # whole reconstruct requests: the server makes the tokens
+                    return runner.reconstruct([refs.images[j] for j in i], k, c.steps, c.guidance, c.seed,
+                                              prompts=prompts, text_guidance=text_guidance)
+                return runner.generate(tokens[i, :k], prompts, c.steps, c.guidance, c.seed,
+                                       text_guidance=text_guidance)
+            return make
+
+        tokens = None
+        if not served:
             tokens = torch.cat([runner.tokenize([refs.images[j] for j in i])
                                 for i in np.array_split(np.arange(count), max(1, count // c.batch_size))])
             self._tokens = tokens
-            for k in self.token_counts:
-                yield f"vilex-{k}", k, lambda i, k=k: runner.generate(tokens[i, :k], None, c.steps, c.guidance,
-                                                                      c.seed), None
-        if not c.baselines:
-            return
+        for k in self.token_counts:
+            yield f"vilex-{k}", k, beside(k, [None] * count, None), None
+        if c.baselines:
+            yield from self.baseline_conditions(runner, count, served, beside)
+        for text, k in zip(c.words, self.words_tokens):
+            yield f"vilex + {text!r}", k, beside(k, [text] * count, c.edit_guidance), None
+
+    def baseline_conditions(self, runner, count: int, served: bool, beside):
+        """The caption alone and unconditional generation (local backends), random tokens, and the edit (toy
+        scenes)."""
+        c, refs = self.config, self.references
         if not served:
             if refs.captions is not None:
                 yield "caption", 0, lambda i: runner.generate(None, [refs.captions[j] for j in i], c.steps,
@@ -377,16 +407,7 @@ class Evaluation:
             words, colors = edit_targets(refs.scenes, c.seed)
             # All tokens, or the longest prefix that fits beside the longest color word (75-token checkpoints).
             k = min([vilex_config.num_queries] + [self.pipeline.prompt_builder.max_vilex_tokens(w) for w in set(words)])
-
-            def edit(i):
-                prompts = [words[j] for j in i]
-                if served:
-                    return runner.reconstruct([refs.images[j] for j in i], k, c.steps, c.guidance, c.seed,
-                                              prompts=prompts, text_guidance=c.edit_guidance)
-                return runner.generate(tokens[i, :k], prompts, c.steps, c.guidance, c.seed,
-                                       text_guidance=c.edit_guidance)
-
-            yield "edit: vilex + color word", k, edit, colors
+            yield "edit: vilex + color word", k, beside(k, words, c.edit_guidance), colors
 
     def run_backend(self, name: str, where: str | None, log) -> None:
         runner = self.runner(name, where)
