@@ -70,7 +70,8 @@ def with_flag_names(message: str, command: str) -> str:
 
 def split_positionals(args, takes_images: bool) -> tuple[str | None, list[str]]:
     """(CKPT or None, IMAGE paths). CKPT is the first positional when it is a folder or 'toy' (the shipped
-    checkpoint, `resolve_checkpoint`); with --backend torch it is required, with --engines optional, with --backend triton refused (open_pipeline says so)."""
+    checkpoint, `resolve_checkpoint`); with --backend torch it is required, with --engines optional, with
+    --backend triton refused (open_pipeline says so)."""
     from .toyworld.shipped import SHIPPED_NAME, resolve_checkpoint
 
     positionals = [p for p in [args.ckpt] + list(getattr(args, "images", None) or []) if p is not None]
@@ -311,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("generate", help="ViLex tokens (+ text) -> images")
-    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, help="checkpoint folder, or 'toy' for the shipped toy checkpoint (optional with --engines, "
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None,
+                   help="checkpoint folder, or 'toy' for the shipped toy checkpoint (optional with --engines, "
                         "none with --backend triton)")
     p.add_argument("--tokens", required=True, help="a .safetensors file from `vilex tokenize`")
     p.add_argument("--out", required=True)
