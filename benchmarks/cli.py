@@ -14,6 +14,7 @@ from pathlib import Path
 from vilex import settings as generation_settings
 from vilex.errors import ViLexUsageError, check_range
 from vilex.settings import DEFAULT_STEPS
+from vilex.toyworld.shipped import resolve_checkpoint
 
 STRESS_PARTS = ("hostile", "soak", "overload")  # as benchmarks/stress.py runs them; here to keep the parser cheap
 
@@ -32,7 +33,7 @@ def add_parser(subparsers) -> None:
     from . import ALL_BACKENDS
 
     p = subparsers.add_parser("bench", help="measure latency/throughput per stage and end to end on each backend")
-    p.add_argument("ckpt", nargs="?", default=None,
+    p.add_argument("ckpt", nargs="?", default=None, type=resolve_checkpoint,
                    help="a ViLex checkpoint folder, or 'toy' for the shipped toy checkpoint (default: --preset)")
     p.add_argument("--preset", default="small", choices=("tiny", "small", "sd15"), help="preset to measure without CKPT")
     p.add_argument("--backends", default="torch,onnxruntime", help=f"comma-separated, from: {', '.join(ALL_BACKENDS)}")
@@ -81,7 +82,6 @@ def add_parser(subparsers) -> None:
 
 def cmd_bench(args) -> None:
     from vilex.stages import STAGE_NAMES
-    from vilex.toyworld.shipped import resolve_checkpoint
 
     from . import ALL_BACKENDS
     from .runner import BenchSettings
@@ -120,7 +120,7 @@ def cmd_bench(args) -> None:
     previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)
                 if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
-        run_bench(ckpt=resolve_checkpoint(args.ckpt), preset=args.preset, cache=Path(args.cache), backends=backends, settings=settings,
+        run_bench(ckpt=args.ckpt, preset=args.preset, cache=Path(args.cache), backends=backends, settings=settings,
                   out=Path(args.out), engines=Path(args.engines) if args.engines else None, precision=args.precision,
                   concurrency=args.concurrency, compare=args.compare, command=command,
                   date=datetime.date.today().isoformat(), unet=unet)

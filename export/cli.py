@@ -7,6 +7,7 @@ import sys
 
 from vilex.errors import ViLexUsageError
 from vilex.settings import DEFAULT_STEPS
+from vilex.toyworld.shipped import resolve_checkpoint
 
 from vilex.engines.contract import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
 from vilex.engines.precision import DEFAULT_CALIBRATION_COUNT, MAX_CALIBRATION_COUNT, QUANT_POLICY
@@ -27,7 +28,8 @@ def add_size_args(parser: argparse.ArgumentParser, exporting: bool) -> None:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("export", help="checkpoint -> ONNX graphs validated against PyTorch, in engines/NAME")
-    p.add_argument("ckpt", metavar="CKPT", help="a ViLex checkpoint folder, or 'toy' for the shipped toy checkpoint")
+    p.add_argument("ckpt", metavar="CKPT", type=resolve_checkpoint,
+                   help="a ViLex checkpoint folder, or 'toy' for the shipped toy checkpoint")
     p.add_argument("--out", required=True, help="the export folder, e.g. engines/NAME")
     p.add_argument("--precision", default="fp32",
                    help=f"{', '.join(PRECISIONS)} (default fp32): fp16 converts the graphs that are safe in fp16; "
@@ -69,11 +71,9 @@ def size_overrides(args) -> dict:
 
 def cmd_export(args) -> None:
     from vilex.engines.contract import ExportOptions
-    from vilex.toyworld.shipped import resolve_checkpoint
     from .onnx_export import export_checkpoint
     from .validate import ExportError
 
-    args.ckpt = resolve_checkpoint(args.ckpt)
     options = ExportOptions(precision=args.precision, opset=args.opset, **size_overrides(args))
     print(f"exporting {args.ckpt} -> {args.out} ({args.precision}"
           + (f", opset {args.opset}" if args.opset is not None else "") + ")")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .errors import ViLexUsageError, check_range
+from .toyworld.shipped import resolve_checkpoint
 
 from . import settings
 from .settings import (DEFAULT_GUIDANCE, DEFAULT_ORDER, DEFAULT_SERVED_MAX_STEPS, DEFAULT_STEPS, MAX_SIDE, MAX_STEPS,
@@ -69,18 +70,16 @@ def with_flag_names(message: str, command: str) -> str:
 
 
 def split_positionals(args, takes_images: bool) -> tuple[str | None, list[str]]:
-    """(CKPT or None, IMAGE paths). CKPT is the first positional when it is a folder or 'toy' (the shipped
-    checkpoint, `resolve_checkpoint`); with --backend torch it is required, with --engines optional, with
+    """(CKPT or None, IMAGE paths). CKPT is the first positional when it is a folder ('toy' already resolved to
+    the shipped one by the parser); with --backend torch it is required, with --engines optional, with
     --backend triton refused (open_pipeline says so)."""
-    from .toyworld.shipped import SHIPPED_NAME, resolve_checkpoint
-
     positionals = [p for p in [args.ckpt] + list(getattr(args, "images", None) or []) if p is not None]
     ckpt = None
-    if args.backend == "torch" or (positionals and (Path(positionals[0]).is_dir() or positionals[0] == SHIPPED_NAME)):
+    if args.backend == "torch" or (positionals and Path(positionals[0]).is_dir()):
         if not positionals:
             raise ViLexUsageError("CKPT is required (a checkpoint folder, or 'toy' for the shipped toy checkpoint; "
                                   "only --engines and --backend triton go without)")
-        ckpt, positionals = resolve_checkpoint(positionals[0]), positionals[1:]
+        ckpt, positionals = positionals[0], positionals[1:]
     if takes_images and not positionals:
         raise ViLexUsageError("give at least one IMAGE" + (" after CKPT" if ckpt else ""))
     if not takes_images and positionals:
@@ -282,7 +281,7 @@ COMMAND_MODULES: tuple[str, ...] = ("vilex.export.cli", "vilex.benchmarks.cli", 
 # ---- parser -------------------------------------------------------------------------------------------
 def add_image_positionals(p: argparse.ArgumentParser, tokens_help: str) -> None:
     """[CKPT] IMAGE... --out --tokens, as tokenize and reconstruct take them."""
-    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None,
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, type=resolve_checkpoint,
                    help="checkpoint folder, or 'toy' for the shipped toy checkpoint (optional with --engines, none "
                         "with --backend triton: then every positional is an IMAGE)")
     p.add_argument("images", nargs="*", metavar="IMAGE")
@@ -312,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("generate", help="ViLex tokens (+ text) -> images")
-    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None,
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, type=resolve_checkpoint,
                    help="checkpoint folder, or 'toy' for the shipped toy checkpoint (optional with --engines, "
                         "none with --backend triton)")
     p.add_argument("--tokens", required=True, help="a .safetensors file from `vilex tokenize`")

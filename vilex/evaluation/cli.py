@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import ViLexUsageError
 from ..settings import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from ..toyworld.shipped import resolve_checkpoint
 
 
 def _list(text: str) -> list[str]:
@@ -25,7 +26,8 @@ def add_parser(subparsers) -> None:
         description="Reconstruct held-out toy scenes (or --images DIR) through each backend and measure them against "
                     "the inputs and against baselines (caption alone, unconditional, random tokens); writes "
                     "results.json, results.md, grid.png and tradeoff.png to --out.")
-    p.add_argument("ckpt", metavar="CKPT", help="a ViLex checkpoint folder, or 'toy' for the shipped toy checkpoint")
+    p.add_argument("ckpt", metavar="CKPT", type=resolve_checkpoint,
+                   help="a ViLex checkpoint folder, or 'toy' for the shipped toy checkpoint")
     p.add_argument("--backend", default="torch",
                    help="comma-separated NAME or NAME=WHERE: torch, onnxruntime=ENGINES, tensorrt=ENGINES, "
                         "triton=HOST:PORT (default torch)")
@@ -61,12 +63,10 @@ def add_parser(subparsers) -> None:
 def cmd_eval(args) -> None:
     from .evaluate import EvalConfig, run_eval
 
-    from ..toyworld.shipped import resolve_checkpoint
-
-    ckpt = resolve_checkpoint(args.ckpt)
-    config = EvalConfig(checkpoint=ckpt, out=args.out, backends=_list(args.backend), tokens=_list(args.tokens),
+    config = EvalConfig(checkpoint=args.ckpt, out=args.out, backends=_list(args.backend), tokens=_list(args.tokens),
                         n=args.n, images=args.images, probe=args.probe, steps=args.steps, guidance=args.guidance,
-                        edit_guidance=args.edit_guidance, words=args.words, sweep_steps=_numbers("--sweep-steps", args.sweep_steps),
+                        edit_guidance=args.edit_guidance, words=args.words,
+                        sweep_steps=_numbers("--sweep-steps", args.sweep_steps),
                         sweep_schedulers=_list(args.sweep_schedulers), sweep_n=args.sweep_n,
                         sweep_guidance=None if args.sweep_guidance is None else _numbers("--sweep-guidance",
                                                                                           args.sweep_guidance, float),

@@ -348,16 +348,19 @@ class Evaluation:
         # The export folder alone, checked to come from this checkpoint (no second copy of the weights).
         return LocalRunner(open_pipeline(self.config.checkpoint, name, engines=where))
 
+    def tokens_beside(self, texts) -> int:
+        """All tokens, or the longest prefix that fits beside the longest of `texts` (75-token checkpoints)."""
+        return min([self.pipeline.num_queries] + [self.pipeline.prompt_builder.max_vilex_tokens(t) for t in texts])
+
     def _words_room(self, text: str) -> int:
-        """All tokens, or the longest prefix that fits beside `text`; a text that is empty or leaves no room for
-        one token is a usage error."""
+        """`tokens_beside` a --words text; one that is empty or leaves no room for one token is a usage error."""
         if not isinstance(text, str) or not text.strip():
             raise ViLexUsageError(f"--words takes a text to put beside the tokens, got {text!r}")
-        room = self.pipeline.prompt_builder.max_vilex_tokens(text)
-        if room < 1:
+        k = self.tokens_beside([text])
+        if k < 1:
             raise ViLexUsageError(f"--words {text!r} leaves no room for a ViLex token beside it (the text encoder "
                                   f"has {self.pipeline.prompt_builder.max_length - 2} places); give a shorter text")
-        return min(self.pipeline.num_queries, room)
+        return k
 
     # ---- 2. the main table -----------------------------------------------------------------------------
     def conditions(self, runner, count: int):
@@ -405,8 +408,7 @@ class Evaluation:
                                                                                    c.guidance, c.seed), None
         if refs.scenes is not None:
             words, colors = edit_targets(refs.scenes, c.seed)
-            # All tokens, or the longest prefix that fits beside the longest color word (75-token checkpoints).
-            k = min([vilex_config.num_queries] + [self.pipeline.prompt_builder.max_vilex_tokens(w) for w in set(words)])
+            k = self.tokens_beside(set(words))
             yield "edit: vilex + color word", k, beside(k, words, c.edit_guidance), colors
 
     def run_backend(self, name: str, where: str | None, log) -> None:

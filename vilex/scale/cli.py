@@ -24,8 +24,8 @@ def add_parser(subparsers) -> None:
                     "holds the encoder; the tokens go to parquet shards in OUT. A rerun skips the images OUT holds. "
                     "See docs/scale.md.")
     p.add_argument("paths", nargs="+", metavar="[CKPT] INPUT",
-                   help="CKPT: a checkpoint folder, or 'toy' for the shipped toy checkpoint (optional with --engines); INPUT: a folder of images (recursive), "
-                        "a .parquet file, a folder of them or a brace pattern, or WebDataset .tar shards "
+                   help="CKPT: a checkpoint folder, or 'toy' for the shipped toy checkpoint (optional with "
+                        "--engines); INPUT: a folder of images (recursive), a .parquet file, a folder of them or a brace pattern, or WebDataset .tar shards "
                         "(a folder, or a pattern such as 'shards/{000000..000009}.tar')")
     p.add_argument("--out", required=True, help="the output folder (created; a rerun on it skips what is done)")
     p.add_argument("--engines", default=None,

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ViLexUsageError
+from ..toyworld.shipped import resolve_checkpoint
 
 # (flag, TrainConfig field, type, help); booleans are flags (with --no-X for the ones on by default)
 VALUE_OPTIONS = (
@@ -84,7 +85,7 @@ def add_parser(subparsers) -> None:
                                             "parquet)",
                               description="Train the ViLex pooler (and optionally the vision encoder) through the "
                                           "frozen diffusion model. Multi-GPU: accelerate launch -m vilex.cli train ...")
-    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None,
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, type=resolve_checkpoint,
                    help="a ViLex checkpoint folder (`vilex init`), or 'toy' for the shipped toy checkpoint")
     p.add_argument("--data", metavar="DATA", default=None,
                    help="folder of .jpg/.jpeg/.png/.webp images (recursive; name.txt captions), or shards streamed "
@@ -121,9 +122,7 @@ def new_run_config(args):
         raise ViLexUsageError(f"missing {', '.join(missing)}: use `vilex train CKPT --data DATA --out RUN_DIR` "
                               f"or `vilex train --resume RUN_DIR`")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    from ..toyworld.shipped import resolve_checkpoint
-
-    return TrainConfig(checkpoint=resolve_checkpoint(args.ckpt), data=args.data, out=args.out,
+    return TrainConfig(checkpoint=args.ckpt, data=args.data, out=args.out,
                        **{k: v for k, v in given_options(args).items() if k in known})
 
 
