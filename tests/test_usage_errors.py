@@ -285,3 +285,21 @@ def test_the_documented_python_client_runs(served, sample_files, tmp_path, monke
     assert namespace["tokens"].shape == (1, 16, 32)
     images = namespace["images"]
     assert images.dtype == np.uint8 and images.shape == (1, 64, 64, 3)  # the tiny export's native size
+
+
+def test_a_missing_shipped_checkpoint_is_named_not_called_an_invalid_value(nothing_loads, image_file, tmp_path,
+                                                                            capsys, monkeypatch):
+    """CKPT 'toy' on an installation without the shipped weights: argparse's own error names the missing folder
+    and what to do, for a command of each parser (the main one, eval's, train's)."""
+    monkeypatch.setattr("vilex.toyworld.shipped.WEIGHTS", tmp_path / "weights")
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "weights" / "pipeline"
+    for args in (["reconstruct", "toy", image_file, "--out", "o.png"], ["eval", "toy"],
+                 ["train", "toy", "--data", tmp_path, "--out", "run"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit:  # argparse's own exit
+            main([str(a) for a in args])
+        assert exit.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (  # after argparse's usage lines
+            f"vilex {args[0]}: error: argument CKPT: the toy world's pipeline weights are not in this installation "
+            f"({missing}); reinstall vilex, or train them: see vilex/toyworld/weights/MODEL_CARD.md"), args

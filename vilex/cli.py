@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from .errors import ViLexUsageError, check_range
-from .toyworld.shipped import resolve_checkpoint
+from .toyworld.shipped import checkpoint_argument
 
 from . import settings
 from .settings import (DEFAULT_GUIDANCE, DEFAULT_ORDER, DEFAULT_SERVED_MAX_STEPS, DEFAULT_STEPS, MAX_SIDE, MAX_STEPS,
@@ -281,7 +281,7 @@ COMMAND_MODULES: tuple[str, ...] = ("vilex.export.cli", "vilex.benchmarks.cli", 
 # ---- parser -------------------------------------------------------------------------------------------
 def add_image_positionals(p: argparse.ArgumentParser, tokens_help: str) -> None:
     """[CKPT] IMAGE... --out --tokens, as tokenize and reconstruct take them."""
-    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, type=resolve_checkpoint,
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, type=checkpoint_argument,
                    help="checkpoint folder, or 'toy' for the shipped toy checkpoint (optional with --engines, none "
                         "with --backend triton: then every positional is an IMAGE)")
     p.add_argument("images", nargs="*", metavar="IMAGE")
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("generate", help="ViLex tokens (+ text) -> images")
-    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, type=resolve_checkpoint,
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, type=checkpoint_argument,
                    help="checkpoint folder, or 'toy' for the shipped toy checkpoint (optional with --engines, "
                         "none with --backend triton)")
     p.add_argument("--tokens", required=True, help="a .safetensors file from `vilex tokenize`")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import ViLexUsageError
 from ..settings import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from ..toyworld.shipped import resolve_checkpoint
+from ..toyworld.shipped import checkpoint_argument
 
 
 def _list(text: str) -> list[str]:
@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
         description="Reconstruct held-out toy scenes (or --images DIR) through each backend and measure them against "
                     "the inputs and against baselines (caption alone, unconditional, random tokens); writes "
                     "results.json, results.md, grid.png and tradeoff.png to --out.")
-    p.add_argument("ckpt", metavar="CKPT", type=resolve_checkpoint,
+    p.add_argument("ckpt", metavar="CKPT", type=checkpoint_argument,
                    help="a ViLex checkpoint folder, or 'toy' for the shipped toy checkpoint")
     p.add_argument("--backend", default="torch",
                    help="comma-separated NAME or NAME=WHERE: torch, onnxruntime=ENGINES, tensorrt=ENGINES, "

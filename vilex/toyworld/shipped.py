@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..errors import ViLexUsageError
@@ -35,6 +36,16 @@ def resolve_checkpoint(name: str | None) -> str | None:
     if name == SHIPPED_NAME and not Path(name).exists():
         return str(checkpoint_path())
     return name
+
+
+def checkpoint_argument(name: str) -> str:
+    """`resolve_checkpoint` as an argparse `type`: argparse turns a ValueError of a type into "invalid
+    checkpoint_argument value: 'toy'", so a missing shipped checkpoint is raised as its ArgumentTypeError, whose
+    message argparse prints as it is."""
+    try:
+        return resolve_checkpoint(name)
+    except ViLexUsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def probe_path() -> Path:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ViLexUsageError
-from ..toyworld.shipped import resolve_checkpoint
+from ..toyworld.shipped import checkpoint_argument
 
 # (flag, TrainConfig field, type, help); booleans are flags (with --no-X for the ones on by default)
 VALUE_OPTIONS = (
@@ -85,7 +85,7 @@ def add_parser(subparsers) -> None:
                                             "parquet)",
                               description="Train the ViLex pooler (and optionally the vision encoder) through the "
                                           "frozen diffusion model. Multi-GPU: accelerate launch -m vilex.cli train ...")
-    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, type=resolve_checkpoint,
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, type=checkpoint_argument,
                    help="a ViLex checkpoint folder (`vilex init`), or 'toy' for the shipped toy checkpoint")
     p.add_argument("--data", metavar="DATA", default=None,
                    help="folder of .jpg/.jpeg/.png/.webp images (recursive; name.txt captions), or shards streamed "
