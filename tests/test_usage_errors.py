@@ -297,9 +297,9 @@ def test_a_missing_shipped_checkpoint_is_named_not_called_an_invalid_value(nothi
     for args in (["reconstruct", "toy", image_file, "--out", "o.png"], ["eval", "toy"],
                  ["train", "toy", "--data", tmp_path, "--out", "run"]):
         capsys.readouterr()
-        with pytest.raises(SystemExit) as exit:  # argparse's own exit
+        with pytest.raises(SystemExit) as raised:  # argparse's own exit
             main([str(a) for a in args])
-        assert exit.value.code == 2
+        assert raised.value.code == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == (  # after argparse's usage lines
             f"vilex {args[0]}: error: argument CKPT: the toy world's pipeline weights are not in this installation "
             f"({missing}); reinstall vilex, or train them: see vilex/toyworld/weights/MODEL_CARD.md"), args
