@@ -14,7 +14,7 @@ from pathlib import Path
 from vilex import settings as generation_settings
 from vilex.errors import ViLexUsageError, check_range
 from vilex.settings import DEFAULT_STEPS
-from vilex.toyworld.shipped import resolve_checkpoint
+from vilex.toyworld.shipped import checkpoint_argument
 
 STRESS_PARTS = ("hostile", "soak", "overload")  # as benchmarks/stress.py runs them; here to keep the parser cheap
 
@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
     from . import ALL_BACKENDS
 
     p = subparsers.add_parser("bench", help="measure latency/throughput per stage and end to end on each backend")
-    p.add_argument("ckpt", nargs="?", default=None, type=resolve_checkpoint,
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None, type=checkpoint_argument,
                    help="a ViLex checkpoint folder, or 'toy' for the shipped toy checkpoint (default: --preset)")
     p.add_argument("--preset", default="small", choices=("tiny", "small", "sd15"), help="preset to measure without CKPT")
     p.add_argument("--backends", default="torch,onnxruntime", help=f"comma-separated, from: {', '.join(ALL_BACKENDS)}")

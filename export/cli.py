@@ -7,7 +7,7 @@ import sys
 
 from vilex.errors import ViLexUsageError
 from vilex.settings import DEFAULT_STEPS
-from vilex.toyworld.shipped import resolve_checkpoint
+from vilex.toyworld.shipped import checkpoint_argument
 
 from vilex.engines.contract import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
 from vilex.engines.precision import DEFAULT_CALIBRATION_COUNT, MAX_CALIBRATION_COUNT, QUANT_POLICY
@@ -28,7 +28,7 @@ def add_size_args(parser: argparse.ArgumentParser, exporting: bool) -> None:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("export", help="checkpoint -> ONNX graphs validated against PyTorch, in engines/NAME")
-    p.add_argument("ckpt", metavar="CKPT", type=resolve_checkpoint,
+    p.add_argument("ckpt", metavar="CKPT", type=checkpoint_argument,
                    help="a ViLex checkpoint folder, or 'toy' for the shipped toy checkpoint")
     p.add_argument("--out", required=True, help="the export folder, e.g. engines/NAME")
     p.add_argument("--precision", default="fp32",

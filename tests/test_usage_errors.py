@@ -290,12 +290,13 @@ def test_the_documented_python_client_runs(served, sample_files, tmp_path, monke
 def test_a_missing_shipped_checkpoint_is_named_not_called_an_invalid_value(nothing_loads, image_file, tmp_path,
                                                                             capsys, monkeypatch):
     """CKPT 'toy' on an installation without the shipped weights: argparse's own error names the missing folder
-    and what to do, for a command of each parser (the main one, eval's, train's)."""
+    and what to do, for a command of each parser (the main one, eval's, train's, export's, bench's)."""
     monkeypatch.setattr("vilex.toyworld.shipped.WEIGHTS", tmp_path / "weights")
     monkeypatch.chdir(tmp_path)
     missing = tmp_path / "weights" / "pipeline"
     for args in (["reconstruct", "toy", image_file, "--out", "o.png"], ["eval", "toy"],
-                 ["train", "toy", "--data", tmp_path, "--out", "run"]):
+                 ["train", "toy", "--data", tmp_path, "--out", "run"], ["export", "toy", "--out", "engines"],
+                 ["bench", "toy", "--out", "bench"]):
         capsys.readouterr()
         with pytest.raises(SystemExit) as raised:  # argparse's own exit
             main([str(a) for a in args])

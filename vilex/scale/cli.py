@@ -25,8 +25,9 @@ def add_parser(subparsers) -> None:
                     "See docs/scale.md.")
     p.add_argument("paths", nargs="+", metavar="[CKPT] INPUT",
                    help="CKPT: a checkpoint folder, or 'toy' for the shipped toy checkpoint (optional with "
-                        "--engines); INPUT: a folder of images (recursive), a .parquet file, a folder of them or a brace pattern, or WebDataset .tar shards "
-                        "(a folder, or a pattern such as 'shards/{000000..000009}.tar')")
+                        "--engines); INPUT: a folder of images (recursive), a .parquet file, a folder of them or a "
+                        "brace pattern, or WebDataset .tar shards (a folder, or a pattern such as "
+                        "'shards/{000000..000009}.tar')")
     p.add_argument("--out", required=True, help="the output folder (created; a rerun on it skips what is done)")
     p.add_argument("--engines", default=None,
                    help="an export folder (engines/NAME): the actors run its graphs on --backend onnxruntime "
