@@ -87,8 +87,17 @@ def test_arguments_are_checked_before_anything_loads(nothing_loads, tiny_ckpt, i
         "--pretrain-all-swaps and --pretrain-captioning need --pretrain-vision STEPS > 0"
     assert one_error(capsys, "toyworld", "new-vilex", tiny_ckpt, tmp_path / "nv", "--pretrain-vision", 5,
                      "--pretrain-captioning", -1) == "--pretrain-captioning must be in 0..100, got -1.0"
+    assert one_error(capsys, "toyworld", "tune-vision", tiny_ckpt, tmp_path / "nv", "--device", "tpu") == \
+        "--device must be cpu, cuda or cuda:N, got 'tpu'"
+    assert one_error(capsys, "toyworld", "tune-vision", tiny_ckpt, tmp_path / "nv", "--steps", 0) == \
+        "--steps must be in 1..1000000, got 0"
     (tmp_path / "taken").mkdir()
     assert one_error(capsys, "init", tmp_path / "taken", "--preset", "tiny") == \
+        f"OUT '{tmp_path / 'taken'}' already exists; choose a new folder"
+    # refused before the scenes are rendered or a step trained
+    assert one_error(capsys, "toyworld", "tune-vision", tiny_ckpt, tmp_path / "taken") == \
+        f"OUT '{tmp_path / 'taken'}' already exists; choose a new folder"
+    assert one_error(capsys, "toyworld", "new-vilex", tiny_ckpt, tmp_path / "taken", "--pretrain-vision", 5) == \
         f"OUT '{tmp_path / 'taken'}' already exists; choose a new folder"
     assert not out.exists() and not (tmp_path / "ck").exists() and not (tmp_path / "nv").exists()
 

@@ -5,6 +5,7 @@
     vilex toyworld train-base OUT [--vae-steps ...]              the text-to-image base, from scratch
     vilex toyworld new-vilex BASE OUT [--pooler cross|perceiver] [--pretrain-vision STEPS]
                                                                  a new ViLex encoder on a trained base
+    vilex toyworld tune-vision CKPT OUT [--steps 1500]              an encoder's vision model fine-tuned on captions
     vilex toyworld train-probe OUT                               the attribute probe (a small CNN)
 """
 
@@ -16,6 +17,7 @@ import json
 import re
 
 from ..errors import ViLexUsageError, check_range
+from .shipped import checkpoint_argument
 
 POOLERS = ("cross", "perceiver")
 
@@ -62,7 +64,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--pretrain-vision", type=int, default=0, metavar="STEPS",
                    help="first pretrain the vision model for STEPS steps with SigLIP's sigmoid loss against the base's "
                         "frozen text encoder, as ViLex starts from a pretrained SigLIP (default 0: from scratch; the "
-                        "shipped checkpoint used 1000)")
+                        "shipped checkpoint used 1500)")
     p.add_argument("--pretrain-all-swaps", action="store_true",
                    help="every caption with one word swapped is a hard negative of its image at every step (default: "
                         "one swapped caption per word, drawn at random)")
@@ -71,6 +73,22 @@ def add_parser(subparsers) -> None:
                         "with this weight (default 0: the sigmoid loss alone)")
     p.add_argument("--device", default="cpu", help="where --pretrain-vision trains: cpu or cuda (default cpu)")
     p.set_defaults(func=cmd_new_vilex)
+
+    p = sub.add_parser("tune-vision", help="fine-tune a ViLex checkpoint's vision model with a captioning loss",
+                       description="Fine-tune the vision model of CKPT's ViLex encoder with CapPa's captioning loss "
+                                   "alone (a small decoder, discarded after, predicts each caption token from the "
+                                   "patch features) on toy-world scenes; everything else is copied as it is. Writes "
+                                   "OUT, a ViLex checkpoint to go on training with `vilex train`.")
+    p.add_argument("ckpt", metavar="CKPT", type=checkpoint_argument, help="a ViLex checkpoint folder, or toy")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
+    p.add_argument("--batch-size", type=int, default=128, help="(default 128)")
+    p.add_argument("--lr", type=float, default=3e-4, help="the vision model's peak learning rate (default 3e-4)")
+    p.add_argument("--decoder-lr", type=float, default=1e-3, help="the caption decoder's (default 1e-3)")
+    p.add_argument("--scenes", type=int, default=20_000, help="train-split scenes drawn from (default 20000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.set_defaults(func=cmd_tune_vision)
 
     p = sub.add_parser("train-probe", help="train the attribute probe that `vilex eval` reads scenes with")
     p.add_argument("out", metavar="OUT")
@@ -123,13 +141,31 @@ def cmd_new_vilex(args) -> None:
     check_range("--pretrain-captioning", args.pretrain_captioning, 0.0, 100.0)
     if not args.pretrain_vision and (args.pretrain_all_swaps or args.pretrain_captioning):
         raise ViLexUsageError("--pretrain-all-swaps and --pretrain-captioning need --pretrain-vision STEPS > 0")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-        raise ViLexUsageError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    _check_device(args.device)
     out = new_vilex_checkpoint(args.base, args.out, pooler_self_attention=args.pooler == "perceiver", seed=args.seed,
                                pretrain_vision_steps=args.pretrain_vision, device=args.device,
                                all_swaps=args.pretrain_all_swaps, captioning=args.pretrain_captioning)
     vision = f"vision model pretrained {args.pretrain_vision} steps" if args.pretrain_vision else "untrained"
     print(f"wrote ViLex checkpoint {out} ({args.pooler} pooler, {vision}) on the base {args.base}")
+
+
+def cmd_tune_vision(args) -> None:
+    from .train_base import tune_vision_checkpoint
+
+    check_range("--steps", args.steps, 1, 10**6)
+    check_range("--batch-size", args.batch_size, 1, 10**5)
+    check_range("--scenes", args.scenes, 1, 10**6)
+    for name in ("lr", "decoder_lr"):
+        check_range(f"--{name.replace('_', '-')}", getattr(args, name), 1e-8, 1.0)
+    _check_device(args.device)
+    out = tune_vision_checkpoint(args.ckpt, args.out, args.steps, device=args.device, num_scenes=args.scenes,
+                                 batch_size=args.batch_size, lr=args.lr, decoder_lr=args.decoder_lr, seed=args.seed)
+    print(f"wrote ViLex checkpoint {out}: {args.ckpt} with its vision model fine-tuned {args.steps} steps on captions")
+
+
+def _check_device(device: str) -> None:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ViLexUsageError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
 
 
 def cmd_train_probe(args) -> None:

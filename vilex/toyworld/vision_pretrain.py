@@ -42,6 +42,12 @@ probe on the raw 8x8 pixel patches read 78%. The features had dropped what the p
   discarded afterwards) predicts each caption token from the patch features, so every word of the caption,
   the shape word among them, is a target of its own rather than one term of a similarity.
 
+And a fine-tune of a trained encoder's vision model (`tune_vision_captioning`, `vilex toyworld tune-vision`, 2026-12-07):
+the captioning loss alone, no contrastive term, before more `vilex train`. Measured on the tenth checkpoint's
+encoder, with a one-off script of the same loss and schedule (the model card, "What the vision model can hold"),
+then 2,000 `vilex train` steps: an attentive head then reads the shape from the tokens
+in 0.80 of held-out scenes (0.70 before), and the reconstructions draw it in 0.665 (0.605).
+
 Captions are coarse (shape, color word, size word, 3x3 cell, background), so the features learn those;
 what captions leave out (exact place, size and shade) is left to the diffusion loss of `vilex train`.
 """
@@ -69,6 +75,17 @@ def _pixels(processor, scenes) -> torch.Tensor:
     return (images * processor.rescale_factor - mean) / std
 
 
+def _caption_ids(tokenizer, unique: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of distinct captions padded to the tokenizer's length: (U, 77), and as captioning targets over
+    the longest caption's tokens (BOS, words, EOS): (U, L), -100 at BOS and padding."""
+    encoded = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt")
+    length = int(encoded.attention_mask.sum(dim=1).max())
+    targets = encoded.input_ids[:, :length].masked_fill(encoded.attention_mask[:, :length] == 0, -100)
+    targets[:, 0] = -100  # BOS
+    return encoded.input_ids, targets
+
+
 @torch.no_grad()
 def _caption_states(tokenizer, text_encoder, captions: list[str], batch_size: int = 512
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,14 +93,11 @@ def _caption_states(tokenizer, text_encoder, captions: list[str], batch_size: in
     (BOS, words, EOS): (U, L, D), each caption's row in them: (N,), and each distinct caption's token ids as
     captioning targets (U, L), -100 at BOS and padding."""
     unique = sorted(set(captions))
-    encoded = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt")
-    length = int(encoded.attention_mask.sum(dim=1).max())
-    states = torch.cat([text_encoder(input_ids=encoded.input_ids[start:start + batch_size]).last_hidden_state[:, :length]
+    ids, targets = _caption_ids(tokenizer, unique)
+    length = targets.shape[1]
+    states = torch.cat([text_encoder(input_ids=ids[start:start + batch_size]).last_hidden_state[:, :length]
                         for start in range(0, len(unique), batch_size)])
     index = {caption: i for i, caption in enumerate(unique)}
-    targets = encoded.input_ids[:, :length].masked_fill(encoded.attention_mask[:, :length] == 0, -100)
-    targets[:, 0] = -100  # BOS
     return states, torch.tensor([index[c] for c in captions]), targets
 
 
@@ -253,4 +267,71 @@ def pretrain_vision(vilex, image_processor, tokenizer, text_encoder, steps: int,
             "all_swaps": all_swaps, "captioning": captioning,
             "final_loss": round(sum(losses[-log_every:]) / len(losses[-log_every:]), 4),
             "heldout": {"scenes": heldout_scenes, "before": before, "after": after},
+            "wall_time_s": round(time.time() - started, 1)}
+
+
+@torch.no_grad()
+def caption_accuracy(vision_model, decoder, pixels: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """The decoder's greedy captions of pixels (N, 3, H, W) against targets (N, L; -100 not counted), the vision
+    model in eval mode: the fraction of caption tokens right, and of captions right in every token."""
+    vision_model.eval()
+    predicted = torch.cat([decoder(vision_model(pixel_values=pixels[i:i + 256]).last_hidden_state).argmax(-1)
+                           for i in range(0, len(pixels), 256)])
+    vision_model.train()
+    counted = targets != -100
+    right = (predicted == targets) | ~counted
+    return {"token_accuracy": round(float((predicted == targets)[counted].float().mean()), 3),
+            "caption_accuracy": round(float(right.all(dim=1).float().mean()), 3)}
+
+
+def tune_vision_captioning(vision_model, image_processor, tokenizer, steps: int, num_scenes: int = 20_000,
+                           batch_size: int = 128, lr: float = 3e-4, decoder_lr: float = 1e-3, seed: int = 0,
+                           log_every: int = 100, heldout_scenes: int = HELDOUT_SCENES, device: str = "cpu") -> dict:
+    """Fine-tune a trained vision model in place with CapPa's captioning loss alone (`CaptionDecoder`, new and
+    discarded after; no contrastive term), on `device` (random draws from a CPU generator; the model is back on the
+    CPU after). Linear warm-up over a 30th of the steps, then cosine decay. Returns a report: the loss, the
+    decoder's held-out captions (token and whole-caption accuracy, and the token accuracy of always answering each
+    position's most common training token, what captions give without the image), wall time."""
+    from ..training.optim import warmup_cosine
+
+    started = time.time()
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    scenes = make_scenes(num_scenes, SPLITS["train"])
+    heldout = make_scenes(heldout_scenes, SPLITS["heldout"])
+    pixels, heldout_pixels = _pixels(image_processor, scenes), _pixels(image_processor, heldout).to(device)
+    unique = sorted({s.caption for s in scenes + heldout})
+    _, targets = _caption_ids(tokenizer, unique)
+    row = {caption: i for i, caption in enumerate(unique)}
+    train_targets = targets[torch.tensor([row[s.caption] for s in scenes])]
+    heldout_targets = targets[torch.tensor([row[s.caption] for s in heldout])].to(device)
+    majority = torch.tensor([int(column[column != -100].mode().values) if (column != -100).any() else -100
+                             for column in train_targets.T])  # each position's most common training token
+    counted = heldout_targets != -100
+    prior = float((heldout_targets == majority.to(device))[counted].float().mean())
+
+    vision_model.to(device).train()
+    decoder = CaptionDecoder(vision_model.config.hidden_size, targets.shape[1], len(tokenizer)).to(device)
+    optimizer = torch.optim.AdamW([{"params": decoder.parameters(), "lr": decoder_lr},
+                                   {"params": vision_model.parameters(), "lr": lr}], weight_decay=0.01)
+    schedule = warmup_cosine(optimizer, max(1, steps // 30), steps)
+    losses = []
+    for step in range(1, steps + 1):
+        batch = torch.randint(len(scenes), (batch_size,), generator=generator)
+        logits = decoder(vision_model(pixel_values=pixels[batch].to(device)).last_hidden_state)
+        loss = F.cross_entropy(logits.flatten(0, 1), train_targets[batch].to(device).flatten(), ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % log_every == 0 or step == steps:
+            print(json.dumps({"stage": "vision-captioning", "step": step, "of": steps,
+                              "loss": round(sum(losses[-log_every:]) / len(losses[-log_every:]), 4),
+                              "elapsed_s": round(time.time() - started, 1)}), flush=True)
+    after = caption_accuracy(vision_model, decoder, heldout_pixels, heldout_targets)
+    vision_model.cpu()
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "decoder_lr": decoder_lr, "num_scenes": num_scenes,
+            "seed": seed, "final_loss": round(sum(losses[-log_every:]) / len(losses[-log_every:]), 4),
+            "heldout": {"scenes": heldout_scenes, **after, "token_accuracy_without_the_image": round(prior, 3)},
             "wall_time_s": round(time.time() - started, 1)}
