@@ -5,7 +5,7 @@
     vilex toyworld train-base OUT [--vae-steps ...]              the text-to-image base, from scratch
     vilex toyworld new-vilex BASE OUT [--pooler cross|perceiver] [--pretrain-vision STEPS]
                                                                  a new ViLex encoder on a trained base
-    vilex toyworld tune-vision CKPT OUT [--steps 1500]              an encoder's vision model fine-tuned on captions
+    vilex toyworld tune-vision CKPT OUT [--steps 1500]           a checkpoint's vision model fine-tuned on captions
     vilex toyworld train-probe OUT                               the attribute probe (a small CNN)
 """
 
