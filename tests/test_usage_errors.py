@@ -42,6 +42,7 @@ def nothing_loads(monkeypatch):
     monkeypatch.setattr("vilex.runtime.open_pipeline", refuse)
     monkeypatch.setattr("vilex.presets.from_local", refuse)
     monkeypatch.setattr("vilex.presets.build_preset", refuse)
+    monkeypatch.setattr("vilex.pipeline.ViLexPipeline.from_pretrained", refuse)
 
 
 # ---- 14: options between image arguments --------------------------------------------------------------------------------
@@ -100,6 +101,14 @@ def test_arguments_are_checked_before_anything_loads(nothing_loads, tiny_ckpt, i
     assert one_error(capsys, "toyworld", "new-vilex", tiny_ckpt, tmp_path / "taken", "--pretrain-vision", 5) == \
         f"OUT '{tmp_path / 'taken'}' already exists; choose a new folder"
     assert not out.exists() and not (tmp_path / "ck").exists() and not (tmp_path / "nv").exists()
+
+
+def test_tune_vision_refuses_a_checkpoint_outside_the_toy_world(tiny_ckpt, tmp_path, capsys):
+    """The tiny preset's vision model takes 32x32 images: named before any scene is rendered or step trained."""
+    assert one_error(capsys, "toyworld", "tune-vision", tiny_ckpt, tmp_path / "tuned") == \
+        f"CKPT '{tiny_ckpt}' is not a toy-world checkpoint: its vision model takes 32x32 images, the toy world's " \
+        "scenes are 64x64"
+    assert not (tmp_path / "tuned").exists()
 
 
 # ---- 20: tokenize --out -------------------------------------------------------------------------------------------------

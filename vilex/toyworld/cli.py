@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 from ..errors import ViLexUsageError, check_range
 from .shipped import checkpoint_argument
@@ -79,7 +80,8 @@ def add_parser(subparsers) -> None:
                                    "alone (a small decoder, discarded after, predicts each caption token from the "
                                    "patch features) on toy-world scenes; everything else is copied as it is. Writes "
                                    "OUT, a ViLex checkpoint to go on training with `vilex train`.")
-    p.add_argument("ckpt", metavar="CKPT", type=checkpoint_argument, help="a ViLex checkpoint folder, or toy")
+    p.add_argument("ckpt", metavar="CKPT", type=checkpoint_argument,
+                   help="a toy-world ViLex checkpoint folder (64x64 images), or toy")
     p.add_argument("out", metavar="OUT")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
     p.add_argument("--batch-size", type=int, default=128, help="(default 128)")
@@ -142,6 +144,7 @@ def cmd_new_vilex(args) -> None:
     if not args.pretrain_vision and (args.pretrain_all_swaps or args.pretrain_captioning):
         raise ViLexUsageError("--pretrain-all-swaps and --pretrain-captioning need --pretrain-vision STEPS > 0")
     _check_device(args.device)
+    _check_new(args.out)
     out = new_vilex_checkpoint(args.base, args.out, pooler_self_attention=args.pooler == "perceiver", seed=args.seed,
                                pretrain_vision_steps=args.pretrain_vision, device=args.device,
                                all_swaps=args.pretrain_all_swaps, captioning=args.pretrain_captioning)
@@ -158,9 +161,15 @@ def cmd_tune_vision(args) -> None:
     for name in ("lr", "decoder_lr"):
         check_range(f"--{name.replace('_', '-')}", getattr(args, name), 1e-8, 1.0)
     _check_device(args.device)
+    _check_new(args.out)
     out = tune_vision_checkpoint(args.ckpt, args.out, args.steps, device=args.device, num_scenes=args.scenes,
                                  batch_size=args.batch_size, lr=args.lr, decoder_lr=args.decoder_lr, seed=args.seed)
     print(f"wrote ViLex checkpoint {out}: {args.ckpt} with its vision model fine-tuned {args.steps} steps on captions")
+
+
+def _check_new(out: str) -> None:
+    if Path(out).exists():  # atomic_folder refuses it too, but only once the training is done
+        raise ViLexUsageError(f"OUT '{out}' already exists; choose a new folder")
 
 
 def _check_device(device: str) -> None:

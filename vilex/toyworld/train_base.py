@@ -52,7 +52,7 @@ from ..training.objective import min_snr_weights, training_noise_scheduler
 from ..training.optim import lr_factor
 from . import components, curve
 from .config import BaseConfig
-from .scenes import SPLITS, detailed_caption, drawn_partial_caption, fingerprint, make_scenes, render_all
+from .scenes import IMAGE_SIZE, SPLITS, detailed_caption, drawn_partial_caption, fingerprint, make_scenes, render_all
 
 
 VAE_KL_WEIGHT = 1e-6
@@ -382,14 +382,14 @@ def new_vilex_checkpoint(base: str, out: str, pooler_self_attention: bool = Fals
     source = ViLexPipeline.from_pretrained(base)
     pipeline = _assemble(source.tokenizer, source.text_encoder, source.unet, source.vae, source.scheduler,
                          pooler_self_attention=pooler_self_attention, seed=seed)
-    with atomic_folder(Path(out), must_be_new=True) as staging:  # an existing OUT is refused before any training
-        if pretrain_vision_steps:
-            from .vision_pretrain import pretrain_vision
+    if pretrain_vision_steps:
+        from .vision_pretrain import pretrain_vision
 
-            report = pretrain_vision(pipeline.vilex, pipeline.image_processor, pipeline.tokenizer,
-                                     pipeline.text_encoder, steps=pretrain_vision_steps, seed=seed, device=device,
-                                     all_swaps=all_swaps, captioning=captioning)
-            print(json.dumps({"vision_pretrain": report}), flush=True)
+        report = pretrain_vision(pipeline.vilex, pipeline.image_processor, pipeline.tokenizer, pipeline.text_encoder,
+                                 steps=pretrain_vision_steps, seed=seed, device=device, all_swaps=all_swaps,
+                                 captioning=captioning)
+        print(json.dumps({"vision_pretrain": report}), flush=True)
+    with atomic_folder(Path(out), must_be_new=True) as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)
     return Path(out)
 
@@ -397,13 +397,18 @@ def new_vilex_checkpoint(base: str, out: str, pooler_self_attention: bool = Fals
 def tune_vision_checkpoint(checkpoint: str, out: str, steps: int, device: str = "cpu", **options) -> Path:
     """A copy of a ViLex checkpoint whose vision model is fine-tuned with CapPa's captioning loss alone
     (`vision_pretrain.tune_vision_captioning`, options as there); every other weight is the checkpoint's."""
+    from ..runtime import load_pipeline
     from .vision_pretrain import tune_vision_captioning
 
-    pipeline = ViLexPipeline.from_pretrained(checkpoint)
-    with atomic_folder(Path(out), must_be_new=True) as staging:  # an existing OUT is refused before any training
-        report = tune_vision_captioning(pipeline.vilex.vision_model, pipeline.image_processor, pipeline.tokenizer,
-                                        steps=steps, device=device, **options)
-        print(json.dumps({"vision_captioning": report}), flush=True)
+    pipeline = load_pipeline(checkpoint)
+    size = pipeline.vilex.vision_model.config.image_size
+    if size != IMAGE_SIZE:
+        raise ViLexUsageError(f"CKPT '{checkpoint}' is not a toy-world checkpoint: its vision model takes {size}x{size} "
+                              f"images, the toy world's scenes are {IMAGE_SIZE}x{IMAGE_SIZE}")
+    report = tune_vision_captioning(pipeline.vilex.vision_model, pipeline.image_processor, pipeline.tokenizer,
+                                    steps=steps, device=device, **options)
+    print(json.dumps({"vision_captioning": report}), flush=True)
+    with atomic_folder(Path(out), must_be_new=True) as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)
     return Path(out)
 

@@ -44,9 +44,10 @@ probe on the raw 8x8 pixel patches read 78%. The features had dropped what the p
 
 And a fine-tune of a trained encoder's vision model (`tune_vision_captioning`, `vilex toyworld tune-vision`, 2026-12-07):
 the captioning loss alone, no contrastive term, before more `vilex train`. Measured on the tenth checkpoint's
-encoder, with a one-off script of the same loss and schedule (the model card, "What the vision model can hold"),
-then 2,000 `vilex train` steps: an attentive head then reads the shape from the tokens
-in 0.80 of held-out scenes (0.70 before), and the reconstructions draw it in 0.665 (0.605).
+encoder, first with a one-off script of the same loss and hyperparameters (`runs/vision_cap.py`: its cosine decay
+started at step 0, its decoder had no BOS query; the model card, "What the vision model can hold"), then 2,000
+`vilex train` steps: an attentive head then reads the shape from the tokens in 0.80 of held-out scenes (0.70 before),
+and the reconstructions draw it in 0.665 (0.605).
 
 Captions are coarse (shape, color word, size word, 3x3 cell, background), so the features learn those;
 what captions leave out (exact place, size and shade) is left to the diffusion loss of `vilex train`.
@@ -61,6 +62,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..training.optim import warmup_cosine
 from .scenes import SPLITS, SWAPPABLE, caption_of, caption_words, make_scenes, render_all
 
 HELDOUT_SCENES = 512  # "heldout" split scenes the caption retrieval accuracy is measured on
@@ -292,8 +294,6 @@ def tune_vision_captioning(vision_model, image_processor, tokenizer, steps: int,
     CPU after). Linear warm-up over a 30th of the steps, then cosine decay. Returns a report: the loss, the
     decoder's held-out captions (token and whole-caption accuracy, and the token accuracy of always answering each
     position's most common training token, what captions give without the image), wall time."""
-    from ..training.optim import warmup_cosine
-
     started = time.time()
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -310,7 +310,7 @@ def tune_vision_captioning(vision_model, image_processor, tokenizer, steps: int,
     counted = heldout_targets != -100
     prior = float((heldout_targets == majority.to(device))[counted].float().mean())
 
-    vision_model.to(device).train()
+    vision_model.to(device).train().requires_grad_(True)  # a checkpoint may come with it frozen
     decoder = CaptionDecoder(vision_model.config.hidden_size, targets.shape[1], len(tokenizer)).to(device)
     optimizer = torch.optim.AdamW([{"params": decoder.parameters(), "lr": decoder_lr},
                                    {"params": vision_model.parameters(), "lr": lr}], weight_decay=0.01)
