@@ -403,8 +403,8 @@ def tune_vision_checkpoint(checkpoint: str, out: str, steps: int, device: str = 
     pipeline = load_pipeline(checkpoint)
     size = pipeline.vilex.vision_model.config.image_size
     if size != IMAGE_SIZE:
-        raise ViLexUsageError(f"CKPT '{checkpoint}' is not a toy-world checkpoint: its vision model takes {size}x{size} "
-                              f"images, the toy world's scenes are {IMAGE_SIZE}x{IMAGE_SIZE}")
+        raise ViLexUsageError(f"CKPT '{checkpoint}' is not a toy-world checkpoint: its vision model takes "
+                              f"{size}x{size} images, the toy world's scenes are {IMAGE_SIZE}x{IMAGE_SIZE}")
     report = tune_vision_captioning(pipeline.vilex.vision_model, pipeline.image_processor, pipeline.tokenizer,
                                     steps=steps, device=device, **options)
     print(json.dumps({"vision_captioning": report}), flush=True)
