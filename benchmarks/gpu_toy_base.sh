@@ -16,7 +16,8 @@
 # half of the captions detailed; the decoder 4,000 steps on its own; the model card), so this run trains the same
 # design in one go, not the same weights: 8,000 UNet steps with --detailed-captions 0.5 throughout, the decoder
 # 4,000 steps, the vision pretraining of the shipped encoder (1,500 steps, every swap a negative, captioning at
-# weight 4), then 2,000 ViLex steps (the shipped encoder had 14,000, in six runs on two bases). The shipped
+# weight 4), then 2,000 ViLex steps (the shipped encoder had 14,000, in six runs on two bases, then its vision model
+# fine-tuned on captioning alone by `vilex toyworld tune-vision` and 6,000 more). The shipped
 # checkpoint's mixing adapter is not trained here (its stages' time limits already take the 10 minutes): after this
 # run, `vilex toyworld make-data DIR --edits --partial-captions` and the model card's `vilex train ... --mix-adapter
 # 256 --mix-adapter-words` command on OUT_DIR/vilex/pipeline add it. Its learning curve says how far 8,000 UNet
