@@ -43,12 +43,13 @@ probe on the raw 8x8 pixel patches read 78%. The features had dropped what the p
   the shape word among them, is a target of its own rather than one term of a similarity.
 
 And a fine-tune of a trained encoder's vision model (`tune_vision_captioning`, `vilex toyworld tune-vision`,
-2026-12-07): the captioning loss alone, no contrastive term, before more `vilex train`. Measured on the tenth checkpoint's
-encoder, first with a one-off script of the same loss and hyperparameters (`runs/vision_cap.py`: its cosine decay
-started at step 0, its decoder had no BOS query; the model card, "What the vision model can hold"), then 2,000
-`vilex train` steps: an attentive head then reads the shape from the tokens in 0.80 of held-out scenes (0.70 before),
-and the reconstructions draw it in 0.665 (0.605). Through this command, then 6,000 `vilex train` steps: tokens 0.85,
-reconstructions 0.665 at 32 tokens (18.65 dB, +0.14) and 0.56 at 4 (0.515 before).
+2026-12-07): the captioning loss alone, no contrastive term, before more `vilex train`. Measured on the tenth
+checkpoint's encoder, first with a one-off script of the same loss and hyperparameters (`runs/vision_cap.py`: its
+cosine decay started at step 0, its decoder had no BOS query; the model card, "What the vision model can hold"), then
+2,000 `vilex train` steps: an attentive head then reads the shape from the tokens in 0.80 of held-out scenes (0.70
+before), and the reconstructions draw it in 0.665 (0.605). Through this command, then 6,000 `vilex train` steps (the
+twelfth checkpoint's encoder): tokens 0.85, reconstructions 0.665 at 32 tokens (18.65 dB, +0.14) and 0.56 at 4
+(0.515 before).
 
 Captions are coarse (shape, color word, size word, 3x3 cell, background), so the features learn those;
 what captions leave out (exact place, size and shade) is left to the diffusion loss of `vilex train`.
