@@ -25,7 +25,7 @@ from vilex import settings
 from vilex.backends import StageBackend
 from vilex.errors import ViLexUsageError
 
-from vilex.engines.precision import DEFAULT_CALIBRATION_COUNT, MAX_CALIBRATION_COUNT
+from vilex.engines.precision import CALIBRATION_METHODS, DEFAULT_CALIBRATION_COUNT, MAX_CALIBRATION_COUNT
 
 DEFAULT_HELDOUT_COUNT = 2  # held-out images: 50 UNet calls at 25 steps
 CALIBRATION_SEED = 0
@@ -52,12 +52,13 @@ class CalibrationSet:
     images: list  # PIL images: calibration first, then held-out
     count: int  # calibration images; the rest are held out
     steps: int = settings.DEFAULT_STEPS
+    method: str = CALIBRATION_METHODS["int8"][0]  # one of CALIBRATION_METHODS[precision]
     guidance: float = settings.DEFAULT_GUIDANCE
     seed: int = CALIBRATION_SEED
 
     def describe(self, num_queries: int) -> dict:
         return {"source": self.source, "images": self.count, "heldout_images": len(self.images) - self.count,
-                "steps": self.steps, "guidance": self.guidance, "seed": self.seed,
+                "steps": self.steps, "method": self.method, "guidance": self.guidance, "seed": self.seed,
                 "token_counts": sorted({token_count(i, num_queries) for i in range(len(self.images))})}
 
 
@@ -88,17 +89,31 @@ def check_count(count: int) -> int:
     return count
 
 
+def resolve_method(method: str | None, precision: str) -> str:
+    """The precision's default method for None; else `method`, if it is one of the precision's."""
+    allowed = CALIBRATION_METHODS[precision]
+    if method is None:
+        return allowed[0]
+    if method not in allowed:
+        raise ViLexUsageError(f"--calibration-method for --precision {precision} must be one of {', '.join(allowed)}"
+                              + (" (onnxruntime's only method for float8)" if precision == "fp8" else "")
+                              + f", got {method!r}")
+    return method
+
+
 def calibration_set(images_dir: str | os.PathLike | None, count: int = DEFAULT_CALIBRATION_COUNT,
-                    heldout: int = DEFAULT_HELDOUT_COUNT, steps: int = settings.DEFAULT_STEPS) -> CalibrationSet:
-    """`count` calibration images and `heldout` more, reconstructed at `steps` steps: from `images_dir`
-    (sorted, recursive; it must hold count + heldout readable images), else toy-world scenes of the `train` split."""
+                    heldout: int = DEFAULT_HELDOUT_COUNT, steps: int = settings.DEFAULT_STEPS,
+                    method: str = CALIBRATION_METHODS["int8"][0]) -> CalibrationSet:
+    """`count` calibration images and `heldout` more, reconstructed at `steps` steps, to calibrate by `method`
+    (`resolve_method`): from `images_dir` (sorted, recursive; it must hold count + heldout readable images),
+    else toy-world scenes of the `train` split."""
     check_count(count)
     settings.check_steps(steps, "--calibration-steps")
     if images_dir is None:
         from vilex.toyworld.scenes import SPLITS, make_scenes, render
 
         scenes = make_scenes(count + heldout, SPLITS[TOY_SPLIT])
-        return CalibrationSet(f"toyworld:{TOY_SPLIT}", [render(scene) for scene in scenes], count, steps)
+        return CalibrationSet(f"toyworld:{TOY_SPLIT}", [render(scene) for scene in scenes], count, steps, method)
 
     from vilex.errors import ImageInputError
     from vilex.images import load_image
@@ -119,7 +134,7 @@ def calibration_set(images_dir: str | os.PathLike | None, count: int = DEFAULT_C
         raise ViLexUsageError(f"--calibration-images '{root}' holds {len(images)} readable images "
                               f"({', '.join(IMAGE_SUFFIXES)}); --calibration-count {count} needs {count + heldout} "
                               f"({heldout} more are held out to validate the quantized graph)")
-    return CalibrationSet(str(root.resolve()), images, count, steps)
+    return CalibrationSet(str(root.resolve()), images, count, steps, method)
 
 
 def record_trajectories(pipeline, images: list, first_index: int, steps: int, guidance: float, seed: int,

@@ -10,7 +10,7 @@ from vilex.settings import DEFAULT_STEPS
 from vilex.toyworld.shipped import checkpoint_argument
 
 from vilex.engines.contract import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
-from vilex.engines.precision import DEFAULT_CALIBRATION_COUNT, MAX_CALIBRATION_COUNT, QUANT_POLICY
+from vilex.engines.precision import CALIBRATION_METHODS, DEFAULT_CALIBRATION_COUNT, MAX_CALIBRATION_COUNT, QUANT_POLICY
 
 
 def add_size_args(parser: argparse.ArgumentParser, exporting: bool) -> None:
@@ -47,6 +47,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--calibration-steps", type=int, default=None, metavar="N",
                    help=f"int8/fp8: denoising steps of the calibration reconstructions (default {DEFAULT_STEPS}; "
                         f"calibrate at the step count you deploy with)")
+    p.add_argument("--calibration-method", default=None, metavar="METHOD",
+                   help=f"int8: how each activation's range is taken from the calibration data, "
+                        f"{', '.join(CALIBRATION_METHODS['int8'])} (default {CALIBRATION_METHODS['int8'][0]}: the "
+                        f"whole range; percentile cuts it at the 99.999th percentile; entropy minimizes the KL "
+                        f"divergence); fp8 has {CALIBRATION_METHODS['fp8'][0]} only")
     add_size_args(p, exporting=True)
     p.add_argument("--optimize", default=None,
                    help="also write onnxruntime-optimized graphs fused for 'cpu' or 'gpu' (int8: cpu by default, with "
@@ -81,7 +86,8 @@ def cmd_export(args) -> None:
         folder = export_checkpoint(args.ckpt, args.out, options, replace=args.replace, optimize=args.optimize,
                                    calibration_images=args.calibration_images,
                                    calibration_count=args.calibration_count,
-                                   calibration_steps=args.calibration_steps)
+                                   calibration_steps=args.calibration_steps,
+                                   calibration_method=args.calibration_method)
     except ExportError as error:
         print(f"vilex export: failed: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -41,7 +41,7 @@ from vilex.engines.folder import (CHECKPOINT_HASH, FORMAT, FORMAT_VERSION, MANIF
 from vilex.engines.host import save_host_files
 from vilex.engines.precision import FP16_POLICY, QUANT_POLICY, graph_precision
 
-from .calibration import DEFAULT_CALIBRATION_COUNT, calibration_set, record_trajectories
+from .calibration import DEFAULT_CALIBRATION_COUNT, calibration_set, record_trajectories, resolve_method
 from .graphs import EXTERNAL_DATA_THRESHOLD, convert_to_fp16, save_graph
 from .quantize import FORMATS, quantize_unet
 from .validate import ExportError, sample_inputs, validate_end_to_end, validate_graph, validate_quantized_graph
@@ -132,13 +132,15 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: 
                       replace: bool = False, optimize: str | None = None,
                       external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, log=print,
                       calibration_images: str | os.PathLike | None = None,
-                      calibration_count: int | None = None, calibration_steps: int | None = None) -> EngineFolder:
+                      calibration_count: int | None = None, calibration_steps: int | None = None,
+                      calibration_method: str | None = None) -> EngineFolder:
     """Export, validate and write engines/NAME (see the module docstring). Returns the opened folder.
 
-    calibration_images / calibration_count / calibration_steps (int8 and fp8 only): the calibration images'
-    folder (default: toy-world scenes), how many (default calibration.DEFAULT_CALIBRATION_COUNT) and the
-    denoising steps of their reconstructions (default settings.DEFAULT_STEPS: calibrate at the step count
-    you deploy with)."""
+    calibration_images / calibration_count / calibration_steps / calibration_method (int8 and fp8 only): the
+    calibration images' folder (default: toy-world scenes), how many (default calibration.DEFAULT_CALIBRATION_COUNT),
+    the denoising steps of their reconstructions (default settings.DEFAULT_STEPS: calibrate at the step count
+    you deploy with) and how the activation ranges are taken from them (vilex/engines/precision.py
+    CALIBRATION_METHODS; the precision's first by default)."""
     import onnxruntime
 
     from vilex import __version__
@@ -152,9 +154,10 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: 
     if optimize is not None and optimize not in OPTIMIZE_TARGETS:
         raise ViLexUsageError(f"--optimize must be one of {', '.join(OPTIMIZE_TARGETS)}, got {optimize!r}")
     quantized = options.precision in QUANT_POLICY
-    if not quantized and (calibration_images, calibration_count, calibration_steps) != (None, None, None):
-        raise ViLexUsageError(f"--calibration-images, --calibration-count and --calibration-steps are for "
-                              f"--precision {' or '.join(QUANT_POLICY)}, not {options.precision}")
+    if not quantized and (calibration_images, calibration_count, calibration_steps, calibration_method) != (None,) * 4:
+        raise ViLexUsageError(f"--calibration-images, --calibration-count, --calibration-steps and "
+                              f"--calibration-method are for --precision {' or '.join(QUANT_POLICY)}, "
+                              f"not {options.precision}")
     if quantized and optimize is not None and not (optimize == "cpu" and QUANT_POLICY[options.precision].cpu_kernels):
         raise ViLexUsageError(
             f"--optimize {optimize} cannot be combined with --precision {options.precision}: " + (
@@ -168,7 +171,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, options: 
     if quantized:  # before anything slow: a wrong folder or count fails here
         calibration = calibration_set(calibration_images,
                                       DEFAULT_CALIBRATION_COUNT if calibration_count is None else calibration_count,
-                                      steps=settings.DEFAULT_STEPS if calibration_steps is None else calibration_steps)
+                                      steps=settings.DEFAULT_STEPS if calibration_steps is None else calibration_steps,
+                                      method=resolve_method(calibration_method, options.precision))
 
     # 2. Pipeline and contracts
     pipeline = ViLexPipeline.from_pretrained(ckpt)  # fp32: the reference every graph is validated against

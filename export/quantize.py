@@ -33,7 +33,9 @@ from vilex.engines.precision import QuantPolicy
 from .graphs import EXTERNAL_DATA_THRESHOLD, initializer_bytes
 
 TOOL = "onnxruntime.quantization"
-CALIBRATION_METHOD = "MinMax"  # int8; onnxruntime quantizes float8 from the distribution (its only method for it)
+# The calibration methods (export/calibration.py CALIBRATION_METHODS) by onnxruntime's CalibrationMethod name
+ORT_CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy",
+                           "distribution": "Distribution"}
 
 
 @dataclass(frozen=True)
@@ -46,12 +48,12 @@ class QDQFormat:
     quantize_bias: bool  # int32 biases (onnxruntime's fused kernels) or float (TensorRT)
     quantize_outputs: bool  # a QuantizeLinear after each quantized layer too (onnxruntime fuses it in)
 
-    def describe(self, policy: QuantPolicy) -> str:
+    def describe(self, policy: QuantPolicy, method: str) -> str:
         if policy.precision == "fp8":
             types = "float8 E4M3 activations and weights, symmetric, distribution calibration"
         else:
             activations = "uint8 activations, asymmetric" if self.uint8_activations else "int8 activations, symmetric"
-            types = f"{activations}, int8 weights, symmetric, {CALIBRATION_METHOD} calibration"
+            types = f"{activations}, int8 weights, symmetric, {ORT_CALIBRATION_METHODS[method]} calibration"
         weights = "per output channel" if policy.per_channel_weights else "per tensor"
         return (f"static, QDQ for {self.runtime}: {types}; weight scales {weights}; biases "
                 f"{'int32' if self.quantize_bias else 'float'}; Q/DQ on the quantized layers' inputs and weights"
@@ -131,10 +133,10 @@ def quantize_unet(fp32_path: Path, out_path: Path, policy: QuantPolicy, qdq_form
     del model
     if policy.precision == "fp8":
         activation_type = weight_type = QuantType.QFLOAT8E4M3FN
-        method = CalibrationMethod.Distribution  # the only one onnxruntime has for float types
     else:
         activation_type = QuantType.QUInt8 if qdq_format.uint8_activations else QuantType.QInt8
-        weight_type, method = QuantType.QInt8, getattr(CalibrationMethod, CALIBRATION_METHOD)
+        weight_type = QuantType.QInt8
+    method = getattr(CalibrationMethod, ORT_CALIBRATION_METHODS[calibration["method"]])
     extra_options = {
         "ActivationSymmetric": qdq_format.symmetric_activations,
         "WeightSymmetric": True,
@@ -149,6 +151,7 @@ def quantize_unet(fp32_path: Path, out_path: Path, policy: QuantPolicy, qdq_form
                     activation_type=activation_type, weight_type=weight_type, nodes_to_quantize=quantized,
                     nodes_to_exclude=excluded, calibrate_method=method, use_external_data_format=large,
                     extra_options=extra_options)
-    return QuantizationRecord(TOOL, onnxruntime.__version__, policy.precision, qdq_format.describe(policy),
+    return QuantizationRecord(TOOL, onnxruntime.__version__, policy.precision,
+                              qdq_format.describe(policy, calibration["method"]),
                               calibration, list(policy.op_types), policy.keep_high_precision, policy.linears,
                               quantized, excluded, time.perf_counter() - start)

@@ -185,6 +185,7 @@ def test_manifest_records_the_quantization(int8_export, fp32_unet):
     assert record["calibration"]["unet_samples"] == 2 * CALIBRATION_COUNT * CALIBRATION_STEPS
     assert record["calibration"]["source"] == "toyworld:train" and record["calibration"]["images"] == CALIBRATION_COUNT
     assert record["calibration"]["heldout_images"] == 2 and record["calibration"]["steps"] == CALIBRATION_STEPS
+    assert record["calibration"]["method"] == "minmax" and "MinMax calibration" in record["mode"]  # the default
     assert record["keep_high_precision"] == KEEP_HIGH_PRECISION
     # Excluded: the kept layers with weights, and the linears int8 leaves float; nothing else.
     layers = weight_layers(fp32_unet)
@@ -258,6 +259,42 @@ def test_onnxruntime_runs_the_int8_export_like_pytorch(int8_export, pipeline, va
     assert QUANT_POLICY["int8"].end_to_end_psnr_db <= psnr_db(got, expected) < 60
 
 
+def activation_scales(model: onnx.ModelProto) -> dict[str, float]:
+    """Each quantized activation's scale: the QuantizeLinear nodes whose input is not a weight."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    return {n.input[0]: float(onnx.numpy_helper.to_array(initializers[n.input[1]]))
+            for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in initializers}
+
+
+def test_percentile_calibration_cuts_the_ranges_minmax_takes_whole(fp32_unet, pipeline, tmp_path):
+    """The same UNet calls calibrated by both methods: each activation's range is its 99.999th percentile under
+    percentile, its whole range under minmax, so no percentile scale is wider than minmax's and some are
+    narrower; the record names the method."""
+    from vilex.export.quantize import FORMATS, quantize_unet
+
+    calls = record_trajectories(pipeline, calibration_set(None, 1, heldout=0).images, 0, steps=4, guidance=7.5,
+                                seed=0, log=lambda *_: None).calls
+    onnx.save(fp32_unet, str(tmp_path / "unet.onnx"))
+    scales = {}
+    for method, named in (("minmax", "MinMax"), ("percentile", "Percentile")):
+        record = quantize_unet(tmp_path / "unet.onnx", tmp_path / f"{method}.onnx", QUANT_POLICY["int8"],
+                               FORMATS["onnx"], calls, {"method": method})
+        assert f"{named} calibration" in record.mode
+        scales[method] = activation_scales(onnx.load(str(tmp_path / f"{method}.onnx")))
+    minmax, percentile = scales["minmax"], scales["percentile"]
+    assert percentile.keys() == minmax.keys() and len(minmax) > 10
+    assert all(percentile[name] <= minmax[name] * (1 + 1e-6) for name in minmax)
+    assert sum(percentile[name] < 0.99 * minmax[name] for name in minmax) > len(minmax) // 4
+
+
+def test_the_export_records_the_calibration_method_it_was_given(tiny_ckpt, tmp_path):
+    folder = export_checkpoint(tiny_ckpt, tmp_path / "p", ExportOptions(precision="int8", max_batch=1),
+                               log=lambda *_: None, calibration_count=1, calibration_steps=4,
+                               calibration_method="entropy")
+    for record in folder.manifest["graphs"]["unet"]["quantization"].values():
+        assert record["calibration"]["method"] == "entropy" and "Entropy calibration" in record["mode"]
+
+
 def test_an_export_outside_its_tolerance_fails_with_the_figures(tiny_ckpt, tmp_path, monkeypatch):
     from vilex.engines import contract as contract_module
     from vilex.engines.contract import Tolerance
@@ -321,8 +358,13 @@ def test_cli_usage_errors_name_the_flag(tiny_ckpt, tmp_path, capsys):
     assert "--precision must be one of fp32, fp16, int8, fp8, got 'int4'" in error("--precision", "int4")
     assert "--calibration-count must be an integer in 1..1024, got 0" in error("--precision", "int8",
                                                                               "--calibration-count", "0")
-    assert "--calibration-images, --calibration-count and --calibration-steps are for --precision int8 or fp8, " \
-           "not fp16" in error("--precision", "fp16", "--calibration-count", "4")
+    assert "--calibration-images, --calibration-count, --calibration-steps and --calibration-method are for " \
+           "--precision int8 or fp8, not fp16" in error("--precision", "fp16", "--calibration-count", "4")
+    assert "--calibration-method for --precision int8 must be one of minmax, percentile, entropy, got 'kmeans'" \
+        in error("--precision", "int8", "--calibration-method", "kmeans")
+    assert "--calibration-method for --precision fp8 must be one of distribution (onnxruntime's only method for " \
+           "float8), got 'percentile'" in error("--precision", "fp8", "--calibration-method", "percentile")
+    assert "are for --precision int8 or fp8, not fp32" in error("--calibration-method", "percentile")
     assert "--calibration-steps must be in 1..1000, got 0" in error("--precision", "int8", "--calibration-steps", "0")
     assert "--optimize gpu cannot be combined with --precision int8: on GPUs the 8-bit UNet runs through TensorRT" \
         in error("--precision", "int8", "--optimize", "gpu")

@@ -44,6 +44,12 @@ FP16_POLICY: dict[str, Fp16Policy] = {
 # (demo/Diffusion uses 32 prompts x its steps; 8 keeps a CPU export of the `small` preset within minutes).
 DEFAULT_CALIBRATION_COUNT = 8
 MAX_CALIBRATION_COUNT = 1024
+# How activation ranges are calibrated, per precision, by onnxruntime.quantization.CalibrationMethod
+# (export/quantize.py maps the names; the first is the default). int8: MinMax takes each tensor's whole range, so
+# its ranges only widen with more images; Percentile cuts it at onnxruntime's default 99.999th percentile; Entropy
+# picks the range whose quantized histogram is closest (KL divergence) to the float one. fp8: onnxruntime's only
+# method for float8.
+CALIBRATION_METHODS = {"int8": ("minmax", "percentile", "entropy"), "fp8": ("distribution",)}
 # The UNet is 80-95% of a request's compute, so it alone is quantized; the other graphs follow FP16_POLICY
 # (the encoders fp16, the VAE decoder fp32), as NVIDIA's TensorRT demo/Diffusion does.
 QUANTIZED_GRAPH = "unet"
