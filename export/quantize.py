@@ -33,7 +33,7 @@ from vilex.engines.precision import QuantPolicy
 from .graphs import EXTERNAL_DATA_THRESHOLD, initializer_bytes
 
 TOOL = "onnxruntime.quantization"
-# The calibration methods (export/calibration.py CALIBRATION_METHODS) by onnxruntime's CalibrationMethod name
+# The calibration methods (vilex/engines/precision.py CALIBRATION_METHODS) by onnxruntime's CalibrationMethod name
 ORT_CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy",
                            "distribution": "Distribution"}
 
@@ -50,10 +50,11 @@ class QDQFormat:
 
     def describe(self, policy: QuantPolicy, method: str) -> str:
         if policy.precision == "fp8":
-            types = "float8 E4M3 activations and weights, symmetric, distribution calibration"
+            types = "float8 E4M3 activations and weights, symmetric"
         else:
             activations = "uint8 activations, asymmetric" if self.uint8_activations else "int8 activations, symmetric"
-            types = f"{activations}, int8 weights, symmetric, {ORT_CALIBRATION_METHODS[method]} calibration"
+            types = f"{activations}, int8 weights, symmetric"
+        types += f", {ORT_CALIBRATION_METHODS[method]} calibration"
         weights = "per output channel" if policy.per_channel_weights else "per tensor"
         return (f"static, QDQ for {self.runtime}: {types}; weight scales {weights}; biases "
                 f"{'int32' if self.quantize_bias else 'float'}; Q/DQ on the quantized layers' inputs and weights"
