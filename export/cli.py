@@ -49,9 +49,9 @@ def add_parser(subparsers) -> None:
                         f"calibrate at the step count you deploy with)")
     p.add_argument("--calibration-method", default=None, metavar="METHOD",
                    help=f"int8: how each activation's range is taken from the calibration data, "
-                        f"{', '.join(CALIBRATION_METHODS['int8'])} (default {CALIBRATION_METHODS['int8'][0]}: the "
-                        f"whole range; percentile cuts it at the 99.999th percentile; entropy minimizes the KL "
-                        f"divergence); fp8 has {CALIBRATION_METHODS['fp8'][0]} only")
+                        f"{', '.join(CALIBRATION_METHODS['int8'])} (default {CALIBRATION_METHODS['int8'][0]}: each "
+                        f"range cut at its 99.999th percentile; minmax takes the whole range); fp8 has "
+                        f"{CALIBRATION_METHODS['fp8'][0]} only")
     add_size_args(p, exporting=True)
     p.add_argument("--optimize", default=None,
                    help="also write onnxruntime-optimized graphs fused for 'cpu' or 'gpu' (int8: cpu by default, with "

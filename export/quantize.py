@@ -34,8 +34,7 @@ from .graphs import EXTERNAL_DATA_THRESHOLD, initializer_bytes
 
 TOOL = "onnxruntime.quantization"
 # The calibration methods (vilex/engines/precision.py CALIBRATION_METHODS) by onnxruntime's CalibrationMethod name
-ORT_CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy",
-                           "distribution": "Distribution"}
+ORT_CALIBRATION_METHODS = {"percentile": "Percentile", "minmax": "MinMax", "distribution": "Distribution"}
 
 
 @dataclass(frozen=True)

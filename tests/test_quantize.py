@@ -185,7 +185,7 @@ def test_manifest_records_the_quantization(int8_export, fp32_unet):
     assert record["calibration"]["unet_samples"] == 2 * CALIBRATION_COUNT * CALIBRATION_STEPS
     assert record["calibration"]["source"] == "toyworld:train" and record["calibration"]["images"] == CALIBRATION_COUNT
     assert record["calibration"]["heldout_images"] == 2 and record["calibration"]["steps"] == CALIBRATION_STEPS
-    assert record["calibration"]["method"] == "minmax" and "MinMax calibration" in record["mode"]  # the default
+    assert record["calibration"]["method"] == "percentile" and "Percentile calibration" in record["mode"]  # default
     assert record["keep_high_precision"] == KEEP_HIGH_PRECISION
     # Excluded: the kept layers with weights, and the linears int8 leaves float; nothing else.
     layers = weight_layers(fp32_unet)
@@ -290,9 +290,9 @@ def test_percentile_calibration_cuts_the_ranges_minmax_takes_whole(fp32_unet, pi
 def test_the_export_records_the_calibration_method_it_was_given(tiny_ckpt, tmp_path):
     folder = export_checkpoint(tiny_ckpt, tmp_path / "p", ExportOptions(precision="int8", max_batch=1),
                                log=lambda *_: None, calibration_count=1, calibration_steps=4,
-                               calibration_method="entropy")
+                               calibration_method="minmax")
     for record in folder.manifest["graphs"]["unet"]["quantization"].values():
-        assert record["calibration"]["method"] == "entropy" and "Entropy calibration" in record["mode"]
+        assert record["calibration"]["method"] == "minmax" and "MinMax calibration" in record["mode"]
 
 
 def test_an_export_outside_its_tolerance_fails_with_the_figures(tiny_ckpt, tmp_path, monkeypatch):
@@ -360,8 +360,8 @@ def test_cli_usage_errors_name_the_flag(tiny_ckpt, tmp_path, capsys):
                                                                               "--calibration-count", "0")
     assert "--calibration-images, --calibration-count, --calibration-steps and --calibration-method are for " \
            "--precision int8 or fp8, not fp16" in error("--precision", "fp16", "--calibration-count", "4")
-    assert "--calibration-method for --precision int8 must be one of minmax, percentile, entropy, got 'kmeans'" \
-        in error("--precision", "int8", "--calibration-method", "kmeans")
+    assert "--calibration-method for --precision int8 must be one of percentile, minmax, got 'entropy'" \
+        in error("--precision", "int8", "--calibration-method", "entropy")
     assert "--calibration-method for --precision fp8 must be one of distribution (onnxruntime's only method for " \
            "float8), got 'percentile'" in error("--precision", "fp8", "--calibration-method", "percentile")
     assert "are for --precision int8 or fp8, not fp32" in error("--calibration-method", "percentile")
