@@ -28,7 +28,7 @@ from vilex.export.onnx_export import export_checkpoint
 from vilex.export.validate import EndToEndError, QuantizedToleranceError, psnr_db
 
 CALIBRATION_COUNT = 2
-CALIBRATION_STEPS = 10  # the default is 25 (settings.DEFAULT_STEPS); fewer keeps the tests fast
+CALIBRATION_STEPS = 6  # the default is 25 (settings.DEFAULT_STEPS); fewer keeps the tests fast
 NORMALIZATIONS = {"LayerNormalization", "InstanceNormalization", "GroupNormalization", "BatchNormalization",
                   "ReduceMean", "Sqrt", "Pow", "Softmax"}  # and the ops a decomposed normalization is made of
 
